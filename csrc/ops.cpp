@@ -1,0 +1,35 @@
+// The op catalogue: every aquakv schema lives here, in one place.
+// Implementations register themselves per backend (csrc/cpu/*.cpp, csrc/cuda/*.cu);
+// fake (meta) kernels for torch.compile are registered in python/aquakv/ops.py.
+//
+// Conventions shared by every op (the NumPy reference in python/aquakv/reference/ is the truth):
+//  * "rows" are all leading dims flattened; ops work on the last dim.
+//  * signs: float32 [n] of +-1, the diagonal D of the random Hadamard transform.
+//  * grid: float32 [n_points, d], n_points = 2**bits with bits in 1..8 or 16.
+//  * packed codes: uint8, LSB-first bitstream per row: code i fills bits [i*b, (i+1)*b) of the row,
+//    bit k of the row lives in bit (k % 8) of byte k / 8; a row takes ceil(count * b / 8) bytes.
+#include <torch/library.h>
+
+TORCH_LIBRARY(aquakv, m) {
+  // y = scale * H (signs * x) over the last dim, H the unnormalised +-1 Walsh-Hadamard matrix
+  // (scale = 1/sqrt(n) makes it orthonormal). x: [..., n], n a power of two in 2..32768;
+  // fp32/fp16/bf16, computed in fp32, returned in x's dtype.
+  m.def("hadamard(Tensor x, Tensor? signs=None, float scale=1.0) -> Tensor");
+
+  // HIGGS quantize, fused: per group g of group_size values
+  //   s = ||x_g||_2;  y = sqrt(G)/s * H_orth(signs * x_g)  (y = 0 when s == 0);
+  //   code_i = argmin_j ||y_i - grid_j||^2 over the G/d sub-vectors (lowest j on exact ties).
+  // x: [..., C], C % group_size == 0. Returns (codes uint8 [..., C/d*b/8], scales fp16 [..., C/G]).
+  // A group holding NaN/Inf gets a non-finite scale (callers check scales, which is cheap).
+  m.def("higgs_quantize(Tensor x, Tensor grid, Tensor signs, int group_size) -> (Tensor, Tensor)");
+
+  // Inverse of higgs_quantize: x_g = s/sqrt(G) * signs * H_orth^T grid[codes]; returns [..., C] in dtype.
+  m.def("higgs_dequantize(Tensor codes, Tensor scales, Tensor grid, Tensor signs, int group_size, "
+        "ScalarType dtype) -> Tensor");
+
+  // Dense bit packing. codes: int32 [..., count] (only the low `bits` bits are kept);
+  // returns uint8 [..., ceil(count*bits/8)]. bits in 1..8 or 16.
+  m.def("pack_bits(Tensor codes, int bits) -> Tensor");
+  // packed: uint8 [..., nbytes] -> int32 [..., count]; nbytes must equal ceil(count*bits/8).
+  m.def("unpack_bits(Tensor packed, int bits, int count) -> Tensor");
+}
