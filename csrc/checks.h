@@ -1,0 +1,201 @@
+// Input checks shared by the CPU and CUDA launchers of torch.ops.aquakv.*.
+//
+// Every message names the op and the argument, e.g.
+//   "higgs_quantize: last dim 192 is not a multiple of group_size 128".
+// Policy (the same on every backend):
+//  * non-contiguous inputs are accepted: launchers call .contiguous() on them (a copy only when needed);
+//  * tensors with zero rows (any leading dim 0) or a zero-width last dim are valid and give empty outputs
+//    of the right shape; shapes are still checked, so an invalid shape fails even when it is empty;
+//  * all tensor arguments must live on the same device.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <utility>
+
+namespace aquakv {
+
+constexpr int64_t kMaxHadamard = 32768;
+
+inline bool is_power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
+inline int log2_exact(int64_t v) {
+  int b = 0;
+  while ((int64_t{1} << b) < v) ++b;
+  return b;
+}
+
+// Number of rows once all leading dims are flattened (the ops work on the last dim).
+inline int64_t num_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) rows *= t.size(i);
+  return rows;
+}
+
+// t's shape with the last dim replaced by `last`.
+inline std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  sizes.back() = last;
+  return sizes;
+}
+
+inline void check_at_least_1d(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have at least 1 dim (the last dim is the one transformed), got a 0-dim tensor");
+}
+
+inline void check_float_dtype(const char* op, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              op, ": ", name, " must be float32, float16 or bfloat16, got ", dtype);
+}
+
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
+  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must be ", want, ", got ", t.scalar_type());
+}
+
+// All named tensors on the same device as the first one.
+inline void check_same_device(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
+  const auto& first = *ts.begin();
+  for (const auto& [name, t] : ts) {
+    TORCH_CHECK(t->device() == first.second->device(), op, ": ", name, " is on ", t->device(), " but ", first.first,
+                " is on ", first.second->device(), "; all tensors must be on the same device");
+  }
+}
+
+// Packed-code widths the ops support: 1..8 or 16.
+inline void check_bits(const char* op, int64_t bits) {
+  TORCH_CHECK((bits >= 1 && bits <= 8) || bits == 16, op, ": bits must be in 1..8 or 16, got ", bits);
+}
+
+// Bytes of a row of `count` codes of `bits` bits each, densely packed.
+inline int64_t packed_bytes(int64_t count, int64_t bits) { return (count * bits + 7) / 8; }
+
+inline void check_hadamard_size(const char* op, const char* what, int64_t n) {
+  TORCH_CHECK(is_power_of_two(n) && n >= 2 && n <= kMaxHadamard, op, ": ", what, " ", n,
+              " must be a power of two in 2..", kMaxHadamard);
+}
+
+// signs: float32 1-D [n] (the +-1 diagonal of the random Hadamard transform).
+inline void check_signs(const char* op, const at::Tensor& signs, int64_t n, const char* n_name) {
+  check_dtype(op, "signs", signs, at::kFloat);
+  TORCH_CHECK(signs.dim() == 1 && signs.size(0) == n, op, ": signs must be 1-D of length ", n_name, " = ", n,
+              ", got shape ", signs.sizes());
+}
+
+// grid: float32 [n_points, d] with n_points = 2**bits, bits in 1..8 or 16. Returns bits.
+inline int check_grid(const char* op, const at::Tensor& grid) {
+  check_dtype(op, "grid", grid, at::kFloat);
+  TORCH_CHECK(grid.dim() == 2 && grid.size(1) >= 1, op, ": grid must be 2-D [n_points, d] with d >= 1, got shape ",
+              grid.sizes());
+  const int64_t n = grid.size(0);
+  const bool ok = is_power_of_two(n) && ((n >= 2 && n <= 256) || n == 65536);
+  TORCH_CHECK(ok, op, ": grid has ", n, " points; it must have 2**bits points with bits in 1..8 or 16");
+  return log2_exact(n);
+}
+
+// group_size: a power of two in 2..32768 (the Hadamard range), a multiple of the grid dim d, and
+// holding a whole number of bytes of codes (so every group's codes start on a byte boundary).
+inline void check_group_size(const char* op, int64_t group_size, int64_t d, int bits) {
+  check_hadamard_size(op, "group_size", group_size);
+  TORCH_CHECK(group_size % d == 0, op, ": group_size ", group_size, " is not a multiple of the grid dim d = ", d);
+  TORCH_CHECK((group_size / d * bits) % 8 == 0, op, ": group_size ", group_size, " / d ", d, " * bits ", bits, " = ",
+              group_size / d * bits, " code bits per group is not a multiple of 8; each group's codes must fill whole "
+              "bytes so groups stay byte-aligned");
+}
+
+// ---- whole-op checks: one call per launcher, identical on every backend ---------------------
+
+// hadamard(x, signs?, scale): x [..., n] float, n a power of two in 2..32768, signs float32 [n].
+inline void check_hadamard_args(const at::Tensor& x, const std::optional<at::Tensor>& signs) {
+  constexpr const char* op = "hadamard";
+  check_at_least_1d(op, "x", x);
+  check_float_dtype(op, "x", x.scalar_type());
+  check_hadamard_size(op, "last dim of x", x.size(-1));
+  if (signs.has_value()) {
+    check_signs(op, *signs, x.size(-1), "x.size(-1)");
+    check_same_device(op, {{"x", &x}, {"signs", &*signs}});
+  }
+}
+
+// What a HIGGS launcher needs to know, all derived from validated arguments.
+struct HiggsShape {
+  int64_t rows;         // leading dims flattened
+  int64_t channels;     // C, a multiple of group_size
+  int64_t groups;       // C / group_size per row
+  int64_t d;            // grid dim
+  int bits;             // log2(n_points)
+  int64_t group_bytes;  // group_size / d * bits / 8 packed code bytes per group
+};
+
+inline HiggsShape check_higgs_common(const char* op, const at::Tensor& grid, const at::Tensor& signs, int64_t group_size) {
+  HiggsShape s{};
+  s.bits = check_grid(op, grid);
+  s.d = grid.size(1);
+  check_group_size(op, group_size, s.d, s.bits);
+  check_signs(op, signs, group_size, "group_size");
+  s.group_bytes = group_size / s.d * s.bits / 8;
+  return s;
+}
+
+// higgs_quantize(x, grid, signs, group_size): x [..., C] float, C % group_size == 0.
+inline HiggsShape check_higgs_quantize_args(const at::Tensor& x, const at::Tensor& grid, const at::Tensor& signs,
+                                            int64_t group_size) {
+  constexpr const char* op = "higgs_quantize";
+  check_at_least_1d(op, "x", x);
+  check_float_dtype(op, "x", x.scalar_type());
+  HiggsShape s = check_higgs_common(op, grid, signs, group_size);
+  s.channels = x.size(-1);
+  TORCH_CHECK(s.channels % group_size == 0, op, ": last dim ", s.channels, " is not a multiple of group_size ",
+              group_size, " (pad x with zeros to a multiple and trim after dequantize)");
+  check_same_device(op, {{"x", &x}, {"grid", &grid}, {"signs", &signs}});
+  s.rows = num_rows(x);
+  s.groups = s.channels / group_size;
+  return s;
+}
+
+// higgs_dequantize(codes, scales, grid, signs, group_size, dtype):
+// codes uint8 [..., G_count * group_bytes], scales fp16 [..., G_count] with the same leading dims.
+inline HiggsShape check_higgs_dequantize_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& grid,
+                                              const at::Tensor& signs, int64_t group_size, at::ScalarType dtype) {
+  constexpr const char* op = "higgs_dequantize";
+  check_at_least_1d(op, "codes", codes);
+  check_at_least_1d(op, "scales", scales);
+  check_dtype(op, "codes", codes, at::kByte);
+  check_dtype(op, "scales", scales, at::kHalf);
+  check_float_dtype(op, "dtype", dtype);
+  HiggsShape s = check_higgs_common(op, grid, signs, group_size);
+  TORCH_CHECK(codes.dim() == scales.dim() && codes.sizes().slice(0, codes.dim() - 1) ==
+                                                 scales.sizes().slice(0, scales.dim() - 1),
+              op, ": codes ", codes.sizes(), " and scales ", scales.sizes(), " must have the same leading dims");
+  s.groups = scales.size(-1);
+  TORCH_CHECK(codes.size(-1) == s.groups * s.group_bytes, op, ": codes last dim ", codes.size(-1), " does not match ",
+              s.groups, " groups (scales last dim) * ", s.group_bytes, " bytes per group (group_size ", group_size,
+              " / d ", s.d, " * bits ", s.bits, " / 8)");
+  check_same_device(op, {{"codes", &codes}, {"scales", &scales}, {"grid", &grid}, {"signs", &signs}});
+  s.rows = num_rows(scales);
+  s.channels = s.groups * group_size;
+  return s;
+}
+
+// pack_bits(codes, bits): codes int32 [..., count].
+inline void check_pack_args(const at::Tensor& codes, int64_t bits) {
+  constexpr const char* op = "pack_bits";
+  check_at_least_1d(op, "codes", codes);
+  check_dtype(op, "codes", codes, at::kInt);
+  check_bits(op, bits);
+}
+
+// unpack_bits(packed, bits, count): packed uint8 [..., ceil(count*bits/8)].
+inline void check_unpack_args(const at::Tensor& packed, int64_t bits, int64_t count) {
+  constexpr const char* op = "unpack_bits";
+  check_at_least_1d(op, "packed", packed);
+  check_dtype(op, "packed", packed, at::kByte);
+  check_bits(op, bits);
+  TORCH_CHECK(count >= 0, op, ": count must be >= 0, got ", count);
+  TORCH_CHECK(packed.size(-1) == packed_bytes(count, bits), op, ": packed last dim ", packed.size(-1),
+              " must equal ceil(count * bits / 8) = ceil(", count, " * ", bits, " / 8) = ", packed_bytes(count, bits));
+}
+
+}  // namespace aquakv
