@@ -1,6 +1,37 @@
-"""aquakv: KV-cache and weight compression (AQUA-KV, HIGGS) with CPU and CUDA kernels."""
+"""aquakv: KV-cache and weight compression (AQUA-KV, HIGGS) with CPU and CUDA kernels.
+
+    import aquakv
+    q = aquakv.HiggsQuantizer(bits=2, dim=2, group_size=64)
+    preds = aquakv.calibrate(model, token_ids, bits=2)
+    cache = aquakv.AquaKVCache(model, preds)      # model(..., past_key_values=cache), generate()
+"""
+import importlib
+
 import torch  # noqa: F401  (must load libtorch before the extension that links against it)
 
 from aquakv import _C  # noqa: F401  (loads the compiled library: registers torch.ops.aquakv.*)
+from aquakv import grids
+from aquakv.quantizer import HiggsQuantizer, HiggsSettings, QuantizedTensor
 
 __version__ = _C.__version__
+
+# Names whose modules pull in transformers are imported on first use, so `import aquakv` stays light.
+_LAZY = {
+    "calibrate": "aquakv.calibrate",
+    "AquaKVPredictors": "aquakv.predictors",
+    "AquaKVCache": "aquakv.cache",
+    "HiggsCache": "aquakv.cache",
+    "KiviCache": "aquakv.kivi",
+    "evaluate_perplexity": "aquakv.eval",
+    "weights": "aquakv.weights",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'aquakv' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    return module if name == "weights" else getattr(module, name)
+
+
+__all__ = ["HiggsQuantizer", "HiggsSettings", "QuantizedTensor", "grids", "__version__", *_LAZY]
