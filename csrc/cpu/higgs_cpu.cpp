@@ -1,0 +1,118 @@
+// CPU kernels of aquakv::higgs_quantize / higgs_dequantize, fused per group of G values:
+//   quantize:   signs -> FWHT -> y = H(D x) / s -> nearest grid point per d-vector -> pack
+//   dequantize: unpack -> grid lookup -> FWHT -> x = s / G * D * H y^
+// (sqrt(G)/s * H_orth = H / s and s/sqrt(G) * H_orth = s/G * H, so no sqrt is taken per group.)
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "aquakv/bitpack.h"
+#include "aquakv/dispatch.h"
+#include "aquakv/grid.h"
+#include "aquakv/hadamard.h"
+#include "checks.h"
+#include "cpu_common.h"
+
+namespace aquakv::cpu {
+namespace {
+
+// Sub-vectors searched together: their SoA copy (d * kTile floats), best scores and codes stay in L1.
+constexpr int64_t kTile = 256;
+
+std::tuple<at::Tensor, at::Tensor> higgs_quantize_cpu(const at::Tensor& x_in, const at::Tensor& grid_in,
+                                                       const at::Tensor& signs_in, int64_t group_size) {
+  const HiggsShape s = check_higgs_quantize_args(x_in, grid_in, signs_in, group_size);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grid = grid_in.contiguous();
+  const at::Tensor signs = signs_in.contiguous();
+  at::Tensor codes = at::empty(with_last_dim(x, s.groups * s.group_bytes), x.options().dtype(at::kByte));
+  at::Tensor scales = at::empty(with_last_dim(x, s.groups), x.options().dtype(at::kHalf));
+  const int64_t total = s.rows * s.groups;
+  if (total == 0) return {codes, scales};
+
+  const int64_t G = group_size, d = s.d, m = G / d, n = grid.size(0);
+  const float* gp = grid.data_ptr<float>();
+  const float* sg = signs.data_ptr<float>();
+  std::vector<float> half_norm(n);
+  grid_half_norms(gp, n, d, half_norm.data());
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  at::Half* sp = scales.data_ptr<at::Half>();
+
+  AQUAKV_DISPATCH_FLOAT(x.scalar_type(), "higgs_quantize_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    AQUAKV_DISPATCH_BITS(s.bits, B, [&] {
+      // Work per group grows with the grid size: aim at ~2^22 multiply-adds per task.
+      at::parallel_for(0, total, grain_for(G * n, int64_t{1} << 22), [&](int64_t begin, int64_t end) {
+        std::vector<float> y(G), soa(d * kTile), best(kTile);
+        std::vector<int32_t> code(m);
+        for (int64_t t = begin; t < end; ++t) {
+          const scalar_t* xg = xp + t * G;  // groups of a row are contiguous, rows follow each other
+          for (int64_t i = 0; i < G; ++i) y[i] = static_cast<float>(xg[i]) * sg[i];
+          const float norm = std::sqrt(sum_squares(y.data(), G));
+          fwht_inplace(y.data(), G);
+          // s == 0 gives y = 0 (never NaN); a non-finite s is reported through the stored scale.
+          const float inv = norm > 0.f ? 1.f / norm : 0.f;
+          for (int64_t i = 0; i < G; ++i) y[i] *= inv;
+          for (int64_t i0 = 0; i0 < m; i0 += kTile) {
+            const int64_t len = std::min(kTile, m - i0);
+            for (int64_t i = 0; i < len; ++i)
+              for (int64_t k = 0; k < d; ++k) soa[k * len + i] = y[(i0 + i) * d + k];
+            nearest_soa_any(soa.data(), len, gp, half_norm.data(), n, d, best.data(), code.data() + i0);
+          }
+          pack_row<B>(code.data(), m, cp + t * s.group_bytes);
+          sp[t] = static_cast<at::Half>(norm);
+        }
+      });
+    });
+  });
+  return {codes, scales};
+}
+
+at::Tensor higgs_dequantize_cpu(const at::Tensor& codes_in, const at::Tensor& scales_in, const at::Tensor& grid_in,
+                                const at::Tensor& signs_in, int64_t group_size, at::ScalarType dtype) {
+  const HiggsShape s = check_higgs_dequantize_args(codes_in, scales_in, grid_in, signs_in, group_size, dtype);
+  const at::Tensor codes = codes_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  const at::Tensor grid = grid_in.contiguous();
+  const at::Tensor signs = signs_in.contiguous();
+  at::Tensor out = at::empty(with_last_dim(scales, s.channels), scales.options().dtype(dtype));
+  const int64_t total = s.rows * s.groups;
+  if (total == 0) return out;
+
+  const int64_t G = group_size, d = s.d, m = G / d;
+  const float* gp = grid.data_ptr<float>();
+  const float* sg = signs.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const float inv_g = 1.f / static_cast<float>(G);
+
+  AQUAKV_DISPATCH_FLOAT(dtype, "higgs_dequantize_cpu", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    AQUAKV_DISPATCH_BITS(s.bits, B, [&] {
+      at::parallel_for(0, total, grain_for(G), [&](int64_t begin, int64_t end) {
+        std::vector<float> y(G);
+        std::vector<int32_t> code(m);
+        for (int64_t t = begin; t < end; ++t) {
+          unpack_row<B>(cp + t * s.group_bytes, m, code.data());
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t k = 0; k < d; ++k) y[i * d + k] = gp[code[i] * d + k];
+          fwht_inplace(y.data(), G);
+          const float f = static_cast<float>(sp[t]) * inv_g;
+          scalar_t* og = op + t * G;
+          for (int64_t i = 0; i < G; ++i) og[i] = static_cast<scalar_t>(f * sg[i] * y[i]);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aquakv, CPU, m) {
+  m.impl("higgs_quantize", &higgs_quantize_cpu);
+  m.impl("higgs_dequantize", &higgs_dequantize_cpu);
+}
+
+}  // namespace aquakv::cpu

@@ -1,0 +1,19 @@
+"""Pure-NumPy reference implementations of the aquakv ops: the definition of correct.
+
+Written for clarity, not speed; float64 inside. Each function mirrors a line of DESIGN.md §1
+and a schema in csrc/ops.cpp. The compiled kernels are tested against these.
+"""
+from aquakv.reference.bitpack import pack_bits, unpack_bits
+from aquakv.reference.hadamard import hadamard, hadamard_matrix, random_signs
+from aquakv.reference.higgs import higgs_dequantize, higgs_quantize, nearest_grid_codes
+
+__all__ = [
+    "hadamard",
+    "hadamard_matrix",
+    "random_signs",
+    "higgs_quantize",
+    "higgs_dequantize",
+    "nearest_grid_codes",
+    "pack_bits",
+    "unpack_bits",
+]
