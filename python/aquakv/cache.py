@@ -1,0 +1,534 @@
+"""Compressed KV caches for transformers 5.x: a chunking policy (`ChunkedKVCache`) and codecs that compress
+the chunks (`AquaKVCodec`: AQUA-KV predictors + HIGGS residuals). See /work/notes/cache_api.md.
+
+Per layer the policy keeps
+  sinks:  the first `sinks` tokens, post-RoPE, in the storage dtype (never quantized: attention sinks);
+  store:  a codec object holding every quantized token (chunks appended in order, never re-quantized);
+  buffer: the newest tokens, post-RoPE, in the storage dtype, until it holds >= `buffer` tokens; then it is
+          encoded once as a chunk. The forward that flushes still attends to the exact states; the quantized
+          ones are used from the next forward on.
+Every layer holds the same token layout, so layer l's chunk can be predicted from layer l-1's reconstruction of
+the same tokens, which the cache keeps transiently from the previous `update` call of the same forward.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from aquakv.predictors import AquaKVPredictors
+from aquakv.quantizer import HiggsQuantizer, QuantizedTensor
+from aquakv.rope import RotaryTracker, rotate, unrotate
+
+log = logging.getLogger(__name__)
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class KVCodec(ABC):
+    """Compresses chunks of one layer's keys and values. All tensors [B, H, T, D] float32 on the model's device.
+
+    A "store" is whatever object the codec uses for the quantized tokens of one layer; the policy only passes
+    it back to the codec.
+    """
+
+    pre_rope: bool = True  # keys arrive un-rotated and decoded keys get re-rotated by the policy
+    needs_previous_layer: bool = False  # encode/decode get prev = layer l-1's reconstruction of the same tokens
+
+    @abstractmethod
+    def encode(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, prev: KV | None
+               ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """One new chunk -> (store of these tokens, keys_hat, values_hat)."""
+
+    @abstractmethod
+    def decode(self, layer_idx: int, store: Any, prev: KV | None) -> KV:
+        """Every token of the store -> (keys_hat, values_hat)."""
+
+    @abstractmethod
+    def append(self, store: Any | None, new: Any) -> Any:
+        """The store after the tokens of `new` (encoded later) were added at its end."""
+
+    @abstractmethod
+    def select_batch(self, store: Any, index: torch.Tensor) -> Any:
+        """Rows `index` (LongTensor [B'], may repeat) of the batch dimension."""
+
+    @abstractmethod
+    def truncate(self, store: Any, n_tokens: int) -> Any:
+        """Keep the first n_tokens (1 <= n_tokens <= num_tokens)."""
+
+    @abstractmethod
+    def num_tokens(self, store: Any) -> int: ...
+
+    @abstractmethod
+    def nbytes(self, store: Any) -> int:
+        """Every byte the store holds."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AQUA-KV codec
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [B, T, C = H*D] (heads concatenated, as k_proj/v_proj lay them out)."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, T, C] -> [B, H, T, D]."""
+    b, t, c = x.shape
+    return x.reshape(b, t, num_heads, c // num_heads).transpose(1, 2)
+
+
+Part = QuantizedTensor | torch.Tensor  # one of K or V for [B, T, C] tokens: HIGGS codes, or a plain tensor
+
+
+def _part_map(part: Part, fn) -> Part:
+    """Apply fn to every [B, T, ...] view of a part (codes and scales of a QuantizedTensor, or the tensor)."""
+    if isinstance(part, torch.Tensor):
+        return fn(part)
+    b, t, c = part.shape
+    codes = fn(part.codes.view(b, t, -1))
+    scales = fn(part.scales.view(b, t, -1))
+    shape = torch.Size((codes.shape[0], codes.shape[1], c))
+    return QuantizedTensor(codes.reshape(-1, codes.shape[-1]), scales.reshape(-1, scales.shape[-1]), shape,
+                           part.dtype, part.settings)
+
+
+def _part_cat(a: Part, b: Part) -> Part:
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b], dim=1)
+    ba, ta, c = a.shape
+    tb = b.shape[1]
+    codes = torch.cat([a.codes.view(ba, ta, -1), b.codes.view(ba, tb, -1)], dim=1)
+    scales = torch.cat([a.scales.view(ba, ta, -1), b.scales.view(ba, tb, -1)], dim=1)
+    return QuantizedTensor(codes.reshape(-1, codes.shape[-1]), scales.reshape(-1, scales.shape[-1]),
+                           torch.Size((ba, ta + tb, c)), a.dtype, a.settings)
+
+
+def _part_nbytes(part: Part) -> int:
+    if isinstance(part, torch.Tensor):
+        return part.numel() * part.element_size()
+    return part.nbytes
+
+
+@dataclass
+class AquaStore:
+    """Quantized tokens of one layer: keys and values [B, T, C] as HIGGS codes of the residuals (or fp16/exact
+    tensors of the residuals where the layer is not quantized)."""
+
+    keys: Part
+    values: Part
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[1]
+
+
+class AquaKVCodec(KVCodec):
+    """AQUA-KV: K^_l = P^K_l + Q(K_l - P^K_l) with P from `AquaKVPredictors` (zero predictors = plain HIGGS).
+
+    quantize=False stores the residuals unquantized in `exact_dtype` (the whole pipeline without its loss: for
+    testing and for measuring what quantization alone costs).
+    """
+
+    pre_rope = True
+    needs_previous_layer = True
+
+    def __init__(self, predictors: AquaKVPredictors, *, quantize: bool = True,
+                 exact_dtype: torch.dtype = torch.float32):
+        self.predictors = predictors
+        self.quantize = quantize
+        self.exact_dtype = exact_dtype
+
+    def _quantizer(self, layer_idx: int) -> HiggsQuantizer | None:
+        return self.predictors.quantizer(layer_idx) if self.quantize else None
+
+    def _encode_part(self, layer_idx: int, x: torch.Tensor) -> tuple[Part, torch.Tensor]:
+        """x: residual [B, T, C] float32 -> (stored part, its reconstruction float32)."""
+        q = self._quantizer(layer_idx)
+        if q is None:
+            stored = x.to(torch.float16 if self.quantize else self.exact_dtype)
+            return stored, stored.float()
+        qt = q.quantize(x)
+        return qt, q.dequantize(qt)
+
+    def _decode_part(self, layer_idx: int, part: Part) -> torch.Tensor:
+        if isinstance(part, torch.Tensor):
+            return part.float()
+        return self.predictors.quantizer(layer_idx).dequantize(part)
+
+    def _prev_rows(self, layer_idx: int, prev: KV | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if layer_idx == 0:
+            return None, None
+        if prev is None:
+            raise RuntimeError(f"AquaKVCodec: layer {layer_idx} needs layer {layer_idx - 1}'s reconstruction")
+        return _rows(prev[0]), _rows(prev[1])
+
+    @staticmethod
+    def _add(pred: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        return x if pred is None else pred + x
+
+    def encode(self, layer_idx, keys, values, prev):
+        preds = self.predictors
+        prev_k, prev_v = self._prev_rows(layer_idx, prev)
+        k, v = _rows(keys.float()), _rows(values.float())
+        pk = preds.predict_keys(layer_idx, prev_k, like=k)
+        k_part, k_res = self._encode_part(layer_idx, k if pk is None else k - pk)
+        k_hat = self._add(pk, k_res)
+        pv = preds.predict_values(layer_idx, k_hat, prev_v)
+        v_part, v_res = self._encode_part(layer_idx, v if pv is None else v - pv)
+        v_hat = self._add(pv, v_res)
+        h = keys.shape[1]
+        return AquaStore(k_part, v_part), _heads(k_hat, h), _heads(v_hat, h)
+
+    def decode(self, layer_idx, store, prev):
+        preds = self.predictors
+        prev_k, prev_v = self._prev_rows(layer_idx, prev)
+        k_res = self._decode_part(layer_idx, store.keys)
+        k_hat = self._add(preds.predict_keys(layer_idx, prev_k, like=k_res), k_res)
+        v_res = self._decode_part(layer_idx, store.values)
+        v_hat = self._add(preds.predict_values(layer_idx, k_hat, prev_v), v_res)
+        h = self.predictors.num_kv_heads
+        return _heads(k_hat, h), _heads(v_hat, h)
+
+    def append(self, store, new):
+        if store is None:
+            return new
+        return AquaStore(_part_cat(store.keys, new.keys), _part_cat(store.values, new.values))
+
+    def select_batch(self, store, index):
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return x.index_select(0, index.to(x.device))
+        return AquaStore(_part_map(store.keys, pick), _part_map(store.values, pick))
+
+    def truncate(self, store, n_tokens):
+        def cut(x: torch.Tensor) -> torch.Tensor:
+            return x[:, :n_tokens].contiguous()
+        return AquaStore(_part_map(store.keys, cut), _part_map(store.values, cut))
+
+    def num_tokens(self, store):
+        return store.num_tokens
+
+    def nbytes(self, store):
+        return _part_nbytes(store.keys) + _part_nbytes(store.values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The chunking policy as a transformers Cache
+
+
+class _ChunkedLayer(CacheLayerMixin):
+    """State of one layer; the cache drives it (`ChunkedKVCache.update`), the layer answers length queries."""
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self):
+        super().__init__()
+        self.clear()
+
+    def clear(self) -> None:
+        self.sink_k = self.sink_v = None  # [B, H, S, D] post-RoPE, storage dtype
+        self.buf_k = self.buf_v = None  # [B, H, Tb, D] post-RoPE, storage dtype
+        self.store = None  # codec store of the quantized tokens
+        self.num_sinks = self.num_quantized = self.num_buffered = 0
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch, self.num_heads, _, self.head_dim = key_states.shape
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("a _ChunkedLayer is updated through its ChunkedKVCache")
+
+    def get_seq_length(self) -> int:
+        return self.num_sinks + self.num_quantized + self.num_buffered
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.clear()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.sink_k, self.sink_v, self.buf_k, self.buf_v) if t is not None]
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=-2)
+
+
+class ChunkedKVCache(Cache):
+    """A transformers Cache that keeps attention sinks and a recent buffer exact and compresses everything else
+    chunk by chunk with `codec` (see module docstring and /work/notes/cache_api.md).
+
+    model: the transformers model this cache serves (its rotary module is hooked when codec.pre_rope).
+    sinks: first tokens kept exact; buffer: flush threshold of the exact recent buffer (tokens).
+    storage_dtype: dtype of sinks and buffer; default fp16 (bf16 for bf16 models, whose states may exceed fp16).
+    Remove the rotary hook with `close()` or `with cache: ...`; it also goes when the cache is garbage-collected.
+    """
+
+    def __init__(self, model, codec: KVCodec, *, sinks: int = 4, buffer: int = 128,
+                 storage_dtype: torch.dtype | None = None, rotary: torch.nn.Module | None = None):
+        if sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {sinks}")
+        if buffer < 1:
+            raise ValueError(f"buffer must be >= 1, got {buffer}")
+        cfg = model.config.get_text_config(decoder=True)
+        super().__init__(layers=[_ChunkedLayer() for _ in range(cfg.num_hidden_layers)])
+        self.codec = codec
+        self.sinks = sinks
+        self.buffer = buffer
+        model_dtype = next(model.parameters()).dtype
+        self.storage_dtype = storage_dtype or (torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float16)
+        self.tracker = RotaryTracker(model, rotary) if codec.pre_rope else None
+        self.positions: torch.Tensor | None = None  # [B, T] int32, every cached token's rotary position
+        self._prev: tuple[int, KV] | None = None  # (layer, reconstruction of its quantized tokens) in this forward
+
+    # ---- lifetime ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove the rotary hook; the cache can no longer be updated (it may still be read for lengths)."""
+        if self.tracker is not None:
+            self.tracker.close()
+
+    def __enter__(self) -> "ChunkedKVCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the update ----------------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> KV:
+        """key_states (post-RoPE), value_states: [B, H, T, D] -> all keys and values [B, H, T_total, D]."""
+        layer = self.layers[layer_idx]
+        batch, _, length, _ = key_states.shape
+        who = f"{type(self).__name__}.update(layer {layer_idx})"
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        elif batch != layer.batch:
+            raise ValueError(f"{who}: batch size {batch} but the cache holds batch {layer.batch}; reset() it first")
+        if layer_idx == 0:
+            self._prev = None
+            if self.tracker is not None:
+                new_pos = self.tracker.take(batch, length, who).to(torch.int32)
+                self.positions = new_pos if self.positions is None else torch.cat([self.positions, new_pos], dim=1)
+        if self.tracker is not None and self.positions.shape[1] != layer.get_seq_length() + length:
+            raise RuntimeError(f"{who}: {layer.get_seq_length()} cached + {length} new tokens but positions for "
+                               f"{self.positions.shape[1]}: layers must be updated in order 0..L-1 in every forward")
+
+        k_new = key_states.to(self.storage_dtype)
+        v_new = value_states.to(self.storage_dtype)
+        take = min(self.sinks - layer.num_sinks, length)
+        if take > 0:
+            layer.sink_k, layer.sink_v = _cat(layer.sink_k, k_new[:, :, :take]), _cat(layer.sink_v, v_new[:, :, :take])
+            layer.num_sinks += take
+            k_new, v_new = k_new[:, :, take:], v_new[:, :, take:]
+        if k_new.shape[2]:
+            layer.buf_k, layer.buf_v = _cat(layer.buf_k, k_new), _cat(layer.buf_v, v_new)
+            layer.num_buffered += k_new.shape[2]
+
+        # The quantized part as the model reads it, before this call's flush (flushed tokens are returned exact).
+        buf_k, buf_v = layer.buf_k, layer.buf_v
+        parts_k = [layer.sink_k] if layer.num_sinks else []
+        parts_v = [layer.sink_v] if layer.num_sinks else []
+        flush = layer.num_buffered >= self.buffer
+        if layer.num_quantized or flush:
+            k_old, v_old = self._update_quantized(layer_idx, layer, flush)
+            if k_old is not None:
+                parts_k.append(k_old)
+                parts_v.append(v_old)
+        if buf_k is not None:
+            parts_k.append(buf_k)
+            parts_v.append(buf_v)
+        keys = torch.cat([p.to(key_states.dtype) for p in parts_k], dim=-2)
+        values = torch.cat([p.to(value_states.dtype) for p in parts_v], dim=-2)
+        return keys, values
+
+    def _cos_sin(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tracker.cos_sin(self.positions[:, start:stop])
+
+    def _previous(self, layer_idx: int, num_tokens: int) -> KV | None:
+        if not self.codec.needs_previous_layer or layer_idx == 0:
+            return None
+        if self._prev is None or self._prev[0] != layer_idx - 1 or self._prev[1][0].shape[2] != num_tokens:
+            got = "nothing" if self._prev is None else f"layer {self._prev[0]} with {self._prev[1][0].shape[2]} tokens"
+            raise RuntimeError(f"{type(self).__name__}: layer {layer_idx} needs layer {layer_idx - 1}'s reconstruction "
+                               f"of {num_tokens} tokens from this forward, found {got}")
+        return self._prev[1]
+
+    def _update_quantized(self, layer_idx: int, layer: _ChunkedLayer, flush: bool
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Decode the layer's store, encode the buffer as a new chunk if `flush`; keep this layer's
+        reconstruction for the next layer. Returns the decoded OLD quantized tokens as the model reads them."""
+        codec = self.codec
+        start = layer.num_sinks
+        n_old, n_new = layer.num_quantized, layer.num_buffered if flush else 0
+        prev = self._previous(layer_idx, n_old + n_new)
+        cos = sin = None
+        if codec.pre_rope:
+            cos, sin = self._cos_sin(start, start + n_old + n_new)
+        hat_k, hat_v = [], []
+        if n_old:
+            pk = None if prev is None else (prev[0][:, :, :n_old], prev[1][:, :, :n_old])
+            k_hat, v_hat = codec.decode(layer_idx, layer.store, pk)
+            hat_k.append(k_hat)
+            hat_v.append(v_hat)
+        if flush:
+            pk = None if prev is None else (prev[0][:, :, n_old:], prev[1][:, :, n_old:])
+            k_in = layer.buf_k.float()
+            if codec.pre_rope:
+                k_in = unrotate(k_in, cos[:, n_old:], sin[:, n_old:])
+            chunk, k_hat_new, v_hat_new = codec.encode(layer_idx, k_in, layer.buf_v.float(), pk)
+            layer.store = codec.append(layer.store, chunk)
+            hat_k.append(k_hat_new)
+            hat_v.append(v_hat_new)
+        if codec.needs_previous_layer:
+            cat_k = hat_k[0] if len(hat_k) == 1 else torch.cat(hat_k, dim=2)
+            cat_v = hat_v[0] if len(hat_v) == 1 else torch.cat(hat_v, dim=2)
+            self._prev = (layer_idx, (cat_k, cat_v))
+        if flush:
+            layer.num_quantized += n_new
+            layer.buf_k = layer.buf_v = None
+            layer.num_buffered = 0
+        if not n_old:
+            return None, None
+        k_old = hat_k[0]
+        if codec.pre_rope:
+            k_old = rotate(k_old, cos[:, :n_old], sin[:, :n_old])
+        return k_old, hat_v[0]
+
+    # ---- batch and length edits (beam search, assisted decoding, reuse) -----------------------------------
+    def _select_batch(self, index: torch.Tensor) -> None:
+        self._prev = None
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            idx = index.to(layer.device)
+            layer.batch = idx.shape[0]
+            for name in ("sink_k", "sink_v", "buf_k", "buf_v"):
+                t = getattr(layer, name)
+                if t is not None:
+                    setattr(layer, name, t.index_select(0, idx))
+            if layer.store is not None:
+                layer.store = self.codec.select_batch(layer.store, idx)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, index.to(self.positions.device))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: batch row i becomes old row beam_idx[i] (codes are reordered, never re-quantized)."""
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        batch = self.layers[0].batch if self.layers[0].is_initialized else 0
+        if batch:
+            self._select_batch(torch.arange(batch).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last -tokens_to_remove tokens (a negative count, like DynamicCache); exact for every part."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
+        self._prev = None
+        total = self.get_seq_length()
+        keep = max(total + tokens_to_remove, 0)
+        if tokens_to_remove == 0 or total == 0:
+            return
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            n_sink = min(keep, layer.num_sinks)
+            n_quant = min(keep - n_sink, layer.num_quantized)
+            n_buf = keep - n_sink - n_quant
+            layer.sink_k, layer.sink_v = _keep(layer.sink_k, n_sink), _keep(layer.sink_v, n_sink)
+            layer.buf_k, layer.buf_v = _keep(layer.buf_k, n_buf), _keep(layer.buf_v, n_buf)
+            if n_quant < layer.num_quantized:
+                layer.store = self.codec.truncate(layer.store, n_quant) if n_quant else None
+            layer.num_sinks, layer.num_quantized, layer.num_buffered = n_sink, n_quant, n_buf
+        if self.positions is not None:
+            self.positions = self.positions[:, :keep] if keep else None
+
+    def reset(self) -> None:
+        """Drop every cached token (the hook stays: the cache can be reused)."""
+        self._prev = None
+        self.positions = None
+        for layer in self.layers:
+            layer.reset()
+
+    # ---- accounting ------------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Every byte held: codec stores (codes, scales, ...), exact sinks and buffers, positions."""
+        total = 0 if self.positions is None else self.positions.numel() * self.positions.element_size()
+        for layer in self.layers:
+            total += sum(t.numel() * t.element_size() for t in layer.tensors())
+            if layer.store is not None:
+                total += self.codec.nbytes(layer.store)
+        return total
+
+    def compressed_values(self) -> int:
+        """Number of key and value entries held by codec stores (B * T_quantized * C * 2, summed over layers)."""
+        total = 0
+        for layer in self.layers:
+            if layer.store is not None:
+                total += 2 * layer.batch * layer.num_heads * layer.head_dim * layer.num_quantized
+        return total
+
+    def bits_per_value(self) -> float:
+        """Bits per key/value entry of the compressed part (all codec stores); nan while nothing is compressed."""
+        values = self.compressed_values()
+        if not values:
+            return math.nan
+        return 8.0 * sum(self.codec.nbytes(layer.store) for layer in self.layers if layer.store is not None) / values
+
+    def __repr__(self) -> str:
+        n = self.get_seq_length()
+        return (f"{type(self).__name__}({len(self.layers)} layers, {n} tokens, codec={type(self.codec).__name__}, "
+                f"sinks={self.sinks}, buffer={self.buffer}, {self.nbytes()} bytes)")
+
+
+def _keep(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return t[:, :, :n] if t is not None and n else None
+
+
+class AquaKVCache(ChunkedKVCache):
+    """The AQUA-KV cache: `model(..., past_key_values=AquaKVCache(model, predictors))` or `generate(...)`.
+
+    quantize=False runs the same pipeline (un-rotation, predictors, chunks) without quantization, storing exact
+    states in the model's dtype: it reproduces DynamicCache up to float rounding.
+    """
+
+    def __init__(self, model, predictors: AquaKVPredictors, *, sinks: int = 4, buffer: int = 128,
+                 quantize: bool = True, storage_dtype: torch.dtype | None = None,
+                 rotary: torch.nn.Module | None = None):
+        predictors.check_compatible(model)
+        model_dtype = next(model.parameters()).dtype
+        if not quantize and storage_dtype is None:
+            storage_dtype = model_dtype
+        codec = AquaKVCodec(predictors, quantize=quantize, exact_dtype=model_dtype)
+        super().__init__(model, codec, sinks=sinks, buffer=buffer, storage_dtype=storage_dtype, rotary=rotary)
+        self.predictors = predictors
+
+
+class HiggsCache(AquaKVCache):
+    """HIGGS without adapters: every layer's states quantized directly (AQUA-KV with zero predictors).
+
+    layer0_bits: None quantizes layer 0 at `bits` like the others; a number or "fp16" treats it apart.
+    """
+
+    def __init__(self, model, bits: float = 2, *, grid_dim: int = 2, group_size: int | None = None,
+                 layer0_bits: float | str | None = None, seed: int = 0, **kwargs):
+        super().__init__(model, AquaKVPredictors.zeros(model, bits, grid_dim=grid_dim, group_size=group_size,
+                                                       layer0_bits=layer0_bits, seed=seed), **kwargs)

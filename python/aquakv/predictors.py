@@ -1,0 +1,283 @@
+"""AQUA-KV predictors: per-layer affine maps that predict a layer's keys and values from the previous layer's
+reconstruction, plus the quantizer settings they were calibrated with (DESIGN.md §2).
+
+    P^K_0 = m^K,  P^V_0 = m^V                              (intercept only; layer 0 has no predecessor)
+    P^K_l = K^_{l-1} A_l + a_l,  P^V_l = [K^_l ; V^_{l-1}] B_l + b_l     (l >= 1)
+    K^_l = P^K_l + Q_l(K_l - P^K_l),  V^_l likewise
+
+All states are rows of C = num_kv_heads * head_dim values (heads concatenated, pre-RoPE keys), float32.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from aquakv.quantizer import HiggsQuantizer
+
+log = logging.getLogger(__name__)
+
+FORMAT = "aquakv-predictors"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AquaKVSettings:
+    """Quantizer settings shared by calibration and the cache.
+
+    bits: code bits per value for layers >= 1 (HIGGS grid (grid_dim, 2**(bits*grid_dim))).
+    layer0_bits: code bits for layer 0, or None to keep layer 0 in fp16 (no quantization).
+    group_size: HIGGS group (values sharing a scale and a Hadamard rotation); defaults to head_dim.
+    """
+
+    bits: float
+    grid_dim: int
+    group_size: int
+    seed: int
+    layer0_bits: float | None
+
+    def quantizer(self, layer_idx: int) -> HiggsQuantizer | None:
+        """The residual quantizer of a layer; None means the layer is stored in fp16."""
+        bits = self.layer0_bits if layer_idx == 0 else self.bits
+        if bits is None:
+            return None
+        return HiggsQuantizer(bits=bits, dim=self.grid_dim, group_size=self.group_size, seed=self.seed)
+
+
+@dataclass
+class AffineMap:
+    """y = x @ weight + bias, with weight either dense [C_in, C_out], factored down [C_in, r] @ up [r, C_out]
+    (reduced rank), or absent (intercept only). Several inputs are treated as their concatenation."""
+
+    bias: torch.Tensor  # [C_out]
+    weight: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def in_features(self) -> int | None:
+        w = self.weight if self.weight is not None else self.down
+        return None if w is None else w.shape[0]
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.up is None else self.up.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        named = {"bias": self.bias, "weight": self.weight, "down": self.down, "up": self.up}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def _params(self, device: torch.device) -> "AffineMap":
+        if device not in self._on_device:
+            moved = {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors().items()}
+            self._on_device[device] = AffineMap(**moved)
+        return self._on_device[device]
+
+    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
+        """xs: tensors [..., C_i] whose last dims add up to C_in (none for an intercept-only map) -> [..., C_out]."""
+        p = self._params(xs[0].device if xs else self.bias.device)
+        if p.weight is None and p.down is None:
+            if xs:
+                return p.bias.expand(*xs[0].shape[:-1], -1)
+            return p.bias
+        w = p.weight if p.weight is not None else p.down
+        if sum(x.shape[-1] for x in xs) != w.shape[0]:
+            raise ValueError(f"AffineMap: inputs of widths {[x.shape[-1] for x in xs]} do not add up to {w.shape[0]}")
+        out, start = None, 0
+        for x in xs:  # x_1 @ W[rows_1] + x_2 @ W[rows_2]: no concatenated copy of the inputs
+            part = x.float() @ w[start:start + x.shape[-1]]
+            out = part if out is None else out + part
+            start += x.shape[-1]
+        if p.up is not None:
+            out = out @ p.up
+        return out + p.bias
+
+
+class AquaKVPredictors:
+    """Per-layer key/value predictors, quantizer settings and metadata: the calibration artifact.
+
+    key_maps[l] / value_maps[l]: AffineMap or None (None predicts zero, i.e. plain HIGGS on the states).
+    For l >= 1 a key map takes K^_{l-1} [.., C]; a value map takes (K^_l, V^_{l-1}) [.., 2C]. For l = 0 the maps
+    are intercept-only (the calibrated per-channel means).
+    """
+
+    def __init__(self, key_maps: list[AffineMap | None], value_maps: list[AffineMap | None],
+                 settings: AquaKVSettings, model_info: dict, report: list[dict] | None = None):
+        if len(key_maps) != len(value_maps):
+            raise ValueError(f"AquaKVPredictors: {len(key_maps)} key maps but {len(value_maps)} value maps")
+        self.key_maps = list(key_maps)
+        self.value_maps = list(value_maps)
+        self.settings = settings
+        self.model_info = dict(model_info)
+        self.report = list(report or [])
+        self._quantizers: dict[int, HiggsQuantizer | None] = {}
+
+    # ---- shapes and settings -------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.key_maps)
+
+    @property
+    def kv_width(self) -> int:
+        """C = num_kv_heads * head_dim."""
+        return int(self.model_info["kv_width"])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.model_info["head_dim"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.model_info["num_kv_heads"])
+
+    @property
+    def has_adapters(self) -> bool:
+        """False for the HIGGS-only variant (`zeros`)."""
+        return any(m is not None for m in self.key_maps[1:] + self.value_maps[1:])
+
+    def quantizer(self, layer_idx: int) -> HiggsQuantizer | None:
+        """The residual quantizer of a layer (None: stored in fp16)."""
+        if layer_idx not in self._quantizers:
+            self._quantizers[layer_idx] = self.settings.quantizer(layer_idx)
+        return self._quantizers[layer_idx]
+
+    def bits_per_value(self) -> float:
+        """Nominal storage cost per cached value averaged over layers, layer 0 and HIGGS scales included."""
+        costs = []
+        for layer in range(self.num_layers):
+            q = self.quantizer(layer)
+            costs.append(16.0 if q is None else q.bits_per_value + 16.0 * (-self.kv_width % q.settings.group_size)
+                         / self.kv_width)
+        return sum(costs) / len(costs)
+
+    # ---- prediction ----------------------------------------------------------------------------------
+    def predict_keys(self, layer_idx: int, prev_keys: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """P^K_l: [..., C] float32, or None for a zero prediction. prev_keys: K^_{l-1} [..., C] (None at l = 0);
+        like: a tensor [..., C] giving the leading shape and device."""
+        m = self.key_maps[layer_idx]
+        if m is None:
+            return None
+        if m.in_features is None:
+            return m._params(like.device).bias.expand(like.shape)
+        return m(prev_keys)
+
+    def predict_values(self, layer_idx: int, keys_hat: torch.Tensor, prev_values: torch.Tensor | None
+                       ) -> torch.Tensor | None:
+        """P^V_l: [..., C] float32 or None. keys_hat: K^_l [..., C]; prev_values: V^_{l-1} [..., C] (None at l = 0)."""
+        m = self.value_maps[layer_idx]
+        if m is None:
+            return None
+        if m.in_features is None:
+            return m._params(keys_hat.device).bias.expand(keys_hat.shape)
+        return m(keys_hat, prev_values)
+
+    # ---- construction --------------------------------------------------------------------------------
+    @staticmethod
+    def model_info_of(model) -> dict:
+        """Architecture facts the predictors depend on, read from a transformers model's config."""
+        from aquakv import __version__
+
+        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return {"name_or_path": str(getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", "")),
+                "model_type": str(getattr(cfg, "model_type", "")), "num_layers": int(cfg.num_hidden_layers),
+                "num_kv_heads": int(kv_heads), "head_dim": int(head_dim), "kv_width": int(kv_heads * head_dim),
+                "aquakv_version": __version__}
+
+    @staticmethod
+    def default_group_size(head_dim: int) -> int:
+        """head_dim rounded up to a power of two (HIGGS groups are powers of two)."""
+        return 1 << max(1, math.ceil(math.log2(head_dim)))
+
+    @classmethod
+    def zeros(cls, model, bits: float = 2, *, grid_dim: int = 2, group_size: int | None = None,
+              layer0_bits: float | str | None = None, seed: int = 0) -> "AquaKVPredictors":
+        """The HIGGS-only baseline: no adapters (zero predictions) on any layer.
+
+        layer0_bits: None (default) quantizes layer 0 like every other layer, at `bits`; a number sets its own
+        bits; "fp16" keeps it unquantized.
+        """
+        info = cls.model_info_of(model)
+        settings = AquaKVSettings(bits=bits, grid_dim=grid_dim,
+                                  group_size=group_size or cls.default_group_size(info["head_dim"]), seed=seed,
+                                  layer0_bits=_layer0_bits(bits if layer0_bits is None else layer0_bits))
+        settings.quantizer(0), settings.quantizer(1)  # validate (bits, grid) before anyone uses them
+        n = info["num_layers"]
+        return cls([None] * n, [None] * n, settings, info)
+
+    # ---- compatibility ---------------------------------------------------------------------------------
+    def check_compatible(self, model) -> None:
+        """Raise ValueError naming every architecture fact that differs from the model (layers, KV width, head_dim);
+        a different model name only logs a warning (a fine-tune of the same base may be intended)."""
+        info = self.model_info_of(model)
+        diffs = [f"{key}: predictors have {self.model_info[key]}, model has {info[key]}"
+                 for key in ("num_layers", "num_kv_heads", "head_dim", "kv_width") if self.model_info[key] != info[key]]
+        if diffs:
+            raise ValueError("AquaKVPredictors do not fit this model (" + "; ".join(diffs) + ")")
+        if self.model_info.get("name_or_path") and info["name_or_path"] != self.model_info["name_or_path"]:
+            log.warning("predictors were calibrated on %r, the model is %r", self.model_info["name_or_path"],
+                        info["name_or_path"])
+
+    # ---- serialization ---------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """One safetensors file: tensors `{key,value}.{layer}.{bias,weight,down,up}`, JSON metadata in the header."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for kind, maps in (("key", self.key_maps), ("value", self.value_maps)):
+            for layer, m in enumerate(maps):
+                if m is not None:
+                    for name, t in m.tensors().items():
+                        tensors[f"{kind}.{layer}.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.model_info,
+                "settings": asdict(self.settings), "report": self.report}
+        save_file(tensors, os.fspath(path), metadata={"aquakv": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AquaKVPredictors":
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"AquaKVPredictors.load: no such file: {path}")
+        with safe_open(path, framework="pt") as f:
+            header = (f.metadata() or {}).get("aquakv")
+            if header is None:
+                raise ValueError(f"AquaKVPredictors.load: {path} is a safetensors file without aquakv metadata")
+            meta = json.loads(header)
+            if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+                raise ValueError(f"AquaKVPredictors.load: {path} has format {meta.get('format')!r} version "
+                                 f"{meta.get('format_version')}; this library reads {FORMAT!r} <= {FORMAT_VERSION}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        n = int(meta["model"]["num_layers"])
+        maps: dict[str, list[AffineMap | None]] = {"key": [None] * n, "value": [None] * n}
+        for kind in maps:
+            for layer in range(n):
+                parts = {name: tensors.get(f"{kind}.{layer}.{name}") for name in ("bias", "weight", "down", "up")}
+                if parts["bias"] is not None:
+                    maps[kind][layer] = AffineMap(**parts)
+        return cls(maps["key"], maps["value"], AquaKVSettings(**meta["settings"]), meta["model"], meta.get("report"))
+
+    def __repr__(self) -> str:
+        s = self.settings
+        kind = "AQUA-KV" if self.has_adapters else "HIGGS-only"
+        ranks = {m.rank for m in self.key_maps + self.value_maps if m is not None and m.in_features is not None}
+        return (f"AquaKVPredictors({kind}, {self.num_layers} layers, C={self.kv_width}, bits={s.bits}, "
+                f"grid_dim={s.grid_dim}, group_size={s.group_size}, layer0={'fp16' if s.layer0_bits is None else s.layer0_bits}"
+                f", rank={sorted(ranks, key=lambda r: r or 0) if ranks else None}, "
+                f"{self.bits_per_value():.3f} bits/value)")
+
+
+def _layer0_bits(layer0_bits: float | str | None) -> float | None:
+    if layer0_bits is None or layer0_bits == "fp16":
+        return None
+    if isinstance(layer0_bits, str):
+        raise ValueError(f"layer0_bits must be a number of bits or 'fp16', got {layer0_bits!r}")
+    return layer0_bits
