@@ -1,0 +1,27 @@
+"""HIGGS for weights: data-free quantization of linear layers and bit-width allocation (DESIGN §4).
+
+    from aquakv.weights import quantize_model, save_quantized, load_quantized
+    quantize_model(model, bits=4)                       # every linear but the head -> HiggsLinear (2, 256) grid
+    save_quantized(model, "out/"); load_quantized(fresh_model, "out/")
+
+    from aquakv.weights import measure_layer_errors, measure_sensitivities, allocate_bits
+    table = measure_layer_errors(model)                 # e_ij and sizes for every layer x candidate grid
+    sens = measure_sensitivities(model, windows)        # alpha_i, noise injection on calibration windows
+    alloc = allocate_bits(table, sens, average_bits=3.0625)
+    quantize_model(model, grid_per_layer=alloc.grid_per_layer)
+"""
+from aquakv.weights.allocate import (Allocation, InfeasibleBudget, LayerTable, Sensitivities, allocate_bits,
+                                     measure_layer_errors, measure_sensitivities, predicted_delta_nll, solve_allocation)
+from aquakv.weights.evaluate import PerplexityResult, perplexity, split_windows
+from aquakv.weights.linear import DEFAULT_GROUP_SIZE, HiggsLinear, higgs_quantize_dequantize_weight, higgs_weight_cost
+from aquakv.weights.quantize import (average_bits, candidate_grids, default_grid, load_quantized, quantizable_linears,
+                                     quantize_model, save_quantized)
+from aquakv.weights.rtn import rtn_bits_per_weight, rtn_quantize_dequantize, rtn_quantize_model
+
+__all__ = [
+    "Allocation", "DEFAULT_GROUP_SIZE", "HiggsLinear", "InfeasibleBudget", "LayerTable", "PerplexityResult",
+    "Sensitivities", "allocate_bits", "average_bits", "candidate_grids", "default_grid", "higgs_quantize_dequantize_weight",
+    "higgs_weight_cost", "load_quantized", "measure_layer_errors", "measure_sensitivities", "perplexity",
+    "predicted_delta_nll", "quantizable_linears", "quantize_model", "rtn_bits_per_weight", "rtn_quantize_dequantize",
+    "rtn_quantize_model", "save_quantized", "solve_allocation", "split_windows",
+]

@@ -1,0 +1,169 @@
+"""HiggsLinear: a linear layer whose weight is stored HIGGS-quantized and dequantized on the fly.
+
+Weight layout: W [out, in] is read in row-major order and cut into groups of `group_size` consecutive
+values, so every group runs along the input dimension. When `in % group_size == 0` (the usual case)
+this is exactly "groups within rows"; otherwise a group may continue onto the next row, which costs no
+padding (SmolLM2's in = 576 would waste a third of the codes if every row were padded to 768). Only the
+tail of the flattened weight is zero-padded to a whole group.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aquakv.quantizer import HiggsQuantizer, QuantizedTensor
+
+DEFAULT_GROUP_SIZE = 256
+
+
+def grid_bits(dim: int, n_points: int) -> float:
+    """Code bits per value of a grid of n_points in dim dimensions: log2(n) / d."""
+    return math.log2(n_points) / dim
+
+
+def higgs_weight_cost(numel: int, dim: int, n_points: int, group_size: int) -> int:
+    """Storage in bits of a [numel] weight quantized with grid (dim, n_points): codes + fp16 scales, padding included."""
+    groups = -(-numel // group_size)
+    return groups * (group_size // dim * round(math.log2(n_points)) + 16)
+
+
+class HiggsLinear(nn.Module):
+    """y = x @ W_hat^T + b with W_hat the HIGGS dequantization of the stored codes.
+
+    Buffers (move with `.to()`/`.cuda()`; saved by `state_dict`):
+      codes:  uint8 [ceil(out*in / G), G / d * log2(n) / 8], bit-packed grid indices.
+      scales: fp16  [ceil(out*in / G), 1], the group norms. Dtype casts of the module (`.half()`,
+              `.to(torch.bfloat16)`) never touch them: they stay the exact fp16 values that were stored.
+    The dequantized weight has the dtype of the original layer (follows `.to(dtype)` of the module).
+    `cache_weight=True` keeps the dequantized weight after the first forward (fast, costs the fp memory).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, dim: int, n_points: int,
+                 group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 cache_weight: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.quantizer = HiggsQuantizer(bits=grid_bits(dim, n_points), dim=dim, group_size=group_size, seed=seed)
+        settings = self.quantizer.settings
+        rows = -(-in_features * out_features // group_size)
+        row_bytes = group_size // dim * settings.code_bits // 8
+        self.register_buffer("codes", torch.zeros(rows, row_bytes, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(rows, 1, dtype=torch.float16, device=device))
+        # A zero-size float buffer that module dtype casts convert: it records the compute dtype.
+        self.register_buffer("_dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.cache_weight = cache_weight
+        self._cached: torch.Tensor | None = None
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, bits: float | None = None, dim: int = 2, n_points: int | None = None,
+                    group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0, cache_weight: bool = False) -> "HiggsLinear":
+        """Quantize `linear.weight` (data-free). Give either `bits` (code bits per value, n = 2**(bits*dim))
+        or `n_points`. The result lives on the linear's device with its dtype."""
+        if (bits is None) == (n_points is None):
+            raise ValueError("HiggsLinear.from_linear: give exactly one of bits= or n_points=")
+        if n_points is None:
+            n_points = 1 << round(bits * dim)
+            if abs(math.log2(n_points) - bits * dim) > 1e-9:
+                raise ValueError(f"HiggsLinear.from_linear: bits*dim = {bits * dim} is not an integer (bits={bits}, dim={dim})")
+        weight = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, dim=dim, n_points=n_points, group_size=group_size,
+                     seed=seed, bias=linear.bias is not None, dtype=weight.dtype, device=weight.device,
+                     cache_weight=cache_weight)
+        qt = module.quantizer.quantize(_flat_groups(weight.float(), group_size))
+        module.codes.copy_(qt.codes)
+        module.scales.copy_(qt.scales)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.quantizer.settings.dim
+
+    @property
+    def n_points(self) -> int:
+        return self.quantizer.settings.n_points
+
+    @property
+    def group_size(self) -> int:
+        return self.quantizer.settings.group_size
+
+    @property
+    def seed(self) -> int:
+        return self.quantizer.settings.seed
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._dtype_probe.dtype
+
+    @property
+    def weight_bits(self) -> int:
+        """Bits held by codes and scales (bias excluded)."""
+        return 8 * (self.codes.numel() + self.scales.numel() * 2)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.weight_bits / (self.in_features * self.out_features)
+
+    def quantized_tensor(self) -> QuantizedTensor:
+        """The stored weight as a QuantizedTensor of logical shape [rows, G] (flattened groups)."""
+        shape = torch.Size([self.codes.shape[0], self.group_size])
+        return QuantizedTensor(self.codes, self.scales, shape, torch.float32, self.quantizer.settings)
+
+    # ---- compute -------------------------------------------------------------------------
+    @torch.no_grad()
+    def dequantize_weight(self) -> torch.Tensor:
+        """W_hat: [out, in] in the compute dtype, on the module's device."""
+        if self._cached is not None:
+            return self._cached
+        flat = self.quantizer.dequantize(self.quantized_tensor()).reshape(-1)
+        weight = flat[: self.out_features * self.in_features].view(self.out_features, self.in_features)
+        weight = weight.to(self.compute_dtype)
+        if self.cache_weight:
+            self._cached = weight
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] -> [..., out]."""
+        return F.linear(x, self.dequantize_weight(), self.bias)
+
+    def clear_cache(self) -> None:
+        self._cached = None
+
+    def _apply(self, fn, recurse: bool = True):
+        scales = self.scales
+        super()._apply(fn, recurse)
+        # The stored norms are fp16 by format: keep them bit-exact whatever float dtype the module is cast to.
+        self.scales = scales.to(self.codes.device)
+        self._cached = None
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"grid=(d={self.dim}, n={self.n_points}), group_size={self.group_size}, seed={self.seed}, "
+                f"{self.bits_per_weight:.4f} bits/weight, dtype={self.compute_dtype}")
+
+
+def _flat_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [ceil(out*in / G), G], row-major, zero-padded at the tail."""
+    flat = weight.reshape(-1)
+    pad = -flat.numel() % group_size
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    return flat.view(-1, group_size)
+
+
+@torch.no_grad()
+def higgs_quantize_dequantize_weight(weight: torch.Tensor, *, dim: int, n_points: int,
+                                     group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0) -> torch.Tensor:
+    """What HiggsLinear would serve for `weight` [out, in], without building a module: same shape and dtype."""
+    q = HiggsQuantizer(bits=grid_bits(dim, n_points), dim=dim, group_size=group_size, seed=seed)
+    flat = q.quantize_dequantize(_flat_groups(weight.detach().float(), group_size)).reshape(-1)
+    return flat[: weight.numel()].view(weight.shape).to(weight.dtype)

@@ -1,0 +1,53 @@
+"""Round-to-nearest uniform quantization: the baseline every user knows.
+
+Asymmetric min/max per group of `group_size` consecutive weights (the same flattened row-major groups as
+HiggsLinear, so both methods see identical groups): scale = (max - min) / (2**bits - 1) and the minimum,
+both stored in fp16 (32 bits per group), codes q = round((w - min) / scale) in [0, 2**bits - 1].
+Cost: bits + 32 / group_size bits per weight.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from aquakv.weights.linear import DEFAULT_GROUP_SIZE, _flat_groups
+from aquakv.weights.quantize import quantizable_linears
+
+
+def rtn_bits_per_weight(bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> float:
+    return bits + 32.0 / group_size
+
+
+@torch.no_grad()
+def rtn_quantize_dequantize(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
+    """weight: any shape (groups run over the flattened tensor) -> RTN round trip, same shape and dtype."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"rtn_quantize_dequantize: bits must be in 1..16, got {bits}")
+    if group_size < 1:
+        raise ValueError(f"rtn_quantize_dequantize: group_size must be positive, got {group_size}")
+    groups = _flat_groups(weight.detach().float(), group_size)
+    # The padded tail must not widen the last group's range: pad with that group's own first value.
+    pad = groups.numel() - weight.numel()
+    if pad:
+        groups = groups.clone()
+        groups[-1, group_size - pad:] = groups[-1, 0]
+    levels = (1 << bits) - 1
+    low = groups.amin(dim=1, keepdim=True).half().float()
+    scale = ((groups.amax(dim=1, keepdim=True) - low) / levels).half().float()
+    # A constant group (scale 0) decodes exactly to its minimum.
+    codes = torch.where(scale > 0, torch.round((groups - low) / scale.clamp_min(1e-30)), torch.zeros_like(groups))
+    w_hat = low + codes.clamp(0, levels) * scale
+    return w_hat.reshape(-1)[: weight.numel()].view(weight.shape).to(weight.dtype)
+
+
+@torch.no_grad()
+def rtn_quantize_model(model: nn.Module, bits: int, group_size: int = DEFAULT_GROUP_SIZE, include_lm_head: bool = False,
+                       progress: bool = True) -> nn.Module:
+    """Overwrite every quantizable linear weight with its RTN round trip, in place (a simulation: weights stay
+    dense floats; the cost they would take is `rtn_bits_per_weight(bits, group_size)`). Returns the model."""
+    layers = quantizable_linears(model, include_lm_head)
+    for linear in tqdm(layers.values(), desc=f"RTN {bits}-bit", disable=not progress, unit="layer"):
+        # A new Parameter, not `.data =`: a head tied to the input embedding must not overwrite the embedding.
+        linear.weight = nn.Parameter(rtn_quantize_dequantize(linear.weight, bits, group_size), requires_grad=False)
+    return model
