@@ -107,14 +107,16 @@ class AquaKVPredictors:
     """
 
     def __init__(self, key_maps: list[AffineMap | None], value_maps: list[AffineMap | None],
-                 settings: AquaKVSettings, model_info: dict, report: list[dict] | None = None):
+                 settings: AquaKVSettings, model_info: dict, report: list[dict] | None = None,
+                 calibration: dict | None = None):
         if len(key_maps) != len(value_maps):
             raise ValueError(f"AquaKVPredictors: {len(key_maps)} key maps but {len(value_maps)} value maps")
         self.key_maps = list(key_maps)
         self.value_maps = list(value_maps)
         self.settings = settings
         self.model_info = dict(model_info)
-        self.report = list(report or [])
+        self.report = list(report or [])  # per layer: held-out relative errors (see aquakv.calibrate)
+        self.calibration = dict(calibration or {})  # how it was calibrated: windows, tokens, damping, rank...
         self._quantizers: dict[int, HiggsQuantizer | None] = {}
 
     # ---- shapes and settings -------------------------------------------------------------------------
@@ -237,7 +239,7 @@ class AquaKVPredictors:
                     for name, t in m.tensors().items():
                         tensors[f"{kind}.{layer}.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.model_info,
-                "settings": asdict(self.settings), "report": self.report}
+                "settings": asdict(self.settings), "report": self.report, "calibration": self.calibration}
         save_file(tensors, os.fspath(path), metadata={"aquakv": json.dumps(meta)})
 
     @classmethod
@@ -263,15 +265,17 @@ class AquaKVPredictors:
                 parts = {name: tensors.get(f"{kind}.{layer}.{name}") for name in ("bias", "weight", "down", "up")}
                 if parts["bias"] is not None:
                     maps[kind][layer] = AffineMap(**parts)
-        return cls(maps["key"], maps["value"], AquaKVSettings(**meta["settings"]), meta["model"], meta.get("report"))
+        return cls(maps["key"], maps["value"], AquaKVSettings(**meta["settings"]), meta["model"], meta.get("report"),
+                   meta.get("calibration"))
 
     def __repr__(self) -> str:
         s = self.settings
         kind = "AQUA-KV" if self.has_adapters else "HIGGS-only"
-        ranks = {m.rank for m in self.key_maps + self.value_maps if m is not None and m.in_features is not None}
+        ranks = sorted({m.rank or min(m.in_features, m.bias.shape[0]) for m in self.key_maps + self.value_maps
+                        if m is not None and m.in_features is not None})
         return (f"AquaKVPredictors({kind}, {self.num_layers} layers, C={self.kv_width}, bits={s.bits}, "
                 f"grid_dim={s.grid_dim}, group_size={s.group_size}, layer0={'fp16' if s.layer0_bits is None else s.layer0_bits}"
-                f", rank={sorted(ranks, key=lambda r: r or 0) if ranks else None}, "
+                f", rank={ranks[0] if len(ranks) == 1 else (ranks or None)}, "
                 f"{self.bits_per_value():.3f} bits/value)")
 
 
