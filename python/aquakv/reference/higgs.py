@@ -81,15 +81,20 @@ def higgs_dequantize(
     signs: np.ndarray,
     group_size: int,
     dtype: type = np.float32,
+    compute_dtype: type = np.float64,
 ) -> np.ndarray:
-    """codes uint8 [..., C/d*b/8], scales float16 [..., C/G] -> [..., C] in `dtype` (float64 math)."""
-    grid = np.asarray(grid, np.float64)
+    """codes uint8 [..., C/d*b/8], scales float16 [..., C/G] -> [..., C] in `dtype`.
+
+    Math in `compute_dtype` (float64: the truth; float32: a same-precision baseline for error budgets).
+    """
+    grid = np.asarray(grid, compute_dtype)
     d, bits = grid.shape[1], _bits_of(grid)
-    scales = np.asarray(scales, np.float16).astype(np.float64)
+    scales = np.asarray(scales, np.float16).astype(compute_dtype)
     groups = scales.shape[-1]
     idx = unpack_bits(codes, bits, groups * group_size // d)
     y_hat = grid[idx].reshape(*scales.shape, group_size)  # [..., C/G, G]
     # x^ = s/sqrt(G) * D * H_orth^T y^ ; H_orth is symmetric, and D is applied after H.
-    rotated = hadamard(y_hat, None, scale=1.0 / np.sqrt(group_size))
-    x_hat = scales[..., None] / np.sqrt(group_size) * np.asarray(signs, np.float64) * rotated
+    inv_sqrt_g = compute_dtype(1.0 / np.sqrt(group_size))
+    rotated = hadamard(y_hat, None, scale=inv_sqrt_g, compute_dtype=compute_dtype)
+    x_hat = scales[..., None] * inv_sqrt_g * np.asarray(signs, compute_dtype) * rotated
     return x_hat.reshape(*scales.shape[:-1], groups * group_size).astype(dtype)
