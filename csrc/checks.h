@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <string>
 #include <utility>
 
 namespace aquakv {
@@ -42,17 +43,35 @@ inline std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
   return sizes;
 }
 
+// torch's Python spelling of a dtype (float32, uint8, ...), which is what users wrote.
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kDouble: return "torch.float64";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    default: return c10::toString(t);
+  }
+}
+
 inline void check_at_least_1d(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have at least 1 dim (the last dim is the one transformed), got a 0-dim tensor");
 }
 
 inline void check_float_dtype(const char* op, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              op, ": ", name, " must be float32, float16 or bfloat16, got ", dtype);
+              op, ": ", name, " must be float32, float16 or bfloat16, got ", dtype_name(dtype));
 }
 
 inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
-  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must be ", want, ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must be ", dtype_name(want), ", got ",
+              dtype_name(t.scalar_type()));
 }
 
 // All named tensors on the same device as the first one.
