@@ -1,0 +1,318 @@
+"""Reproducible generation of MSE-optimal grids for the standard Gaussian N(0, I_d) (DESIGN.md §1).
+
+- d = 1: exact Lloyd-Max. The centroid and boundary conditions are iterated with the Gaussian pdf/cdf
+  in closed form, so no sampling is involved and the result is deterministic to float64 rounding.
+- d >= 2: Lloyd (k-means) on many Gaussian samples. Samples are scrambled Sobol points pushed through
+  the inverse normal cdf (quasi-Monte Carlo: a lower-variance estimate of the Gaussian integral than
+  i.i.d. draws of the same count). Several k-means++ restarts are run, the best on fresh samples is
+  kept, then polished with Lloyd on a larger sample set.
+
+Everything is seeded; the same seed, torch version and thread count give the same grids.
+
+Command line::
+
+    python -m aquakv.grids.generate --out python/aquakv/grids/data            # every standard grid
+    python -m aquakv.grids.generate --out /tmp/grids --only 2,16 --only 4,256
+
+Each grid is written as ``d{dim}_n{n}.npy`` (float32 [n, dim], rows in lexicographic order) and its
+measured MSE per value, sample count and seed are merged into ``grids.json`` in the same folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+_SQRT2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+# Rows assigned per distance-matrix block: bounds the [rows, n] score matrix to ~64 MiB at n = 256.
+_CHUNK_ELEMS = 1 << 24
+
+
+@dataclass(frozen=True)
+class KMeansSettings:
+    """Effort of the sample-based search for d >= 2 (defaults are the ones the shipped grids used).
+
+    samples: training points per restart; restarts: independent k-means++ starts; iters: Lloyd
+    iterations per restart; polish_samples / polish_iters: final Lloyd on a larger set for the best
+    restart; eval_samples: fresh i.i.d. points used to choose between restarts and to report the MSE.
+    """
+
+    samples: int = 1 << 19
+    restarts: int = 4
+    iters: int = 60
+    polish_samples: int = 1 << 21
+    polish_iters: int = 40
+    eval_samples: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    dim: int
+    n: int
+    settings: KMeansSettings = KMeansSettings()
+
+
+# The grids shipped as package data, with the effort each one gets.
+STANDARD_GRIDS: tuple[GridSpec, ...] = (
+    GridSpec(1, 2),
+    GridSpec(1, 4),
+    GridSpec(1, 8),
+    GridSpec(1, 16),
+    GridSpec(1, 256),
+    GridSpec(2, 4),
+    GridSpec(2, 16),
+    GridSpec(2, 64),
+    GridSpec(2, 256),
+    GridSpec(4, 16),
+    GridSpec(4, 256),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# d = 1: exact Lloyd-Max
+# --------------------------------------------------------------------------------------------
+def _phi(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def _upper_tail(x: torch.Tensor) -> torch.Tensor:
+    """P(X > x), accurate in the upper tail (no 1 - cdf cancellation)."""
+    return 0.5 * torch.special.erfc(x / _SQRT2)
+
+
+def lloyd_max_1d(n: int, *, tol: float = 1e-13, max_iter: int = 200_000) -> tuple[torch.Tensor, float]:
+    """Exact Lloyd-Max quantizer of N(0, 1) with n levels (n even).
+
+    The optimal quantizer is symmetric, so only the n/2 positive levels are iterated: boundaries are
+    midpoints of neighbouring levels (b_0 = 0, b_{n/2} = inf) and each level moves to the conditional
+    mean of its cell, E[X | a < X < b] = (phi(a) - phi(b)) / (Q(a) - Q(b)), Q the upper tail.
+
+    Returns (levels float64 [n, 1] ascending, MSE per value computed in closed form).
+    """
+    if n < 2 or n % 2:
+        raise ValueError(f"lloyd_max_1d: n must be an even number >= 2, got {n}")
+    half = n // 2
+    # Start from the uniform-probability quantiles of the half-normal: already close to optimal.
+    u = (torch.arange(half, dtype=torch.float64) + 0.5) / half
+    levels = _SQRT2 * torch.special.erfinv(u)
+    inf = torch.tensor([math.inf], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    for _ in range(max_iter):
+        edges = torch.cat([zero, 0.5 * (levels[1:] + levels[:-1]), inf])
+        a, b = edges[:-1], edges[1:]
+        mass = _upper_tail(a) - _upper_tail(b)
+        new = (_phi(a) - _phi(b)) / mass
+        step = (new - levels).abs().max().item()
+        levels = new
+        if step < tol:
+            break
+    else:
+        logger.warning("lloyd_max_1d(n=%d) stopped after %d iterations without reaching tol", n, max_iter)
+    # E[X^2] = 1 and the levels are conditional means, so MSE = 1 - sum_i P_i c_i^2 (both halves).
+    edges = torch.cat([zero, 0.5 * (levels[1:] + levels[:-1]), inf])
+    mass = _upper_tail(edges[:-1]) - _upper_tail(edges[1:])
+    mse = 1.0 - 2.0 * float((mass * levels * levels).sum())
+    grid = torch.cat([-levels.flip(0), levels]).unsqueeze(1)
+    return grid, mse
+
+
+# --------------------------------------------------------------------------------------------
+# Nearest-point assignment and MSE
+# --------------------------------------------------------------------------------------------
+def nearest(x: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest grid point of each row.
+
+    x: [N, d], grid: [n, d] (same dtype). Returns (codes int64 [N], squared error float64 [N]).
+    The argmin uses ||g||^2 - 2<x, g> (a matmul); the error is recomputed exactly from x - g[code].
+    """
+    n = grid.shape[0]
+    norms = (grid * grid).sum(1)
+    rows = max(1, _CHUNK_ELEMS // n)
+    codes = torch.empty(x.shape[0], dtype=torch.long)
+    err = torch.empty(x.shape[0], dtype=torch.float64)
+    for s in range(0, x.shape[0], rows):
+        xc = x[s : s + rows]
+        idx = torch.addmm(norms, xc, grid.T, alpha=-2.0).argmin(1)
+        codes[s : s + rows] = idx
+        err[s : s + rows] = (xc - grid[idx]).double().pow(2).sum(1)
+    return codes, err
+
+
+def _randn(count: int, dim: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(count, dim, generator=gen, dtype=torch.float32)
+
+
+def squared_errors(grid: torch.Tensor, *, samples: int = 1 << 20, seed: int = 1234) -> torch.Tensor:
+    """Per-sample squared error ||x - q(x)||^2 / d of nearest-point quantization, x ~ N(0, I_d).
+
+    grid: [n, d]. Returns float64 [samples]; its mean is the MSE per value and its standard deviation
+    over sqrt(samples) the standard error of that estimate (the samples are i.i.d.).
+    """
+    grid = torch.as_tensor(grid, dtype=torch.float32)
+    if grid.dim() != 2:
+        raise ValueError(f"squared_errors: grid must be [n, d], got shape {tuple(grid.shape)}")
+    x = _randn(samples, grid.shape[1], seed)
+    return nearest(x, grid)[1] / grid.shape[1]
+
+
+def grid_mse(grid: torch.Tensor, *, samples: int = 1 << 20, seed: int = 1234) -> float:
+    """MSE per value of nearest-point quantization of fresh i.i.d. N(0, I_d) samples. grid: [n, d]."""
+    return float(squared_errors(grid, samples=samples, seed=seed).mean())
+
+
+# --------------------------------------------------------------------------------------------
+# d >= 2: Lloyd on quasi-Monte Carlo Gaussian samples
+# --------------------------------------------------------------------------------------------
+def gaussian_qmc(count: int, dim: int, seed: int) -> torch.Tensor:
+    """count scrambled-Sobol points mapped to N(0, I_dim) by the inverse normal cdf. float32 [count, dim]."""
+    u = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed).draw(count, dtype=torch.float64)
+    u = u.clamp(1e-12, 1.0 - 1e-12)
+    return (_SQRT2 * torch.special.erfinv(2.0 * u - 1.0)).float()
+
+
+def _kmeans_pp(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (D^2 sampling) from the rows of x [N, d]; returns [n, d]."""
+    centers = torch.empty(n, x.shape[1], dtype=x.dtype)
+    centers[0] = x[torch.randint(x.shape[0], (1,), generator=gen)]
+    d2 = (x - centers[0]).pow(2).sum(1)
+    for k in range(1, n):
+        pick = torch.multinomial(d2, 1, generator=gen)
+        centers[k] = x[pick]
+        d2 = torch.minimum(d2, (x - centers[k]).pow(2).sum(1))
+    return centers
+
+
+def lloyd(x: torch.Tensor, grid: torch.Tensor, iters: int, *, tol: float = 1e-7, desc: str | None = None) -> torch.Tensor:
+    """Lloyd iterations on samples x [N, d] from grid [n, d]; returns the improved float32 grid.
+
+    An empty cell is re-seeded at the sample with the largest error (keeps all n points in use).
+    Stops early when the training MSE improves by less than tol (relative) in one iteration.
+    """
+    n, d = grid.shape
+    grid = grid.clone()
+    prev = math.inf
+    for _ in tqdm(range(iters), desc=desc, leave=False, disable=desc is None):
+        codes, err = nearest(x, grid)
+        sums = torch.zeros(n, d, dtype=torch.float64).index_add_(0, codes, x.double())
+        counts = torch.bincount(codes, minlength=n)
+        filled = counts > 0
+        grid[filled] = (sums[filled] / counts[filled, None]).float()
+        for k, worst in zip(torch.nonzero(~filled).flatten().tolist(), err.topk(int((~filled).sum())).indices.tolist()):
+            grid[k] = x[worst]
+        mse = float(err.mean())
+        if prev - mse < tol * mse and bool(filled.all()):
+            break
+        prev = mse
+    return grid
+
+
+def kmeans_gaussian(dim: int, n: int, *, seed: int = 0, settings: KMeansSettings = KMeansSettings(),
+                    progress: bool = False) -> tuple[torch.Tensor, float]:
+    """MSE-optimised grid of n points for N(0, I_dim) by restarted, polished Lloyd.
+
+    Returns (grid float32 [n, dim] unsorted, MSE per value on settings.eval_samples fresh samples).
+    """
+    s = settings
+    gen = torch.Generator().manual_seed(seed)
+    best, best_mse = None, math.inf
+    for r in range(s.restarts):
+        x = gaussian_qmc(s.samples, dim, seed=seed * 1000 + r)
+        init = _kmeans_pp(x[: min(s.samples, 64 * n)], n, gen)
+        grid = lloyd(x, init, s.iters, desc=f"d{dim} n{n} restart {r}" if progress else None)
+        # Fresh i.i.d. points (a seed stream distinct from every training stream) to compare restarts.
+        mse = grid_mse(grid, samples=s.eval_samples, seed=seed * 1000 + 500 + r)
+        logger.info("d=%d n=%d restart %d: MSE %.6f", dim, n, r, mse)
+        if mse < best_mse:
+            best, best_mse = grid, mse
+    assert best is not None
+    if s.polish_iters > 0:
+        x = gaussian_qmc(s.polish_samples, dim, seed=seed * 1000 + 999)
+        best = lloyd(x, best, s.polish_iters, desc=f"d{dim} n{n} polish" if progress else None)
+    return best, grid_mse(best, samples=s.eval_samples, seed=seed * 1000 + 777)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+def sort_rows(grid: torch.Tensor) -> torch.Tensor:
+    """Rows in lexicographic order (first coordinate most significant): a deterministic layout."""
+    arr = grid.numpy()
+    order = np.lexsort(arr.T[::-1])
+    return grid[torch.from_numpy(order)]
+
+
+def generate_grid(spec: GridSpec, *, seed: int = 0, progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """Generate one grid. Returns (float32 [n, dim] sorted, metadata dict for grids.json)."""
+    start = time.perf_counter()
+    if spec.dim == 1:
+        grid64, exact = lloyd_max_1d(spec.n)
+        grid = grid64.float()
+        meta = {"method": "lloyd-max (exact, closed form)", "mse_exact": exact}
+    else:
+        grid, _ = kmeans_gaussian(spec.dim, spec.n, seed=seed, settings=spec.settings, progress=progress)
+        grid = sort_rows(grid)
+        meta = {"method": "lloyd on scrambled-Sobol gaussian samples, k-means++ restarts",
+                "settings": asdict(spec.settings)}
+    eval_samples, eval_seed = 1 << 22, 2024
+    errs = squared_errors(grid, samples=eval_samples, seed=eval_seed)
+    meta.update({
+        "dim": spec.dim, "n": spec.n, "seed": seed,
+        "mse": float(errs.mean()), "mse_stderr": float(errs.std() / math.sqrt(eval_samples)),
+        "eval_samples": eval_samples, "eval_seed": eval_seed,
+        "seconds": round(time.perf_counter() - start, 1),
+    })
+    return grid, meta
+
+
+def _parse_only(text: str) -> tuple[int, int]:
+    try:
+        dim, n = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--only expects 'd,n' such as 2,16, got {text!r}") from None
+    return dim, n
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m aquakv.grids.generate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for d{dim}_n{n}.npy and grids.json")
+    parser.add_argument("--only", type=_parse_only, action="append", metavar="D,N",
+                        help="generate only this grid (repeatable); default: every standard grid")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (default 0: the shipped grids)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (results depend on it slightly)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each restart's MSE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    known = {(s.dim, s.n): s for s in STANDARD_GRIDS}
+    wanted = args.only or list(known)
+    specs = [known.get(key, GridSpec(*key)) for key in wanted]
+    args.out.mkdir(parents=True, exist_ok=True)
+    index_path = args.out / "grids.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    for spec in tqdm(specs, desc="grids"):
+        grid, meta = generate_grid(spec, seed=args.seed, progress=True)
+        name = f"d{spec.dim}_n{spec.n}"
+        np.save(args.out / f"{name}.npy", grid.numpy().astype(np.float32))
+        index[name] = meta
+        index_path.write_text(json.dumps(dict(sorted(index.items())), indent=1) + "\n")
+        tqdm.write(f"{name}: MSE per value {meta['mse']:.6f} +- {meta['mse_stderr']:.6f} ({meta['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
