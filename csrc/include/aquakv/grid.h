@@ -19,6 +19,15 @@ inline void grid_half_norms(const float* grid, int64_t n, int64_t d, float* half
   }
 }
 
+// best, code <- s, j where s beats best (strictly: the earlier index keeps exact ties).
+// Written with an integer mask rather than `better ? j : code`, which GCC keeps as a branch and
+// then refuses to vectorise ("control flow in loop").
+inline void keep_better(float s, int32_t j, float& best, int32_t& code) {
+  const int32_t mask = -int32_t(s > best);
+  best = s > best ? s : best;
+  code = (j & mask) | (code & ~mask);
+}
+
 // Nearest grid point for m sub-vectors stored component-major (structure of arrays):
 // component k of sub-vector i is y[k * m + i]. D > 0 fixes the grid dim at compile time;
 // D == 0 reads it from d. best (scratch) and code (result) hold m entries.
@@ -41,34 +50,26 @@ inline void nearest_soa(const float* __restrict y, int64_t m, const float* __res
       const float g0 = g[0];
       for (int64_t i = 0; i < m; ++i) {
         const float s = y[i] * g0 - hn;
-        const bool better = s > best[i];
-        best[i] = better ? s : best[i];
-        code[i] = better ? jj : code[i];
+        keep_better(s, jj, best[i], code[i]);
       }
     } else if constexpr (D == 2) {
       const float g0 = g[0], g1 = g[1];
       for (int64_t i = 0; i < m; ++i) {
         const float s = y[i] * g0 + y[m + i] * g1 - hn;
-        const bool better = s > best[i];
-        best[i] = better ? s : best[i];
-        code[i] = better ? jj : code[i];
+        keep_better(s, jj, best[i], code[i]);
       }
     } else if constexpr (D == 4) {
       const float g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];
       for (int64_t i = 0; i < m; ++i) {
         const float s = (y[i] * g0 + y[m + i] * g1) + (y[2 * m + i] * g2 + y[3 * m + i] * g3) - hn;
-        const bool better = s > best[i];
-        best[i] = better ? s : best[i];
-        code[i] = better ? jj : code[i];
+        keep_better(s, jj, best[i], code[i]);
       }
     } else {
       for (int64_t i = 0; i < m; ++i) {
         float s = 0.f;
         for (int64_t k = 0; k < dim; ++k) s += y[k * m + i] * g[k];
         s -= hn;
-        const bool better = s > best[i];
-        best[i] = better ? s : best[i];
-        code[i] = better ? jj : code[i];
+        keep_better(s, jj, best[i], code[i]);
       }
     }
   }
