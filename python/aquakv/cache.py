@@ -409,6 +409,34 @@ class ChunkedKVCache(Cache):
             k_old = rotate(k_old, cos[:, :n_old], sin[:, :n_old])
         return k_old, hat_v[0]
 
+    @torch.no_grad()
+    def materialize(self, dtype: torch.dtype = torch.float32) -> list[KV]:
+        """Every layer's keys (post-RoPE) and values [B, H, T, D] as the next forward would read them.
+
+        For inspection and error measurements (e.g. against a DynamicCache): it holds all layers at once, which
+        the cache itself never does.
+        """
+        out, prev = [], None
+        for layer_idx, layer in enumerate(self.layers):
+            parts = []
+            if layer.num_sinks:
+                parts.append((layer.sink_k, layer.sink_v))
+            if layer.num_quantized:
+                k_hat, v_hat = self.codec.decode(layer_idx, layer.store, prev if layer_idx else None)
+                prev = (k_hat, v_hat)
+                if self.codec.pre_rope:
+                    start = layer.num_sinks
+                    k_hat = rotate(k_hat, *self._cos_sin(start, start + layer.num_quantized))
+                parts.append((k_hat, v_hat))
+            if layer.num_buffered:
+                parts.append((layer.buf_k, layer.buf_v))
+            if not parts:
+                out.append((torch.empty(0), torch.empty(0)))
+                continue
+            out.append((torch.cat([p[0].to(dtype) for p in parts], dim=-2),
+                        torch.cat([p[1].to(dtype) for p in parts], dim=-2)))
+        return out
+
     # ---- batch and length edits (beam search, assisted decoding, reuse) -----------------------------------
     def _select_batch(self, index: torch.Tensor) -> None:
         self._prev = None
