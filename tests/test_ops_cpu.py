@@ -65,6 +65,23 @@ def test_hadamard_leading_dims_and_noncontiguous(device: str) -> None:
     torch.testing.assert_close(got, ops.hadamard(x.contiguous(), None, 0.125), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("scale", [1.0, 2.0**-10, 3.0])
+def test_half_conversions_are_exact(device: str, dtype: torch.dtype, scale: float) -> None:
+    # Every 16-bit pattern (normals, subnormals, +-0, +-inf, NaN) against a random partner: n = 2 gives
+    # (a + b, a - b) * scale in float32, the same float32 operations torch does, so the rounding back to
+    # fp16/bf16 (nearest even, overflow to inf, subnormals) must agree bit for bit. Scale 2^-10 pushes
+    # results into subnormals; 3.0 makes them overflow and round inexactly.
+    a = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    b = a[torch.randperm(a.numel(), generator=torch.Generator().manual_seed(0))]
+    got = ops.hadamard(torch.stack([a, b], -1).to(device), None, scale).cpu()
+    want = (torch.stack([a.float() + b.float(), a.float() - b.float()], -1) * scale).to(dtype)
+    both_nan = got.isnan() & want.isnan()
+    assert torch.equal(got.view(torch.int16)[~both_nan], want.view(torch.int16)[~both_nan])
+    assert torch.equal(got.isnan(), want.isnan())
+
+
 # ---- higgs quantize / dequantize --------------------------------------------------------------
 
 

@@ -40,15 +40,16 @@ std::tuple<at::Tensor, at::Tensor> higgs_quantize_cpu(const at::Tensor& x_in, co
   at::Half* sp = scales.data_ptr<at::Half>();
 
   AQUAKV_DISPATCH_FLOAT(x.scalar_type(), "higgs_quantize_cpu", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    using io = Io<scalar_t>;
+    const auto* xp = raw_ptr(x.data_ptr<scalar_t>());
     AQUAKV_DISPATCH_BITS(s.bits, B, [&] {
       // Work per group grows with the grid size: aim at ~2^22 multiply-adds per task.
       at::parallel_for(0, total, grain_for(G * n, int64_t{1} << 22), [&](int64_t begin, int64_t end) {
         std::vector<float> y(G), soa(d * kTile), best(kTile);
         std::vector<int32_t> code(m);
         for (int64_t t = begin; t < end; ++t) {
-          const scalar_t* xg = xp + t * G;  // groups of a row are contiguous, rows follow each other
-          for (int64_t i = 0; i < G; ++i) y[i] = static_cast<float>(xg[i]) * sg[i];
+          const auto* __restrict xg = xp + t * G;  // groups of a row are contiguous, rows follow each other
+          for (int64_t i = 0; i < G; ++i) y[i] = io::load(xg[i]) * sg[i];
           const float norm = std::sqrt(sum_squares(y.data(), G));
           fwht_inplace(y.data(), G);
           // s == 0 gives y = 0 (never NaN); a non-finite s is reported through the stored scale.
@@ -88,7 +89,8 @@ at::Tensor higgs_dequantize_cpu(const at::Tensor& codes_in, const at::Tensor& sc
   const float inv_g = 1.f / static_cast<float>(G);
 
   AQUAKV_DISPATCH_FLOAT(dtype, "higgs_dequantize_cpu", [&] {
-    scalar_t* op = out.data_ptr<scalar_t>();
+    using io = Io<scalar_t>;
+    auto* op = raw_ptr(out.data_ptr<scalar_t>());
     AQUAKV_DISPATCH_BITS(s.bits, B, [&] {
       at::parallel_for(0, total, grain_for(G), [&](int64_t begin, int64_t end) {
         std::vector<float> y(G);
@@ -99,8 +101,8 @@ at::Tensor higgs_dequantize_cpu(const at::Tensor& codes_in, const at::Tensor& sc
             for (int64_t k = 0; k < d; ++k) y[i * d + k] = gp[code[i] * d + k];
           fwht_inplace(y.data(), G);
           const float f = static_cast<float>(sp[t]) * inv_g;
-          scalar_t* og = op + t * G;
-          for (int64_t i = 0; i < G; ++i) og[i] = static_cast<scalar_t>(f * sg[i] * y[i]);
+          auto* __restrict og = op + t * G;
+          for (int64_t i = 0; i < G; ++i) og[i] = io::store(f * sg[i] * y[i]);
         }
       });
     });
