@@ -97,7 +97,7 @@ class Sensitivities:
     window_len: int
     seconds: float
     method: str = "suffix"  # "suffix" (re-run only the blocks after the layer) or "full"
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # alpha_stderr: [L] standard error over calibration windows
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
@@ -129,16 +129,17 @@ class _SuffixRunner:
     falling back to full forwards otherwise.
     """
 
+    @torch.no_grad()
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int):
         self.model, self.device = model, next(model.parameters()).device
         self.batches = windows.to(self.device).split(batch_size)
-        self.tokens = windows.shape[0] * (windows.shape[1] - 1)
         inner = getattr(model, "model", None)
         self.blocks = getattr(inner, "layers", None)
         self.norm = getattr(inner, "norm", None)
         self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.enabled = isinstance(self.blocks, nn.ModuleList) and self.norm is not None and self.head is not None
-        self.base_nll = self._full_nll()
+        self.base_window_nll = self._full_window_nll()
+        self.base_nll = float(self.base_window_nll.mean())
         if self.enabled:
             self._capture()
             suffix = self.nll(0)
@@ -148,13 +149,12 @@ class _SuffixRunner:
                 self.enabled = False
                 self.inputs = None
 
-    def _full_nll(self) -> float:
-        total = 0.0
-        for batch in self.batches:
-            logits = self.model(input_ids=batch, use_cache=False).logits
-            total += float(_nll_sum(logits, batch))
-        return total / self.tokens
+    @torch.no_grad()
+    def _full_window_nll(self) -> np.ndarray:
+        return np.concatenate([_window_nll(self.model(input_ids=batch, use_cache=False).logits, batch)
+                               for batch in self.batches])
 
+    @torch.no_grad()
     def _capture(self) -> None:
         self.inputs: list[list[tuple[torch.Tensor, dict]]] = [[] for _ in range(len(self.blocks) + 1)]
 
@@ -185,21 +185,29 @@ class _SuffixRunner:
         return 0
 
     def nll(self, start: int) -> float:
+        """Mean NLL per predicted token (windows have equal length)."""
+        return float(self.window_nll(start).mean())
+
+    @torch.no_grad()
+    def window_nll(self, start: int) -> np.ndarray:
+        """[windows] mean NLL per predicted token of each window, re-running blocks start.."""
         if not self.enabled:
-            return self._full_nll()
-        total = 0.0
+            return self._full_window_nll()
+        per_window = []
         for b, batch in enumerate(self.batches):
             hidden = self.inputs[start][b][0]
             for i in range(start, len(self.blocks)):
                 out = self.blocks[i](hidden, **self.inputs[i][b][1])
                 hidden = out[0] if isinstance(out, tuple) else out
             logits = self.head(self.norm(hidden, **self.inputs[-1][b][1]))
-            total += float(_nll_sum(logits, batch))
-        return total / self.tokens
+            per_window.append(_window_nll(logits, batch))
+        return np.concatenate(per_window)
 
 
-def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+def _window_nll(logits: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
+    """logits [B, T, V], ids [B, T] -> float64 [B] mean next-token NLL of each window."""
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return nll.view(ids.shape[0], -1).double().mean(dim=1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -225,7 +233,7 @@ def measure_sensitivities(model: nn.Module, windows: torch.Tensor, *, noise: flo
     start_time = time.perf_counter()
     runner = _SuffixRunner(model, windows, batch_size)
     gen = torch.Generator().manual_seed(seed)
-    alpha = []
+    alpha, stderr = [], []
     for name in tqdm(names, desc="sensitivities", disable=not progress, unit="layer"):
         weight = all_layers[name].weight
         original = weight.detach().clone()
@@ -237,12 +245,15 @@ def measure_sensitivities(model: nn.Module, windows: torch.Tensor, *, noise: flo
         try:
             for sign in signs:
                 weight.copy_(original + sign * z.to(weight.dtype))
-                nlls.append(runner.nll(start))
+                nlls.append(runner.window_nll(start))
         finally:
             weight.copy_(original)
-        alpha.append((sum(nlls) / len(nlls) - runner.base_nll) / noise)
+        per_window = (sum(nlls) / len(nlls) - runner.base_window_nll) / noise
+        alpha.append(float(per_window.mean()))
+        stderr.append(float(per_window.std(ddof=1) / math.sqrt(len(per_window))) if len(per_window) > 1 else math.nan)
     return Sensitivities(names, alpha, runner.base_nll, noise, antithetic, windows.shape[0], windows.shape[1],
-                         time.perf_counter() - start_time, "suffix" if runner.enabled else "full")
+                         time.perf_counter() - start_time, "suffix" if runner.enabled else "full",
+                         extra={"alpha_stderr": stderr})
 
 
 # ---------------------------------------------------------------------------------------------------
