@@ -22,22 +22,14 @@ at::Tensor hadamard_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>&
   const float fscale = static_cast<float>(scale);
 
   AQUAKV_DISPATCH_FLOAT(x.scalar_type(), "hadamard_cpu", [&] {
-    using io = Io<scalar_t>;
-    const auto* xp = raw_ptr(x.data_ptr<scalar_t>());
-    auto* op = raw_ptr(out.data_ptr<scalar_t>());
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_for(n), [&](int64_t begin, int64_t end) {
       std::vector<float> buf(n);
-      float* __restrict b = buf.data();
       for (int64_t r = begin; r < end; ++r) {
-        const auto* __restrict xr = xp + r * n;
-        if (sg) {
-          for (int64_t i = 0; i < n; ++i) b[i] = io::load(xr[i]) * sg[i];
-        } else {
-          for (int64_t i = 0; i < n; ++i) b[i] = io::load(xr[i]);
-        }
-        fwht_inplace(b, n);
-        auto* __restrict orow = op + r * n;
-        for (int64_t i = 0; i < n; ++i) orow[i] = io::store(fscale * b[i]);
+        load_row(xp + r * n, sg, buf.data(), n);
+        fwht_f32(buf.data(), n);
+        store_row(buf.data(), fscale, nullptr, op + r * n, n);
       }
     });
   });

@@ -40,18 +40,16 @@ std::tuple<at::Tensor, at::Tensor> higgs_quantize_cpu(const at::Tensor& x_in, co
   at::Half* sp = scales.data_ptr<at::Half>();
 
   AQUAKV_DISPATCH_FLOAT(x.scalar_type(), "higgs_quantize_cpu", [&] {
-    using io = Io<scalar_t>;
-    const auto* xp = raw_ptr(x.data_ptr<scalar_t>());
+    const scalar_t* xp = x.data_ptr<scalar_t>();
     AQUAKV_DISPATCH_BITS(s.bits, B, [&] {
       // Work per group grows with the grid size: aim at ~2^22 multiply-adds per task.
       at::parallel_for(0, total, grain_for(G * n, int64_t{1} << 22), [&](int64_t begin, int64_t end) {
         std::vector<float> y(G), soa(d * kTile), best(kTile);
         std::vector<int32_t> code(m);
         for (int64_t t = begin; t < end; ++t) {
-          const auto* __restrict xg = xp + t * G;  // groups of a row are contiguous, rows follow each other
-          for (int64_t i = 0; i < G; ++i) y[i] = io::load(xg[i]) * sg[i];
+          load_row(xp + t * G, sg, y.data(), G);  // groups of a row are contiguous, rows follow each other
           const float norm = std::sqrt(sum_squares(y.data(), G));
-          fwht_inplace(y.data(), G);
+          fwht_f32(y.data(), G);
           // s == 0 gives y = 0 (never NaN); a non-finite s is reported through the stored scale.
           const float inv = norm > 0.f ? 1.f / norm : 0.f;
           for (int64_t i = 0; i < G; ++i) y[i] *= inv;
@@ -59,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> higgs_quantize_cpu(const at::Tensor& x_in, co
             const int64_t len = std::min(kTile, m - i0);
             for (int64_t i = 0; i < len; ++i)
               for (int64_t k = 0; k < d; ++k) soa[k * len + i] = y[(i0 + i) * d + k];
-            nearest_soa_any(soa.data(), len, gp, half_norm.data(), n, d, best.data(), code.data() + i0);
+            nearest_f32(soa.data(), len, gp, half_norm.data(), n, d, best.data(), code.data() + i0);
           }
           pack_row<B>(code.data(), m, cp + t * s.group_bytes);
           sp[t] = static_cast<at::Half>(norm);
@@ -89,8 +87,7 @@ at::Tensor higgs_dequantize_cpu(const at::Tensor& codes_in, const at::Tensor& sc
   const float inv_g = 1.f / static_cast<float>(G);
 
   AQUAKV_DISPATCH_FLOAT(dtype, "higgs_dequantize_cpu", [&] {
-    using io = Io<scalar_t>;
-    auto* op = raw_ptr(out.data_ptr<scalar_t>());
+    scalar_t* op = out.data_ptr<scalar_t>();
     AQUAKV_DISPATCH_BITS(s.bits, B, [&] {
       at::parallel_for(0, total, grain_for(G), [&](int64_t begin, int64_t end) {
         std::vector<float> y(G);
@@ -99,10 +96,8 @@ at::Tensor higgs_dequantize_cpu(const at::Tensor& codes_in, const at::Tensor& sc
           unpack_row<B>(cp + t * s.group_bytes, m, code.data());
           for (int64_t i = 0; i < m; ++i)
             for (int64_t k = 0; k < d; ++k) y[i * d + k] = gp[code[i] * d + k];
-          fwht_inplace(y.data(), G);
-          const float f = static_cast<float>(sp[t]) * inv_g;
-          auto* __restrict og = op + t * G;
-          for (int64_t i = 0; i < G; ++i) og[i] = io::store(f * sg[i] * y[i]);
+          fwht_f32(y.data(), G);
+          store_row(y.data(), static_cast<float>(sp[t]) * inv_g, sg, op + t * G, G);
         }
       });
     });
