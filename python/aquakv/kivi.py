@@ -1,0 +1,277 @@
+"""KIVI-style uniform KV-cache quantization: the tuning-free baseline AQUA-KV is measured against.
+
+KIVI (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache"):
+- keys are quantized per channel: each channel gets its own min/max over a group of `group_size`
+  consecutive tokens (key outliers live in fixed channels, so per-channel ranges stay tight);
+- values are quantized per token, in groups of `group_size` channels;
+- quantization is asymmetric uniform: code = round((x - min) / scale), scale = (max - min) / (2^b - 1),
+  with the scale and the minimum (zero point) stored in fp16;
+- the newest tokens stay in an fp16 residual window of up to R = 128 tokens.
+
+Here the numbers live in `KiviCodec` and the residual window is the fp16 buffer of the package's chunking
+policy (`aquakv.cache.ChunkedKVCache`): once the buffer holds >= `buffer` tokens they are quantized as one
+chunk, keys in groups of `group_size` tokens per channel, values per token. (KIVI proper releases values
+from the window one token at a time; flushing whole chunks keeps between 0 and R values in fp16 instead of
+exactly R, and lets every codec of the package share one policy.) Nothing here needs calibration. Codes are
+bit-packed (4 codes per byte at 2 bits, 2 at 4 bits) and `nbytes` counts every stored byte: packed codes,
+fp16 scales and zero points, fp16 sinks and buffer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from transformers.cache_utils import Cache
+
+from aquakv.cache import ChunkedKVCache, KVCodec
+
+_SUPPORTED_BITS = (1, 2, 4, 8)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes: uint8 [..., n] with values < 2**bits -> uint8 [..., ceil(n * bits / 8)].
+
+    Code i of a row sits in byte i // (8 // bits) at bit offset (i % (8 // bits)) * bits.
+    """
+    per_byte = 8 // bits
+    pad = -codes.shape[-1] % per_byte
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    codes = codes.reshape(*codes.shape[:-1], -1, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (codes << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 [..., bytes] -> uint8 [..., count]."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.flatten(-2)[..., :count]
+
+
+@dataclass
+class UniformQuantized:
+    """Asymmetric uniform quantization of x along its last dim (one scale/zero per row of `last` values).
+
+    codes: uint8 [..., ceil(last * bits / 8)] packed; scale, zero: fp16 [..., 1]; shape: x's shape.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    shape: torch.Size
+    bits: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "UniformQuantized":
+        """Apply a batch-dim operation (reorder, select, repeat) to every stored tensor."""
+        codes, scale, zero = fn(self.codes), fn(self.scale), fn(self.zero)
+        return UniformQuantized(codes, scale, zero, torch.Size((codes.shape[0], *self.shape[1:])), self.bits)
+
+
+def quantize_uniform(x: torch.Tensor, bits: int) -> UniformQuantized:
+    """x: [..., g] float -> codes per row of g values with that row's min/max (asymmetric, fp16 scale/zero)."""
+    levels = (1 << bits) - 1
+    xf = x.float()
+    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    # Quantize against the fp16-rounded scale and zero: exactly what dequantization will use.
+    zero = lo.half()
+    scale = ((hi - zero.float()) / levels).half()
+    safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+    codes = torch.round((xf - zero.float()) / safe).clamp_(0, levels).to(torch.uint8)
+    return UniformQuantized(pack_codes(codes, bits), scale, zero, x.shape, bits)
+
+
+def dequantize_uniform(q: UniformQuantized, dtype: torch.dtype) -> torch.Tensor:
+    """UniformQuantized -> tensor of q.shape in `dtype`."""
+    codes = unpack_codes(q.codes, q.bits, q.shape[-1]).float()
+    return (codes * q.scale.float() + q.zero.float()).to(dtype)
+
+
+@dataclass
+class KiviChunk:
+    """One quantized chunk of T tokens of one layer.
+
+    keys:   per channel over groups of `group_size` tokens: logical [B, H, ceil(T / G), D, G] (the last group is
+            padded by repeating the chunk's last token, which leaves its min/max unchanged);
+    values: per token over groups of g channels: logical [B, H, T, D / g, g].
+    """
+
+    keys: UniformQuantized
+    values: UniformQuantized
+    num_tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+class KiviCodec(KVCodec):
+    """KIVI's numbers as a codec of `aquakv.cache.ChunkedKVCache` (which owns the fp16 sinks and buffer).
+
+    bits: 1, 2, 4 or 8. group_size: tokens per key group and channels per value group (capped at head_dim).
+    pre_rope: quantize keys before RoPE (KIVI quantizes the post-RoPE keys the model hands the cache: False).
+    """
+
+    needs_previous_layer = False
+
+    def __init__(self, bits: int = 2, group_size: int = 32, pre_rope: bool = False):
+        if bits not in _SUPPORTED_BITS:
+            raise ValueError(f"KiviCodec: bits must be one of {_SUPPORTED_BITS}, got {bits}")
+        if group_size < 1:
+            raise ValueError(f"KiviCodec: group_size must be >= 1, got {group_size}")
+        self.bits = bits
+        self.group_size = group_size
+        self.pre_rope = pre_rope
+
+    def _value_group(self, head_dim: int) -> int:
+        g = min(self.group_size, head_dim)
+        if head_dim % g:
+            raise ValueError(f"KiviCodec: head_dim {head_dim} is not a multiple of group_size {self.group_size}")
+        return g
+
+    def _encode_chunk(self, keys: torch.Tensor, values: torch.Tensor) -> KiviChunk:
+        b, h, t, d = keys.shape
+        g = self.group_size
+        pad = -t % g
+        if pad:
+            keys = torch.cat([keys, keys[:, :, -1:].expand(b, h, pad, d)], dim=2)
+        qk = quantize_uniform(keys.reshape(b, h, (t + pad) // g, g, d).transpose(-1, -2), self.bits)
+        gv = self._value_group(d)
+        qv = quantize_uniform(values.reshape(b, h, t, d // gv, gv), self.bits)
+        return KiviChunk(qk, qv, t)
+
+    @staticmethod
+    def _decode_chunk(chunk: KiviChunk) -> tuple[torch.Tensor, torch.Tensor]:
+        b, h, n, d, g = chunk.keys.shape
+        keys = dequantize_uniform(chunk.keys, torch.float32).transpose(-1, -2).reshape(b, h, n * g, d)
+        values = dequantize_uniform(chunk.values, torch.float32).flatten(-2)
+        return keys[:, :, : chunk.num_tokens], values
+
+    def encode(self, layer_idx, keys, values, prev):
+        chunk = self._encode_chunk(keys, values)
+        k_hat, v_hat = self._decode_chunk(chunk)
+        return [chunk], k_hat, v_hat
+
+    def decode(self, layer_idx, store, prev):
+        parts = [self._decode_chunk(c) for c in store]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
+
+    def append(self, store, new):
+        return list(new) if store is None else store + list(new)
+
+    def select_batch(self, store, index):
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, index.to(t.device))
+        return [KiviChunk(c.keys.map(pick), c.values.map(pick), c.num_tokens) for c in store]
+
+    def truncate(self, store, n_tokens):
+        """Keep the first n_tokens: whole chunks as they are; a chunk cut in the middle is re-encoded from its
+        reconstruction (once more lossy, like any re-quantization; crops are rare: assisted decoding)."""
+        kept, seen = [], 0
+        for c in store:
+            if seen + c.num_tokens <= n_tokens:
+                kept.append(c)
+                seen += c.num_tokens
+                continue
+            if n_tokens > seen:
+                k, v = self._decode_chunk(c)
+                kept.append(self._encode_chunk(k[:, :, : n_tokens - seen], v[:, :, : n_tokens - seen]))
+            break
+        return kept
+
+    def num_tokens(self, store):
+        return sum(c.num_tokens for c in store)
+
+    def nbytes(self, store):
+        return sum(c.nbytes for c in store)
+
+    def __repr__(self) -> str:
+        return f"KiviCodec(bits={self.bits}, group_size={self.group_size}, pre_rope={self.pre_rope})"
+
+
+class KiviCache(ChunkedKVCache):
+    """KIVI-style 1/2/4/8-bit KV cache: `model(..., past_key_values=KiviCache(model, bits=2))` or `generate()`.
+
+    The newest tokens wait in an fp16 buffer (KIVI's residual window, `buffer` = its residual length R) and are
+    quantized as one chunk once `buffer` of them have accumulated; `sinks` first tokens stay in fp16 (KIVI itself
+    keeps none; 4 gives it the same policy as AQUA-KV so that a comparison isolates the quantizer).
+    `nbytes()` counts every byte; `bits_per_value()` covers the quantized part (codes, scales, zero points).
+    """
+
+    def __init__(self, model, bits: int = 2, *, group_size: int = 32, sinks: int = 4, buffer: int = 128,
+                 pre_rope: bool = False, storage_dtype: torch.dtype | None = None):
+        super().__init__(model, KiviCodec(bits, group_size, pre_rope), sinks=sinks, buffer=buffer,
+                         storage_dtype=storage_dtype)
+
+
+def kivi_factory(bits: int = 2, **kwargs) -> Callable[[torch.nn.Module], KiviCache]:
+    """A cache_factory for `aquakv.eval.evaluate_perplexity`: model -> fresh KiviCache(model, bits, **kwargs)."""
+    return lambda model: KiviCache(model, bits, **kwargs)
+
+
+# -- transformers' own quantized cache -----------------------------------------------------------------------
+def transformers_cache_backends() -> dict[str, Optional[str]]:
+    """Backends of transformers.QuantizedCache -> None if usable here, else why not.
+
+    fp8 is built into transformers (per-tensor fp8 e4m3, scale frozen after the first update);
+    quanto and hqq need optional packages (optimum-quanto, hqq).
+    """
+    import importlib.util
+
+    def missing(module: str, package: str) -> Optional[str]:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        return None if found else f"needs the `{package}` package"
+
+    return {"quanto": missing("optimum.quanto", "optimum-quanto"), "hqq": missing("hqq", "hqq"),
+            "fp8": None if hasattr(torch, "float8_e4m3fn") else "needs torch with float8_e4m3fn"}
+
+
+def _hf_layer_nbytes(layer) -> tuple[Optional[int], int]:
+    """(stored bytes or None when the backend's storage is opaque, logical value count) of one layer."""
+    from transformers.cache_utils import Fp8QuantizedLayer
+
+    n_values = 0
+    nbytes: Optional[int] = None
+    q_keys, q_values = getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None)
+    if isinstance(layer, Fp8QuantizedLayer) and q_keys is not None:
+        (k, k_scale), (v, v_scale) = q_keys, q_values
+        nbytes = sum(t.numel() * t.element_size() for t in (k, k_scale, v, v_scale))
+        n_values = k.numel() + v.numel()
+    return nbytes, n_values
+
+
+def transformers_quantized_factory(backend: str = "fp8", bits: int = 4) -> Callable[[torch.nn.Module], Cache]:
+    """A cache_factory building transformers.QuantizedCache(backend, ...) with `nbytes` / `bits_per_value`.
+
+    Storage is reported for the fp8 backend only (quanto and hqq keep it in opaque objects: None).
+    Raises RuntimeError when the backend is not installed (see `transformers_cache_backends`).
+    """
+    from transformers import QuantizedCache
+
+    why_not = transformers_cache_backends().get(backend, f"unknown backend {backend!r}")
+    if why_not is not None:
+        raise RuntimeError(f"transformers QuantizedCache backend {backend!r} is unavailable: {why_not}")
+
+    class _MeasuredQuantizedCache(QuantizedCache):
+        def nbytes(self) -> Optional[int]:
+            sizes = [_hf_layer_nbytes(layer)[0] for layer in self.layers]
+            return None if any(s is None for s in sizes) else sum(sizes)
+
+        def bits_per_value(self) -> Optional[float]:
+            nbytes = self.nbytes()
+            values = sum(_hf_layer_nbytes(layer)[1] for layer in self.layers)
+            return 8.0 * nbytes / values if nbytes is not None and values else None
+
+    if backend == "fp8":
+        return lambda model: _MeasuredQuantizedCache("fp8", model.config)
+    return lambda model: _MeasuredQuantizedCache(backend, model.config, nbits=bits)
