@@ -296,6 +296,7 @@ class ChunkedKVCache(Cache):
         self.tracker = RotaryTracker(model, rotary) if codec.pre_rope else None
         self.positions: torch.Tensor | None = None  # [B, T] int32, every cached token's rotary position
         self._prev: tuple[int, KV] | None = None  # (layer, reconstruction of its quantized tokens) in this forward
+        self._rope: tuple[tuple[int, int], KV] | None = None  # cos/sin of the quantized tokens in this forward
 
     # ---- lifetime ------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -320,7 +321,7 @@ class ChunkedKVCache(Cache):
         elif batch != layer.batch:
             raise ValueError(f"{who}: batch size {batch} but the cache holds batch {layer.batch}; reset() it first")
         if layer_idx == 0:
-            self._prev = None
+            self._prev = self._rope = None
             if self.tracker is not None:
                 new_pos = self.tracker.take(batch, length, who).to(torch.int32)
                 self.positions = new_pos if self.positions is None else torch.cat([self.positions, new_pos], dim=1)
@@ -357,7 +358,11 @@ class ChunkedKVCache(Cache):
         return keys, values
 
     def _cos_sin(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tracker.cos_sin(self.positions[:, start:stop])
+        """cos, sin [B, stop - start, D] of cached tokens; every layer of a forward asks for the same range, so the
+        first answer is kept until the next forward (transient, like the previous layer's reconstruction)."""
+        if self._rope is None or self._rope[0] != (start, stop):
+            self._rope = ((start, stop), self.tracker.cos_sin(self.positions[:, start:stop]))
+        return self._rope[1]
 
     def _previous(self, layer_idx: int, num_tokens: int) -> KV | None:
         if not self.codec.needs_previous_layer or layer_idx == 0:
@@ -439,7 +444,7 @@ class ChunkedKVCache(Cache):
 
     # ---- batch and length edits (beam search, assisted decoding, reuse) -----------------------------------
     def _select_batch(self, index: torch.Tensor) -> None:
-        self._prev = None
+        self._prev = self._rope = None
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
@@ -470,7 +475,7 @@ class ChunkedKVCache(Cache):
         """Remove the last -tokens_to_remove tokens (a negative count, like DynamicCache); exact for every part."""
         if tokens_to_remove > 0:
             raise ValueError(f"crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
-        self._prev = None
+        self._prev = self._rope = None
         total = self.get_seq_length()
         keep = max(total + tokens_to_remove, 0)
         if tokens_to_remove == 0 or total == 0:
@@ -491,7 +496,7 @@ class ChunkedKVCache(Cache):
 
     def reset(self) -> None:
         """Drop every cached token (the hook stays: the cache can be reused)."""
-        self._prev = None
+        self._prev = self._rope = None
         self.positions = None
         for layer in self.layers:
             layer.reset()
