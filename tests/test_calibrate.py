@@ -138,3 +138,11 @@ def test_layer0_options_and_rank(model, data):
         calibrate(model, data, window=100, rank=0, progress=False)
     with pytest.raises(ValueError, match="bits"):
         calibrate(model, data, bits=2.3, window=100, progress=False)
+
+
+def test_package_level_calibrate_is_callable_after_submodule_import(model, data):
+    """`import aquakv.calibrate` rebinds aquakv.calibrate to the submodule; the public call must still work."""
+    import aquakv
+    import aquakv.calibrate  # noqa: F401
+    preds = aquakv.calibrate(model, data[:3], window=100, progress=False)
+    assert preds.num_layers == 4 and preds.has_adapters

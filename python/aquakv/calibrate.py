@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
+import types
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -341,3 +343,15 @@ def format_report(preds: AquaKVPredictors) -> str:
         lines.append(f"{r['layer']:>5} " + " ".join(f"{r[c]:>19.4f}" if math.isfinite(r[c]) else f"{'nan':>19}"
                                                      for c in cols))
     return "\n".join(lines)
+
+
+class _CallableModule(types.ModuleType):
+    """`aquakv.calibrate` is both this submodule and the public function (DESIGN §6). Importing the submodule binds
+    the package attribute to the module, whatever `aquakv.__getattr__` returned before, so the module forwards calls
+    to the function: `aquakv.calibrate(model, data)` works in every import order."""
+
+    def __call__(self, *args, **kwargs) -> AquaKVPredictors:
+        return calibrate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
