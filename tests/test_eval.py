@@ -113,8 +113,8 @@ def test_relative_increase_and_table():
     from aquakv.eval import PerplexityResult
 
     rows = [("fp16", PerplexityResult(10.0, math.log(10.0), 100, 1, 2 * 2 ** 20, 16.0, 3.0)),
-            ("KIVI-2", PerplexityResult(12.5, math.log(12.5), 100, 1, None, None, 4.0))]
+            ("KIVI-2", PerplexityResult(12.5, math.log(12.5), 100, 1, None, None, 40.2))]
     table = format_table(rows, baseline=10.0).splitlines()
     assert table[0].startswith("| method | bits/value | KV bytes | perplexity | vs fp16 |")
-    assert table[2] == "| fp16 | 16.00 | 2.00 MiB | 10.000 | +0.00% | 3 s |"
-    assert table[3] == "| KIVI-2 | n/a | n/a | 12.500 | +25.00% | 4 s |"
+    assert table[2] == "| fp16 | 16.00 | 2.00 MiB | 10.000 | +0.00% | 3.0 s |"
+    assert table[3] == "| KIVI-2 | n/a | n/a | 12.500 | +25.00% | 40 s |"

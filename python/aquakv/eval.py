@@ -121,6 +121,10 @@ def _size(nbytes: Optional[float]) -> str:
     return f"{nbytes:.0f} B"
 
 
+def _seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
+
+
 def format_table(rows: Sequence[tuple[str, PerplexityResult]], baseline: Optional[float] = None,
                  baseline_name: str = "fp16") -> str:
     """A Markdown table: method | bits/value | KV bytes | perplexity | vs <baseline_name> | seconds.
@@ -132,7 +136,7 @@ def format_table(rows: Sequence[tuple[str, PerplexityResult]], baseline: Optiona
     for name, r in rows:
         bits = "n/a" if r.bits_per_value is None else f"{r.bits_per_value:.2f}"
         rel = "" if baseline is None else f"{100 * relative_increase(r.ppl, baseline):+.2f}%"
-        lines.append(f"| {name} | {bits} | {_size(r.kv_bytes)} | {r.ppl:.3f} | {rel} | {r.seconds:.0f} s |")
+        lines.append(f"| {name} | {bits} | {_size(r.kv_bytes)} | {r.ppl:.3f} | {rel} | {_seconds(r.seconds)} |")
     return "\n".join(lines)
 
 

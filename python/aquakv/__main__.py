@@ -1,0 +1,6 @@
+"""`python -m aquakv ...` runs the `aquakv` command line."""
+import sys
+
+from aquakv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,174 @@
+"""The `aquakv` command line: help for every command, one-line errors with exit status 2, and calibrate/eval/demo
+end to end on the tiny random Llama (the real model runs in test_smollm2.py)."""
+import sys
+
+import pytest
+import torch
+
+from aquakv import cli
+from tiny_llama import make_tiny_llama
+
+COMMANDS = ["demo", "calibrate", "eval"]
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in out
+
+
+@pytest.mark.parametrize("command,expected", [
+    ("demo", ["--quick", "--device", "--seed"]),
+    ("calibrate", ["--model", "--gguf", "--text", "--bits", "--out", "--rank", "--windows", "--window", "--device",
+                   "--seed"]),
+    ("eval", ["--model", "--gguf", "--predictors", "--text", "--window", "--step", "--max-windows", "--baselines",
+              "--device", "--seed", "kivi2"]),
+])
+def test_command_help_explains_its_options(capsys, command, expected):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: aquakv {command}")
+    for option in expected:
+        assert option in out
+
+
+def test_quantize_weights_is_wired_in_when_available(capsys):
+    pytest.importorskip("aquakv.weights.cli")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize-weights", "--help"])
+    assert e.value.code == 0
+    assert "usage: aquakv quantize-weights" in capsys.readouterr().out
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_text_file(capsys, tmp_path):
+    code, _, err = run(capsys, "calibrate", "--text", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "p.st"),
+                       "--device", "cpu", "-q")
+    assert_one_line_error(code, err, "aquakv calibrate: error:", "text file not found", "nope.txt")
+
+
+def test_missing_predictors_file(capsys, tmp_path):
+    code, _, err = run(capsys, "eval", "--predictors", str(tmp_path / "p.safetensors"), "--device", "cpu", "-q")
+    assert_one_line_error(code, err, "aquakv eval: error:", "--predictors file not found")
+
+
+def test_missing_model_directory(capsys, tmp_path):
+    code, _, err = run(capsys, "calibrate", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "p.st"),
+                       "--device", "cpu", "-q")
+    assert_one_line_error(code, err, "--model directory not found")
+
+
+def test_out_must_be_a_file_in_an_existing_directory(capsys, tmp_path):
+    code, _, err = run(capsys, "calibrate", "--out", str(tmp_path), "--device", "cpu", "-q")
+    assert_one_line_error(code, err, "is a directory")
+    code, _, err = run(capsys, "calibrate", "--out", str(tmp_path / "a" / "p.st"), "--device", "cpu", "-q")
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_a_model_it_cannot_load(capsys, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    code, _, err = run(capsys, "calibrate", "--model", str(tmp_path), "--out", str(tmp_path / "p.st"),
+                       "--device", "cpu", "-q")
+    assert_one_line_error(code, err, "cannot load a causal language model from")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda(capsys, tmp_path):
+    code, _, err = run(capsys, "calibrate", "--out", str(tmp_path / "p.st"), "--device", "cuda", "-q")
+    assert_one_line_error(code, err, "CUDA is not available")
+
+
+def test_bad_option_values_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--predictors", "p", "--window", "0"])
+    assert e.value.code == 2
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
+# ---- end to end on the tiny model -----------------------------------------------------------------------------
+class ByteTokenizer:
+    """Stand-in tokenizer for the tiny model: bytes -> ids 3..255 (0..2 are pad/bos/eos)."""
+
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + b % 253 for b in text.encode()]}
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    """The CLI with `load` returning the tiny Llama, and a text file of ~6k byte-tokens."""
+    model = make_tiny_llama(seed=0)
+    monkeypatch.setattr(cli, "load", lambda args: (model, ByteTokenizer()))
+    text = tmp_path / "text.txt"
+    gen = torch.Generator().manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "cache", "key", "value", "layer"]
+    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (1200,), generator=gen)))
+    return model, text
+
+
+def test_calibrate_then_eval_on_the_tiny_model(capsys, tmp_path, tiny):
+    _, text = tiny
+    preds = tmp_path / "p.safetensors"
+    code, out, err = run(capsys, "calibrate", "--text", str(text), "--bits", "2", "--windows", "8", "--window", "256",
+                         "--out", str(preds), "--device", "cpu", "-q")
+    assert code == 0, err
+    assert preds.is_file() and "saved to" in out
+    code, out, err = run(capsys, "eval", "--predictors", str(preds), "--text", str(text), "--window", "256",
+                         "--max-windows", "2", "--baselines", "kivi2", "higgs", "quanto", "--device", "cpu", "-q")
+    assert code == 0, err
+    for row in ("| fp16 (unquantized) | 16.00 |", "| AQUA-KV-2 |", "| KIVI-2 |", "| HIGGS-2 |"):
+        assert row in out
+    if "needs the `optimum-quanto` package" not in out:
+        assert "QuantizedCache (quanto" in out
+
+
+def test_eval_refuses_predictors_of_another_model(capsys, tmp_path, tiny):
+    import aquakv
+
+    _, text = tiny
+    other = make_tiny_llama(seed=0, num_hidden_layers=2)
+    path = tmp_path / "other.safetensors"
+    aquakv.AquaKVPredictors.zeros(other, 2).save(path)
+    code, _, err = run(capsys, "eval", "--predictors", str(path), "--text", str(text), "--device", "cpu", "-q")
+    assert_one_line_error(code, err, "do not fit this model", "num_layers")
+
+
+def test_eval_text_shorter_than_a_window(capsys, tmp_path, tiny):
+    import aquakv
+
+    model, _ = tiny
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    path = tmp_path / "p.safetensors"
+    aquakv.AquaKVPredictors.zeros(model, 2).save(path)
+    code, _, err = run(capsys, "eval", "--predictors", str(path), "--text", str(short), "--device", "cpu", "-q")
+    assert_one_line_error(code, err, "fewer than one --window")
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "aquakv", "eval", "--predictors", str(tmp_path / "x"), "--device",
+                        "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"aquakv eval: error: --predictors file not found: {tmp_path / 'x'}"
