@@ -2,7 +2,8 @@
 
 User mistakes (a missing file, a model that cannot be loaded or served, predictors calibrated for another model,
 a bad option value) end with one line on stderr, `aquakv <command>: error: ...`, and exit status 2; anything
-else is a bug and keeps its traceback.
+else is a bug and keeps its traceback. Library code reports bad inputs as ValueError with a message naming
+them, so a ValueError is shown the same way; AQUAKV_DEBUG=1 shows its traceback instead.
 """
 from __future__ import annotations
 
@@ -132,11 +133,9 @@ def load(args: argparse.Namespace):
     except (OSError, ValueError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load a causal language model from {args.model or 'the bundled SmolLM2'}: {first}") from None
-    cfg = model.config.get_text_config(decoder=True)
-    if getattr(cfg, "num_key_value_heads", None) is None and getattr(cfg, "num_attention_heads", None) is None:
-        raise UserError(f"{args.model}: not a decoder with attention heads (model_type {cfg.model_type!r})")
-    log.info("model loaded in %.1f s (%s, %d layers)", time.perf_counter() - t0, cfg.model_type,
-             cfg.num_hidden_layers)
+    cfg = model.config
+    log.info("model loaded in %.1f s (%s, %s layers)", time.perf_counter() - t0, getattr(cfg, "model_type", "?"),
+             getattr(cfg, "num_hidden_layers", "?"))
     return model, tokenizer
 
 
@@ -262,6 +261,10 @@ def run_eval(args: argparse.Namespace) -> int:
         preds.check_compatible(model)
     except ValueError as e:
         raise UserError(f"--predictors {args.predictors}: {e}") from None
+    try:  # before the slow part: a model the cache cannot serve (e.g. no rotary embedding module to hook)
+        aquakv.AquaKVCache(model, preds).close()
+    except ValueError as e:
+        raise UserError(f"the AQUA-KV cache cannot serve this model: {e}") from None
     ids = token_ids(tokenizer, args.text, "evaluation")
     if ids.numel() < args.window:
         raise UserError(f"the text has {ids.numel()} tokens, fewer than one --window of {args.window}")
