@@ -31,6 +31,15 @@ def test_make_windows_cuts_keeps_tails_and_spreads_selection():
     assert [w.numel() for w in make_windows(seqs, window=100, min_tokens=45)] == [100, 100, 50]
     with pytest.raises(ValueError, match="tokenizer"):
         make_windows(["some text"])
+
+    class ByteTokenizer:  # the two things aquakv.data.tokenize uses
+        eos_token_id = 2
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text.encode())}
+
+    from_text = make_windows(["abc", "de"], tokenizer=ByteTokenizer(), window=4)
+    assert [w.tolist() for w in from_text] == [[97, 98, 99, 2], [100, 101, 2]]  # texts joined by EOS, then cut
     with pytest.raises(TypeError, match=r"data\[0\]"):
         make_windows([torch.randn(10)])
 
