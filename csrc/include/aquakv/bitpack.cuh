@@ -96,6 +96,7 @@ __global__ void __launch_bounds__(kBitpackThreads) unpack_bits_kernel(BitpackArg
 }
 
 // codes [rows, count] int32 -> packed [rows, ceil(count * bits / 8)] uint8, on `stream`.
+template <typename = void>  // instantiates the kernel only where the launcher is called
 inline cudaError_t pack_bits(const BitpackArgs& a, cudaStream_t stream) {
   if (a.rows == 0 || a.count == 0) return cudaSuccess;
   if (!((a.bits >= 1 && a.bits <= 8) || a.bits == 16)) return cudaErrorInvalidValue;
@@ -104,6 +105,7 @@ inline cudaError_t pack_bits(const BitpackArgs& a, cudaStream_t stream) {
 }
 
 // packed [rows, ceil(count * bits / 8)] uint8 -> codes [rows, count] int32, on `stream`.
+template <typename = void>
 inline cudaError_t unpack_bits(const BitpackArgs& a, cudaStream_t stream) {
   if (a.rows == 0 || a.count == 0) return cudaSuccess;
   if (!((a.bits >= 1 && a.bits <= 8) || a.bits == 16)) return cudaErrorInvalidValue;

@@ -73,12 +73,13 @@ struct HadamardPlan {
 
 #if defined(__CUDACC__) && !defined(AQUAKV_HOST_EMULATION)
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) hadamard_kernel(HadamardArgs a) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) hadamard_kernel(HadamardArgs a) {
   hadamard_body<Cfg>(DeviceSimt{}, a, dynamic_smem());
 }
 
 // Launches y = scale * H (signs * x) on `stream`. x, out: [rows, 2^log_n] contiguous, 16-byte
 // aligned; signs: 16-byte aligned [2^log_n] or nullptr. Returns the launch status.
+template <typename = void>  // instantiates the kernels only where the launcher is called
 inline cudaError_t hadamard(DType dtype, int log_n, const HadamardArgs& a, cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;
   return visit_tile(dtype, log_n, [&](auto tag) -> cudaError_t {

@@ -5,8 +5,9 @@
 //   -> FWHT -> y = H(D x) / s (y = 0 when s == 0) -> y to shared memory -> nearest grid point of
 //   every d-vector (argmax <y, g> - ||g||^2 / 2, lowest index on exact ties; grid and half norms
 //   in shared memory) -> pack 8 codes = `bits` bytes per thread into the LSB-first stream.
-// dequantize: stage the tile's code bytes and scales in shared memory -> unpack + grid lookup
-//   into registers -> FWHT -> x = (s / G * sign) * H y^ -> cast -> 16-byte stores.
+// dequantize: stage the tile's code bytes and scales in shared memory -> unpack + grid lookup of
+//   every d-vector into shared memory -> 16-byte loads into registers -> FWHT ->
+//   x = (s / G * sign) * H y^ -> cast -> 16-byte stores.
 // Groups of a row follow each other and so do rows, so a launch sees one flat array of groups;
 // since (G / d * bits) % 8 == 0, every group's codes start on a byte boundary.
 // The arithmetic follows the CPU kernel (csrc/cpu/higgs_cpu.cpp) operation for operation; only
@@ -64,6 +65,7 @@ struct HiggsPlan {
   int log_d;
   int code_bytes_per_tile;
   int off_red;     // quantize: per-warp partial sums of squares
+  int off_codes;   // dequantize: the tile's code bytes
   int off_scales;  // dequantize: s / G per group of the tile
   int off_grid;    // the grid, when staged
   int off_hn;      // quantize: half norms, when staged
@@ -92,10 +94,10 @@ inline HiggsPlan higgs_plan(const HiggsArgs& a, bool quantize) {
     }
   } else {
     p.grid_in_smem = a.n_points * a.d <= kGridSmemFloats;
-    // Code bytes (+16: the unpacker reads one word past a code, and staging copies 16 bytes at a
-    // time), aliased with the exchange buffer of split groups once the codes are consumed.
-    const int code_floats = round4((p.code_bytes_per_tile + 16 + 3) / 4);
-    off = Cfg::kSplit && Cfg::kTile > code_floats ? Cfg::kTile : code_floats;
+    off = Cfg::kTile;  // y^, then the exchange buffer of split groups
+    p.off_codes = off;
+    // +16 bytes: the unpacker reads one word past a code, and staging copies 16 bytes at a time
+    off += round4((p.code_bytes_per_tile + 16 + 3) / 4);
     p.off_scales = off;
     off += round4(kGroupsPerTile);
     if (p.grid_in_smem) {
@@ -386,45 +388,28 @@ AQUAKV_HD AQUAKV_INLINE uint32_t extract_code(const uint32_t* words, int m, int 
   return static_cast<uint32_t>(both >> (o & 31)) & mask;
 }
 
-// Grid values of the thread's registers (load layout): v[j] = grid[code(e / d)][e % d].
-template <class Cfg, int D>
-AQUAKV_HD AQUAKV_INLINE void lookup_values(float (&v)[Cfg::kEPT], const uint32_t* words, const float* grid, int bits,
-                                           int lane, int warp) {
-  constexpr int R = Cfg::kRun;
-  constexpr int kLogD = D == 1 ? 0 : D == 2 ? 1 : D == 4 ? 2 : 3;
-  static_assert(D == 1 << kLogD && D <= 8, "D in 1, 2, 4, 8");
+// y^ of sub-vectors [0, m_valid) of the tile into y_smem ([m_valid, D] floats): one code
+// extraction per sub-vector, D grid values copied. Keeping the decode out of registers lets one
+// kernel serve every d without a register array live across the switch over d.
+template <int D>
+AQUAKV_HD AQUAKV_INLINE void decode_codes(int tid, int nthreads, const uint32_t* words, float* y_smem, int m_valid,
+                                          const float* grid, int bits) {
   const uint32_t mask = (1u << bits) - 1u;
-  AQUAKV_UNROLL
-  for (int c = 0; c < Cfg::kChunks; ++c) {
-    const int e0 = Cfg::load_index(c, 0, lane, warp);
-    if constexpr (D <= R) {
-      AQUAKV_UNROLL
-      for (int q = 0; q < R / D; ++q) {
-        const uint32_t code = extract_code(words, (e0 >> kLogD) + q, bits, mask);
-        load_point<D>(grid, static_cast<int>(code), &v[c * R + q * D]);
-      }
-    } else {  // a sub-vector spans several runs: this run is D-aligned slice (e0 % D) of one point
-      const uint32_t code = extract_code(words, e0 >> kLogD, bits, mask);
-      const float* g = grid + code * D + (e0 & (D - 1));
-      AQUAKV_UNROLL
-      for (int q = 0; q < R; q += 4) load_f4(g + q, &v[c * R + q]);
-    }
+  for (int m = tid; m < m_valid; m += nthreads) {
+    const uint32_t code = extract_code(words, m, bits, mask);
+    float g[D];
+    load_point<D>(grid, static_cast<int>(code), g);
+    AQUAKV_UNROLL
+    for (int k = 0; k < D; ++k) y_smem[m * D + k] = g[k];
   }
 }
 
-template <class Cfg>
-AQUAKV_HD AQUAKV_INLINE void lookup_values_any(float (&v)[Cfg::kEPT], const uint32_t* words, const float* grid, int bits,
-                                               int log_d, int lane, int warp) {
+AQUAKV_HD AQUAKV_INLINE void decode_codes_any(int tid, int nthreads, const uint32_t* words, float* y_smem, int m_valid,
+                                              const float* grid, int bits, int d) {
   const uint32_t mask = (1u << bits) - 1u;
-  const int d = 1 << log_d;
-  AQUAKV_UNROLL
-  for (int c = 0; c < Cfg::kChunks; ++c) {
-    AQUAKV_UNROLL
-    for (int k = 0; k < Cfg::kRun; ++k) {
-      const int e = Cfg::load_index(c, k, lane, warp);
-      const uint32_t code = extract_code(words, e >> log_d, bits, mask);
-      v[c * Cfg::kRun + k] = grid[static_cast<int64_t>(code) * d + (e & (d - 1))];
-    }
+  for (int m = tid; m < m_valid; m += nthreads) {
+    const float* g = grid + static_cast<int64_t>(extract_code(words, m, bits, mask)) * d;
+    for (int k = 0; k < d; ++k) y_smem[static_cast<int64_t>(m) * d + k] = g[k];
   }
 }
 
@@ -438,8 +423,9 @@ AQUAKV_HD void higgs_dequantize_body(const Simt& simt, const HiggsArgs& a, const
   const int tid = simt.thread(), lane = tid & 31, warp = tid >> 5;
   const int64_t total = a.groups << Cfg::kLogG;
   const int64_t group_bytes = group_code_bytes(Cfg::kLogG, a.d, a.bits);
-  uint8_t* code_smem = reinterpret_cast<uint8_t*>(smem);
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(smem);
+  float* y_smem = smem;  // y^ of the tile, then (split groups) the exchange buffer
+  uint8_t* code_smem = reinterpret_cast<uint8_t*>(smem + p.off_codes);
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(code_smem);
   float* factor = smem + p.off_scales;
   const float inv_g = 1.f / static_cast<float>(Cfg::kG);
 
@@ -466,17 +452,32 @@ AQUAKV_HD void higgs_dequantize_body(const Simt& simt, const HiggsArgs& a, const
       factor[gi] = to_float(a.scales[tile * kGroupsPerTile + gi]) * inv_g;
     simt.sync();  // codes and factors staged
 
-    float v[kEPT];
+    const int m_valid = valid >> p.log_d;
     switch (a.d) {
-      case 1: lookup_values<Cfg, 1>(v, words, grid, a.bits, lane, warp); break;
-      case 2: lookup_values<Cfg, 2>(v, words, grid, a.bits, lane, warp); break;
-      case 4: lookup_values<Cfg, 4>(v, words, grid, a.bits, lane, warp); break;
-      case 8: lookup_values<Cfg, 8>(v, words, grid, a.bits, lane, warp); break;
-      default: lookup_values_any<Cfg>(v, words, grid, a.bits, p.log_d, lane, warp);
+      case 1: decode_codes<1>(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.bits); break;
+      case 2: decode_codes<2>(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.bits); break;
+      case 4: decode_codes<4>(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.bits); break;
+      case 8: decode_codes<8>(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.bits); break;
+      default: decode_codes_any(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.bits, a.d);
     }
-    if constexpr (Cfg::kSplit) simt.sync();  // the exchange buffer overlays the code bytes
+    simt.sync();  // y^ complete
 
-    fwht_tile<Cfg>(simt, v, smem, lane, warp);
+    float v[kEPT];
+    AQUAKV_UNROLL
+    for (int c = 0; c < Cfg::kChunks; ++c) {
+      const int e0 = Cfg::load_index(c, 0, lane, warp);
+      AQUAKV_UNROLL
+      for (int q = 0; q < R; q += 4) {
+        if (e0 < valid) {
+          load_f4(y_smem + e0 + q, &v[c * R + q]);
+        } else {  // past the last group: never stored, but keep the arithmetic on defined values
+          v[c * R + q] = v[c * R + q + 1] = v[c * R + q + 2] = v[c * R + q + 3] = 0.f;
+        }
+      }
+    }
+    if constexpr (Cfg::kSplit) simt.sync();  // everyone has read y^ before the exchange overwrites it
+
+    fwht_tile<Cfg>(simt, v, y_smem, lane, warp);
 
     AQUAKV_UNROLL
     for (int c = 0; c < Cfg::kChunks; ++c) {
@@ -503,11 +504,11 @@ AQUAKV_HD void higgs_dequantize_body(const Simt& simt, const HiggsArgs& a, const
 
 #if defined(__CUDACC__) && !defined(AQUAKV_HOST_EMULATION)
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) higgs_quantize_kernel(HiggsArgs a, HiggsPlan p) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) higgs_quantize_kernel(HiggsArgs a, HiggsPlan p) {
   higgs_quantize_body<Cfg>(DeviceSimt{}, a, p, dynamic_smem());
 }
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) higgs_dequantize_kernel(HiggsArgs a, HiggsPlan p) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) higgs_dequantize_kernel(HiggsArgs a, HiggsPlan p) {
   higgs_dequantize_body<Cfg>(DeviceSimt{}, a, p, dynamic_smem());
 }
 template <typename = void>  // a template only so that several translation units may include it
@@ -523,6 +524,7 @@ inline size_t higgs_quantize_workspace_bytes(int n_points, int d) {
 
 // Fused quantize of a.groups groups of 2^log_g values of `dtype` on `stream`. `workspace` must hold
 // higgs_quantize_workspace_bytes(a.n_points, a.d) bytes (may be null when that is 0).
+template <typename = void>  // instantiates the kernels only where the launcher is called
 inline cudaError_t higgs_quantize(DType dtype, int log_g, HiggsArgs a, float* workspace, cudaStream_t stream) {
   if (a.groups == 0) return cudaSuccess;
   if (higgs_quantize_workspace_bytes(a.n_points, a.d) > 0) {
@@ -542,6 +544,7 @@ inline cudaError_t higgs_quantize(DType dtype, int log_g, HiggsArgs a, float* wo
 }
 
 // Fused dequantize into a.values (2^log_g values of `dtype` per group) on `stream`.
+template <typename = void>  // instantiates the kernels only where the launcher is called
 inline cudaError_t higgs_dequantize(DType dtype, int log_g, const HiggsArgs& a, cudaStream_t stream) {
   if (a.groups == 0) return cudaSuccess;
   return visit_tile(dtype, log_g, [&](auto tag) -> cudaError_t {

@@ -43,6 +43,12 @@ struct TileCfg {
   static constexpr int kEPT = kRun * kChunks;  // values per thread
   static constexpr int kLogTile = kLogRun + 5 + kQ + kLogWarps;
   static constexpr int kTile = 1 << kLogTile;
+  // Blocks per SM the kernels ask ptxas to fit (__launch_bounds__): a register budget of the values,
+  // their hoisted signs and ~64 for the rest. Without a target ptxas sometimes picks a low count
+  // and spills (seen on the fp16 quantize with G = 1024).
+  static constexpr int kRegBudget = (kEPT <= 32 ? 2 * kEPT : kEPT) + 64;
+  static constexpr int kMinBlocksRaw = 65536 / (kThreads * kRegBudget);
+  static constexpr int kMinBlocks = kMinBlocksRaw < 1 ? 1 : kMinBlocksRaw > 8 ? 8 : kMinBlocksRaw;
   static_assert(kQ >= kW, "store layout needs a chunk bit for every warp bit");
   static_assert(!kSplit || kLogTile == kLogG, "a split group is exactly one tile");
   static_assert(kSplit || kLogG <= kLogRun + 5 + kQ, "an unsplit group lies inside one warp");

@@ -1,0 +1,41 @@
+// CUDA launcher of aquakv::higgs_quantize (kernel: csrc/include/aquakv/higgs.cuh).
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "aquakv/higgs.cuh"
+#include "checks.h"
+#include "launch_common.cuh"
+
+namespace aquakv::cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> higgs_quantize_cuda(const at::Tensor& x_in, const at::Tensor& grid_in,
+                                                        const at::Tensor& signs_in, int64_t group_size) {
+  const HiggsShape s = check_higgs_quantize_args(x_in, grid_in, signs_in, group_size);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = contiguous_aligned(x_in);
+  at::Tensor codes = at::empty(with_last_dim(x, s.groups * s.group_bytes), x.options().dtype(at::kByte));
+  at::Tensor scales = at::empty(with_last_dim(x, s.groups), x.options().dtype(at::kHalf));
+  if (s.rows * s.groups == 0) return {codes, scales};
+  const at::Tensor grid = contiguous_aligned(grid_in);
+  const at::Tensor signs = contiguous_aligned(signs_in);
+  HiggsArgs a = args_for(s, grid, signs);
+  a.values = const_cast<void*>(x.const_data_ptr());
+  a.codes = codes.data_ptr<uint8_t>();
+  a.scales = reinterpret_cast<__half*>(scales.data_ptr<at::Half>());
+  // Freed right after the launch: the caching allocator only reuses it for later work on this stream.
+  const size_t ws_bytes = higgs_quantize_workspace_bytes(a.n_points, a.d);
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(ws_bytes / sizeof(float))}, x.options().dtype(at::kFloat));
+  check_launch("higgs_quantize",
+               higgs_quantize(dtype_of(x.scalar_type()), log2_exact(group_size), a,
+                              ws_bytes > 0 ? workspace.data_ptr<float>() : nullptr, current_stream()));
+  return {codes, scales};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aquakv, CUDA, m) { m.impl("higgs_quantize", &higgs_quantize_cuda); }
+
+}  // namespace aquakv::cuda
