@@ -253,9 +253,11 @@ def test_cli_budget_end_to_end_on_tiny_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(aquakv.models, "load_model", lambda *a, **k: (make_tiny_llama(seed=6), _CharTokenizer()))
     args = _cli(["quantize-weights", "--budget", "3.0625", "--out", str(tmp_path), "--eval", "--group-size", "64",
                  "--calib-windows", "2", "--calib-len", "32", "--eval-window", "64", "--eval-windows", "2"])
-    results = args.func(args)
+    from aquakv.weights.cli import quantize_weights
+
+    results = quantize_weights(args)
     methods = [r["method"] for r in results["rows"]]
-    assert methods[0] == "unquantized" and methods[1] == "RTN 2-bit" and methods[-1].startswith("HIGGS + DP")
+    assert methods[0] == "unquantized (fp32)" and methods[1] == "RTN 2-bit" and methods[-1].startswith("HIGGS + DP")
     assert results["rows"][-1]["bits_per_weight"] <= 3.0625
     assert "| HIGGS + DP" in capsys.readouterr().out
     for f in ("higgs_weights.safetensors", "higgs_weights.json", "sensitivities.json", "allocation.json", "results.json"):

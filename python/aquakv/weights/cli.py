@@ -20,7 +20,8 @@ Embeddings and the output head stay in full precision unless --include-lm-head.
 
 Writes OUT/higgs_weights.safetensors + OUT/higgs_weights.json (load with aquakv.weights.load_quantized on a
 fresh copy of the same model), OUT/sensitivities.json (reusable with --sensitivities), and with --eval
-OUT/results.json. Bits per weight always include the fp16 group scales.
+OUT/results.json. Bits per weight always include the fp16 group scales. The bundled model is a Q4_1 GGUF:
+its "unquantized" reference is the dequantized Q4_1 weights in fp32.
 """
 
 EPILOG = """\
@@ -69,8 +70,14 @@ def _uniform_bits_within(budget: float, widths: list[float], group_size: int) ->
     return max(fitting)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Execute `quantize-weights`; returns the results dict (also written to OUT/results.json with --eval)."""
+def run(args: argparse.Namespace) -> int:
+    """Execute `quantize-weights` (the parser's func); returns the exit status 0. User errors raise SystemExit(message)."""
+    quantize_weights(args)
+    return 0
+
+
+def quantize_weights(args: argparse.Namespace) -> dict:
+    """The work of `quantize-weights`; returns the results dict (also written to OUT/results.json with --eval)."""
     import torch
 
     from aquakv.data import default_texts, tokenize
@@ -151,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
 
     uniform_model = dp_model = None
     if args.eval:
-        evaluate("unquantized", model, 32.0, None)
+        evaluate("unquantized (fp32)", model, 32.0, None)
         rtn_bits = int(math.floor(uniform_bits))
         evaluate(f"RTN {rtn_bits}-bit", rtn_quantize_model(copy.deepcopy(model), rtn_bits, group, args.include_lm_head),
                  rtn_bits_per_weight(rtn_bits, group), None)
