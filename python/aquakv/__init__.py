@@ -10,7 +10,7 @@ import importlib
 import torch  # noqa: F401  (must load libtorch before the extension that links against it)
 
 from aquakv import _C  # noqa: F401  (loads the compiled library: registers torch.ops.aquakv.*)
-from aquakv import grids
+from aquakv import grids, ops  # noqa: F401  (ops: fake kernels for torch.compile)
 from aquakv.quantizer import HiggsQuantizer, HiggsSettings, QuantizedTensor
 
 __version__ = _C.__version__
