@@ -45,9 +45,9 @@ class KMeansSettings:
     """Effort of the sample-based search for d >= 2 (defaults are the ones the shipped grids used).
 
     samples: training points per restart; restarts: independent starts (in 2-D the first is a
-    sunflower spiral, the others k-means++); iters: Lloyd
-    iterations per restart; polish_samples / polish_iters: final Lloyd on a larger set for the best
-    restart; eval_samples: fresh i.i.d. points used to choose between restarts and to report the MSE.
+    sunflower spiral, the others k-means++); iters: Lloyd iterations per restart; polish_samples /
+    polish_iters: final Lloyd on a larger set for the best restart; eval_samples: fresh i.i.d. points
+    used to choose between restarts and to report the MSE.
     """
 
     samples: int = 1 << 19
@@ -60,6 +60,8 @@ class KMeansSettings:
 
 @dataclass(frozen=True)
 class GridSpec:
+    """One grid to generate: n points in dim dimensions, and the search effort for dim >= 2."""
+
     dim: int
     n: int
     settings: KMeansSettings = KMeansSettings()
