@@ -24,7 +24,7 @@ from aquakv.grids import get_grid  # noqa: E402
 
 
 def row(op: str, shape: str, ours: float, numpy_ms: float, nbytes: float) -> None:
-    print(f"| {op:10} | {shape:30} | {ours:9.3f} | {numpy_ms:10.2f} | {numpy_ms / ours:7.1f}x | {gbs(nbytes, ours):6.2f}")
+    print(f"| {op:10} | {shape:31} | {ours:9.3f} | {numpy_ms:10.2f} | {numpy_ms / ours:7.1f}x | {gbs(nbytes, ours):6.2f}")
 
 
 def main() -> None:
@@ -34,8 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print_header("cpu")
-    print("| op         | shape                          |  ours ms  |  numpy ms  | speedup | GB/s")
-    print("|------------|--------------------------------|-----------|------------|---------|------")
+    print("| op         | shape                           |  ours ms  |  numpy ms  | speedup | GB/s")
+    print("|------------|---------------------------------|-----------|------------|---------|------")
     t = args.min_time
     for n in (64, 1024, 32768):
         x = torch.randn(1 << 22 >> int(np.log2(n)), n)  # 4M fp32 values
