@@ -51,6 +51,13 @@ def test_quantize_weights_is_wired_in_when_available(capsys):
     assert "usage: aquakv quantize-weights" in capsys.readouterr().out
 
 
+def test_quantize_weights_errors_get_the_same_one_line_form(capsys, tmp_path):
+    pytest.importorskip("aquakv.weights.cli")
+    code, _, err = run(capsys, "quantize-weights", "--model", str(tmp_path / "none"), "--bits", "4", "--out",
+                       str(tmp_path / "q"))
+    assert_one_line_error(code, err, "aquakv quantize-weights: error:", "not found")
+
+
 def assert_one_line_error(code, err, *fragments):
     assert code == 2
     lines = err.strip().splitlines()
