@@ -7,6 +7,7 @@ import torch
 from aquakv.eval import (Fp16Cache, cache_nbytes, evaluate_perplexity, format_table, kv_values, relative_increase,
                          window_nll)
 from aquakv.kivi import kivi_factory
+from aquakv.hf_compat import cache_kwargs
 from tiny_llama import make_tiny_llama, random_token_windows
 
 
@@ -89,7 +90,7 @@ def test_cache_nbytes_of_a_dynamic_cache(model, tokens):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    model(input_ids=tokens[:10][None], past_key_values=cache, use_cache=True)
+    model(input_ids=tokens[:10][None], **cache_kwargs(model, cache), use_cache=True)
     assert cache_nbytes(cache) == kv_values(model.config, 1, 10) * 4
     assert cache_nbytes(object()) is None
 

@@ -8,6 +8,7 @@ import torch
 from aquakv.kivi import (KiviCache, KiviCodec, dequantize_uniform, pack_codes, quantize_uniform,
                          transformers_cache_backends, transformers_quantized_factory, unpack_codes)
 from aquakv.eval import Fp16Cache
+from aquakv.hf_compat import cache_kwargs
 from tiny_llama import make_tiny_llama, random_token_windows
 
 
@@ -142,8 +143,8 @@ def model():
 def test_cache_in_the_model_reports_every_byte(model):
     ids = random_token_windows(1, 4 + 130 + 10, seed=5)[0][None]
     cache = KiviCache(model, bits=2, sinks=4, buffer=128)
-    model(input_ids=ids[:, :134], past_key_values=cache, use_cache=True)  # 4 sinks + 130 buffered -> flushed
-    model(input_ids=ids[:, 134:], past_key_values=cache, use_cache=True)  # 10 new tokens in the buffer
+    model(input_ids=ids[:, :134], **cache_kwargs(model, cache), use_cache=True)  # 4 sinks + 130 buffered -> flushed
+    model(input_ids=ids[:, 134:], **cache_kwargs(model, cache), use_cache=True)  # 10 new tokens in the buffer
     cfg = model.config
     layers, c = cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim
     fp16 = layers * 2 * (4 + 10) * c * 2
@@ -157,10 +158,10 @@ def test_cache_in_the_model_reports_every_byte(model):
 def test_generate_greedy_and_beam_search(model):
     prompt = random_token_windows(2, 40, seed=6)
     ids = torch.stack(prompt)
-    out = model.generate(input_ids=ids, past_key_values=KiviCache(model, bits=4, buffer=16), max_new_tokens=24,
+    out = model.generate(input_ids=ids, **cache_kwargs(model, KiviCache(model, bits=4, buffer=16)), max_new_tokens=24,
                          do_sample=False, pad_token_id=0)
     assert out.shape == (2, 64)
-    beams = model.generate(input_ids=ids[:1], past_key_values=KiviCache(model, bits=4, buffer=16),
+    beams = model.generate(input_ids=ids[:1], **cache_kwargs(model, KiviCache(model, bits=4, buffer=16)),
                            max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
     assert beams.shape == (1, 52)
 
@@ -170,7 +171,7 @@ def test_four_bits_track_the_fp16_logits_closer_than_two(model):
     ids = random_token_windows(1, 96, seed=8)[0][None]
 
     def stepped_logits(cache):
-        return torch.cat([model(input_ids=ids[:, s:s + 32], past_key_values=cache, use_cache=True).logits
+        return torch.cat([model(input_ids=ids[:, s:s + 32], **cache_kwargs(model, cache), use_cache=True).logits
                           for s in range(0, 96, 32)], dim=1)
 
     reference = stepped_logits(Fp16Cache(model))  # KiviCache keeps unquantized tokens in fp16 too
@@ -194,7 +195,7 @@ def test_transformers_fp8_cache_reports_its_bytes(model):
     assert transformers_cache_backends()["fp8"] is None
     cache = transformers_quantized_factory("fp8")(model)
     ids = random_token_windows(1, 40, seed=9)[0][None]
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
     assert 8.0 <= cache.bits_per_value() < 8.1  # one byte per value plus a per-tensor fp32 scale
     with pytest.raises(RuntimeError, match="unavailable"):
         transformers_quantized_factory("no-such-backend")

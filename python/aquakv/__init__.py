@@ -3,7 +3,7 @@
     import aquakv
     q = aquakv.HiggsQuantizer(bits=2, dim=2, group_size=64)
     preds = aquakv.calibrate(model, token_ids, bits=2)
-    cache = aquakv.AquaKVCache(model, preds)      # model(..., past_key_values=cache), generate()
+    cache = aquakv.AquaKVCache(model, preds)      # model(..., cache=cache), generate(..., cache=cache)
 """
 import importlib
 

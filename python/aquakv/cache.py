@@ -537,7 +537,8 @@ def _keep(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 
 class AquaKVCache(ChunkedKVCache):
-    """The AQUA-KV cache: `model(..., past_key_values=AquaKVCache(model, predictors))` or `generate(...)`.
+    """The AQUA-KV cache: `model(..., cache=AquaKVCache(model, predictors))` or `generate(...)`
+    (`past_key_values=` before transformers 5.24).
 
     quantize=False runs the same pipeline (un-rotation, predictors, chunks) without quantization, storing exact
     states in the model's dtype: it reproduces DynamicCache up to float rounding.

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from aquakv.hf_compat import cache_kwargs
 from aquakv.predictors import AffineMap, AquaKVPredictors, AquaKVSettings, _layer0_bits
 from aquakv.quantizer import HiggsQuantizer
 from aquakv.rope import RotaryTracker, unrotate
@@ -108,7 +109,7 @@ def capture_states(model, windows: list[torch.Tensor], sinks: int = 4, progress:
         start = 0
         for w in tqdm(windows, desc="aquakv: capturing KV", disable=not progress, unit="window"):
             cache = _CaptureCache(model, tracker, sinks)
-            body(input_ids=w.unsqueeze(0).to(device), past_key_values=cache, use_cache=True)
+            body(input_ids=w.unsqueeze(0).to(device), use_cache=True, **cache_kwargs(body, cache))
             if len(cache.rows) != n_layers:
                 raise RuntimeError(f"capture: {len(cache.rows)} of {n_layers} layers updated the cache")
             n = max(w.numel() - sinks, 0)

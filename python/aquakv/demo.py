@@ -15,6 +15,8 @@ from typing import Callable, Optional, TextIO
 
 import torch
 
+from aquakv.hf_compat import cache_kwargs
+
 # A held-out topic (the evaluation split holds every fourth topic) and a question its text answers (SmolLM2-135M
 # answers this one correctly from the passage).
 PASSAGE_TOPIC = "booleans"
@@ -57,7 +59,7 @@ def _generate(model, tokenizer, cache, max_new_tokens: int) -> str:
     device = next(model.parameters()).device
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     ids = {k: v.to(device) for k, v in ids.items()}
-    out = model.generate(**ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+    out = model.generate(**ids, **cache_kwargs(model, cache), max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 

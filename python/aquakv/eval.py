@@ -16,6 +16,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from aquakv.hf_compat import cache_kwargs
+
 log = logging.getLogger(__name__)
 
 CacheFactory = Callable[[torch.nn.Module], object]
@@ -166,7 +168,7 @@ def window_nll(model: torch.nn.Module, ids: torch.Tensor, cache, step: int) -> t
     total = torch.zeros(batch, dtype=torch.float64, device=ids.device)
     for start in range(0, window, step):
         end = min(start + step, window)
-        logits = model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids[:, start:end], use_cache=True, **cache_kwargs(model, cache)).logits
         n_pred = min(end, window - 1) - start  # the window's last token has no target inside the window
         if n_pred <= 0:
             continue

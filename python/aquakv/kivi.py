@@ -197,7 +197,7 @@ class KiviCodec(KVCodec):
 
 
 class KiviCache(ChunkedKVCache):
-    """KIVI-style 1/2/4/8-bit KV cache: `model(..., past_key_values=KiviCache(model, bits=2))` or `generate()`.
+    """KIVI-style 1/2/4/8-bit KV cache: `model(..., cache=KiviCache(model, bits=2))` or `generate()`.
 
     The newest tokens wait in an fp16 buffer (KIVI's residual window, `buffer` = its residual length R) and are
     quantized as one chunk once `buffer` of them have accumulated; `sinks` first tokens stay in fp16 (KIVI itself
