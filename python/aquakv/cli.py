@@ -158,6 +158,7 @@ def _setup(args: argparse.Namespace) -> None:
     if args.quiet:
         import transformers
 
+        os.environ["TQDM_DISABLE"] = "1"  # bars outside transformers' switch (its GGUF loader uses plain tqdm)
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
     args.device = resolve_device(args.device)
