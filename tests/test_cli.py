@@ -179,3 +179,26 @@ def test_python_dash_m_entry_point(tmp_path):
                         "cpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip() == f"aquakv eval: error: --predictors file not found: {tmp_path / 'x'}"
+
+
+def test_quiet_draws_no_bars_and_leaves_tqdm_as_it_was(capsys, tmp_path, monkeypatch, tiny):
+    """-q reaches bars outside aquakv and transformers' switch too (the GGUF loader's plain tqdm), only while the
+    command runs."""
+    import tqdm
+
+    model, text = tiny
+
+    def load_with_a_bar(args):  # stands in for transformers' GGUF loader
+        for _ in tqdm.tqdm(range(3), desc="Converting GGUF tensors"):
+            pass
+        return model, ByteTokenizer()
+
+    monkeypatch.setattr(cli, "load", load_with_a_bar)
+    init = vars(tqdm.tqdm)["__init__"]
+    code, _, err = run(capsys, "calibrate", "--text", str(text), "--windows", "4", "--window", "128",
+                       "--out", str(tmp_path / "p.safetensors"), "--device", "cpu", "-q")
+    assert code == 0 and "Converting" not in err and "it/s" not in err, err
+    assert vars(tqdm.tqdm)["__init__"] is init
+    code, _, err = run(capsys, "calibrate", "--text", str(text), "--windows", "4", "--window", "128",
+                       "--out", str(tmp_path / "p.safetensors"), "--device", "cpu")
+    assert code == 0 and "Converting GGUF tensors" in err

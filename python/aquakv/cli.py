@@ -8,6 +8,8 @@ them, so a ValueError is shown the same way; AQUAKV_DEBUG=1 shows its traceback 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import logging
 import os
 import sys
@@ -150,6 +152,23 @@ def token_ids(tokenizer, files: Optional[Sequence[str]], split: str):
     return tokenize(tokenizer, texts)
 
 
+@contextlib.contextmanager
+def _bars_off(quiet: bool):
+    """With -q, every tqdm bar defaults to disabled while the command runs: transformers' GGUF loader draws a plain
+    tqdm bar that transformers' own switch does not reach."""
+    if not quiet:
+        yield
+        return
+    import tqdm
+
+    init = vars(tqdm.tqdm)["__init__"]  # the raw class attribute (tqdm's own is a partialmethod descriptor)
+    tqdm.tqdm.__init__ = functools.partialmethod(init, disable=True)
+    try:
+        yield
+    finally:
+        tqdm.tqdm.__init__ = init
+
+
 def _setup(args: argparse.Namespace) -> None:
     import torch
 
@@ -158,7 +177,6 @@ def _setup(args: argparse.Namespace) -> None:
     if args.quiet:
         import transformers
 
-        os.environ["TQDM_DISABLE"] = "1"  # bars outside transformers' switch (its GGUF loader uses plain tqdm)
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
     args.device = resolve_device(args.device)
@@ -360,7 +378,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:  # a subcommand with its own options (quantize-weights)
             logging.basicConfig(format="%(message)s")
             logging.getLogger("aquakv").setLevel(logging.INFO)
-        return int(args.func(args) or 0)
+        with _bars_off(getattr(args, "quiet", False)):
+            return int(args.func(args) or 0)
     except (UserError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
