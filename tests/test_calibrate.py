@@ -62,6 +62,42 @@ def test_capture_equals_k_proj_and_v_proj_outputs(model):
         torch.testing.assert_close(got_v[i].float(), seen[(i, "v_proj")], rtol=2e-3, atol=2e-3)
 
 
+def test_layer_by_layer_capture_equals_full_forwards_for_mixed_window_lengths(model):
+    """Windows of two lengths (a shorter tail window) go through the layers one layer at a time, each with the
+    arguments of its own length; every layer's rows equal those of a full forward of that window."""
+    from aquakv.capture import iter_layer_states
+    from aquakv.hf_compat import cache_kwargs
+    from aquakv.rope import RotaryTracker, unrotate
+    from transformers import DynamicCache
+
+    windows = random_token_windows(2, 40, seed=3) + random_token_windows(1, 23, seed=4)
+    want = {}
+    for w in windows:
+        cache, tracker = DynamicCache(config=model.config), RotaryTracker(model)
+        with torch.no_grad():
+            model(w[None], **cache_kwargs(model, cache))
+        cos_sin = tracker.cos_sin(tracker.take(1, w.numel(), "test"))
+        tracker.close()
+        for i, layer in enumerate(cache.layers):
+            rows = [x[:, :, 4:].transpose(1, 2).reshape(-1, 32) for x in (unrotate(layer.keys, *cos_sin), layer.values)]
+            want.setdefault(i, []).append(rows)
+    for offload in (True, False):
+        got = list(iter_layer_states(model, windows, sinks=4, offload=offload))
+        assert [i for i, _, _ in got] == [0, 1, 2, 3]
+        for i, keys, values in got:
+            assert keys.shape == values.shape == (36 + 36 + 19, 32) and keys.dtype == torch.float16
+            # the same arithmetic as the full forward, then rounded to fp16 the same way
+            assert torch.equal(keys, torch.cat([k for k, _ in want[i]]).half())
+            assert torch.equal(values, torch.cat([v for _, v in want[i]]).half())
+
+
+def test_capture_refuses_a_model_without_decoder_layers():
+    from aquakv.capture import decoder_layers
+
+    with pytest.raises(ValueError, match="decoder layers"):
+        decoder_layers(torch.nn.Linear(2, 2))
+
+
 def test_fit_ridge_matches_least_squares_with_intercept():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(500, 6, generator=gen) * torch.tensor([1, 2, 3, 4, 5, 6.0]) + 3.0

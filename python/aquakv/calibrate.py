@@ -1,5 +1,6 @@
-"""Calibration of AQUA-KV predictors (DESIGN.md §2): capture pre-RoPE keys and values on calibration text, then fit
-each layer's affine predictors in closed form, in layer order, with quantization in the loop.
+"""Calibration of AQUA-KV predictors (DESIGN.md §2): capture pre-RoPE keys and values on calibration text one layer
+at a time (aquakv.capture) and fit that layer's affine predictors in closed form, in layer order, with quantization
+in the loop.
 
     preds = aquakv.calibrate(model, token_ids_or_texts, bits=2, tokenizer=tok, window=1024, max_windows=64)
 """
@@ -15,12 +16,10 @@ from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
-from aquakv.hf_compat import cache_kwargs
+from aquakv.capture import capture_states, iter_layer_states  # noqa: F401  (capture_states: part of this API)
 from aquakv.predictors import AffineMap, AquaKVPredictors, AquaKVSettings, _layer0_bits
 from aquakv.quantizer import HiggsQuantizer
-from aquakv.rope import RotaryTracker, unrotate
 
 log = logging.getLogger(__name__)
 
@@ -65,61 +64,6 @@ def make_windows(data, tokenizer=None, window: int = 1024, max_windows: int | No
             raise ValueError(f"max_windows must be >= 1, got {max_windows}")
         seqs = [seqs[(i * len(seqs)) // max_windows] for i in range(max_windows)]
     return seqs
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Capture
-
-
-class _CaptureCache(DynamicCache):
-    """Records each layer's keys (un-rotated, exactly as AquaKVCache will see them) and values; stores nothing."""
-
-    def __init__(self, model, tracker: RotaryTracker, sinks: int):
-        super().__init__(config=model.config)
-        self.tracker = tracker
-        self.sinks = sinks
-        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._cos_sin = None
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        b, h, t, d = key_states.shape
-        if layer_idx == 0:
-            self._cos_sin = self.tracker.cos_sin(self.tracker.take(b, t, "aquakv.calibrate"))
-        keys = unrotate(key_states.float(), *self._cos_sin)
-        rows = [x[:, :, self.sinks:].transpose(1, 2).reshape(-1, h * d) for x in (keys, value_states)]
-        self.rows[layer_idx] = (rows[0].to("cpu", torch.float16), rows[1].to("cpu", torch.float16))
-        return key_states, value_states
-
-
-@torch.no_grad()
-def capture_states(model, windows: list[torch.Tensor], sinks: int = 4, progress: bool = True
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Run the model over each window; per layer, pre-RoPE keys and values as fp16 CPU rows [N, C], windows in
-    order, the first `sinks` tokens of every window left out (the cache keeps those exact)."""
-    info = AquaKVPredictors.model_info_of(model)
-    n_layers, width = info["num_layers"], info["kv_width"]
-    total = sum(max(w.numel() - sinks, 0) for w in windows)
-    keys = [torch.empty(total, width, dtype=torch.float16) for _ in range(n_layers)]
-    values = [torch.empty(total, width, dtype=torch.float16) for _ in range(n_layers)]
-    device = next(model.parameters()).device
-    # The decoder alone: the LM head's [T, vocab] logits are not needed.
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model
-    tracker = RotaryTracker(model)
-    try:
-        start = 0
-        for w in tqdm(windows, desc="aquakv: capturing KV", disable=not progress, unit="window"):
-            cache = _CaptureCache(model, tracker, sinks)
-            body(input_ids=w.unsqueeze(0).to(device), use_cache=True, **cache_kwargs(body, cache))
-            if len(cache.rows) != n_layers:
-                raise RuntimeError(f"capture: {len(cache.rows)} of {n_layers} layers updated the cache")
-            n = max(w.numel() - sinks, 0)
-            for layer, (k, v) in cache.rows.items():
-                keys[layer][start:start + n] = k
-                values[layer][start:start + n] = v
-            start += n
-    finally:
-        tracker.close()
-    return keys, values
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,8 +203,11 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
     rank: reduced-rank predictors (two factors of rank r) instead of dense C x C / 2C x C maps.
     damping: ridge damping relative to the mean diagonal of the centered X^T X. sinks: leading tokens of each window
       left out (the cache keeps them exact). held_out: share of windows held out for the per-layer report.
-    device: where the fit runs (default: the model's device); offload=True keeps captured states on the CPU and
-      streams them, offload=False keeps them on `device` (faster on a GPU with room to spare).
+    device: where the fit runs (default: the model's device). The model runs one decoder layer at a time over all
+      windows (aquakv.capture), so memory holds the hidden states entering one layer plus that layer's states and
+      the previous layer's reconstructions, for all calibration tokens, whatever the depth of the model.
+      offload=True keeps those on the CPU and streams them through `device`; offload=False keeps them on the
+      devices (faster on a GPU with room to spare).
     Deterministic for fixed inputs and settings. The report (predictors.report) holds per layer the held-out
     relative MSE of the predictions, of the final reconstruction, and of HIGGS alone at the same bits.
     """
@@ -273,14 +220,61 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
         raise ValueError(f"rank must be >= 1 or None, got {rank}")
     windows = make_windows(data, tokenizer, window, max_windows, min_tokens=sinks + 1)
     n_fit, n_held = _split(windows, sinks, held_out)
-    keys, values = capture_states(model, windows, sinks, progress)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    preds = fit_predictors(keys, values, n_fit, settings, info, rank=rank, damping=damping, device=device,
-                           offload=offload, progress=progress)
+    fit = _SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device)
+    with tqdm(total=info["num_layers"], desc="aquakv: calibrating layers", unit="layer", disable=not progress) as bar:
+        for _, keys, values in iter_layer_states(model, windows, sinks, offload=offload, progress=bar):
+            fit.add_layer(keys, values)
+    preds = fit.predictors(info)
     preds.calibration.update({"windows": len(windows), "window": window, "sinks": sinks,
                               "seconds": round(time.perf_counter() - t0, 1)})
     _log_summary(preds)
     return preds
+
+
+class _SequentialFit:
+    """Fits the predictors one layer at a time, in order, with quantization in the loop: each layer's regression
+    inputs are the previous layer's reconstructions, exactly as inference will see them. Only the previous layer's
+    reconstructions (float32 [N, C], on `store`) are kept between layers."""
+
+    def __init__(self, n_fit: int, settings: AquaKVSettings, rank: int | None, damping: float, device: torch.device,
+                 store: torch.device):
+        self.n_fit, self.settings, self.rank, self.damping = n_fit, settings, rank, damping
+        self.device, self.store = device, store
+        self.quantizers = [settings.quantizer(0), settings.quantizer(1)]
+        self.key_maps: list[AffineMap] = []
+        self.value_maps: list[AffineMap] = []
+        self.report: list[dict] = []
+        self.n_rows = 0
+        self._prev: tuple[torch.Tensor, torch.Tensor] | None = None  # K^_{l-1}, V^_{l-1}
+
+    def add_layer(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values: the next layer's captured states [N, C] (fit rows first, held-out rows last)."""
+        layer, n_fit, device = len(self.key_maps), self.n_fit, self.device
+        quantizer = self.quantizers[min(layer, 1)]
+        if layer == 0:
+            k_map, k_inputs = _mean_map(keys, n_fit, device), []
+        else:
+            k_inputs = [self._prev[0]]
+            k_map = fit_ridge(_moments(k_inputs, keys, n_fit, device), self.damping, self.rank)
+        k_hat, k_err = _reconstruct(k_map, k_inputs, keys, quantizer, n_fit, device, self.store)
+        if layer == 0:
+            v_map, v_inputs = _mean_map(values, n_fit, device), []
+        else:
+            v_inputs = [k_hat, self._prev[1]]
+            v_map = fit_ridge(_moments(v_inputs, values, n_fit, device), self.damping, self.rank)
+        v_hat, v_err = _reconstruct(v_map, v_inputs, values, quantizer, n_fit, device, self.store)
+        self.key_maps.append(k_map)
+        self.value_maps.append(v_map)
+        self.report.append({"layer": layer, **k_err.relative("key"), **v_err.relative("value")})
+        log.debug("layer %d: %s", layer, self.report[-1])
+        self._prev = (k_hat, v_hat)
+        self.n_rows = keys.shape[0]
+
+    def predictors(self, model_info: dict) -> AquaKVPredictors:
+        calibration = {"fit_tokens": self.n_fit, "held_out_tokens": self.n_rows - self.n_fit,
+                       "damping": self.damping, "rank": self.rank}
+        return AquaKVPredictors(self.key_maps, self.value_maps, self.settings, model_info, self.report, calibration)
 
 
 @torch.no_grad()
@@ -288,39 +282,13 @@ def fit_predictors(keys: list[torch.Tensor], values: list[torch.Tensor], n_fit: 
                    model_info: dict, *, rank: int | None = None, damping: float = 1e-3,
                    device: torch.device | str = "cpu", offload: bool = True, progress: bool = True
                    ) -> AquaKVPredictors:
-    """The fitting half of `calibrate`, on captured states (see `capture_states`): rows [N, C] per layer, the first
-    n_fit rows for fitting and the rest held out for the report. The lists are not modified."""
+    """The fitting half of `calibrate`, on captured states (see `aquakv.capture.capture_states`): rows [N, C] per
+    layer, the first n_fit rows for fitting and the rest held out for the report. The lists are not modified."""
     device = torch.device(device)
-    store = torch.device("cpu") if offload else device
-    if not offload:
-        keys = [k.to(device) for k in keys]
-        values = [v.to(device) for v in values]
-    quantizers = [settings.quantizer(0), settings.quantizer(1)]
-    key_maps: list[AffineMap | None] = []
-    value_maps: list[AffineMap | None] = []
-    report = []
-    k_prev = v_prev = None
-    for layer in tqdm(range(len(keys)), desc="aquakv: fitting layers", disable=not progress, unit="layer"):
-        quantizer = quantizers[min(layer, 1)]
-        if layer == 0:
-            k_map, k_inputs = _mean_map(keys[0], n_fit, device), []
-        else:
-            k_inputs = [k_prev]
-            k_map = fit_ridge(_moments(k_inputs, keys[layer], n_fit, device), damping, rank)
-        k_hat, k_err = _reconstruct(k_map, k_inputs, keys[layer], quantizer, n_fit, device, store)
-        if layer == 0:
-            v_map, v_inputs = _mean_map(values[0], n_fit, device), []
-        else:
-            v_inputs = [k_hat, v_prev]
-            v_map = fit_ridge(_moments(v_inputs, values[layer], n_fit, device), damping, rank)
-        v_hat, v_err = _reconstruct(v_map, v_inputs, values[layer], quantizer, n_fit, device, store)
-        key_maps.append(k_map)
-        value_maps.append(v_map)
-        report.append({"layer": layer, **k_err.relative("key"), **v_err.relative("value")})
-        log.debug("layer %d: %s", layer, report[-1])
-        k_prev, v_prev = k_hat, v_hat
-    calibration = {"fit_tokens": n_fit, "held_out_tokens": keys[0].shape[0] - n_fit, "damping": damping, "rank": rank}
-    return AquaKVPredictors(key_maps, value_maps, settings, model_info, report, calibration)
+    fit = _SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device)
+    for k, v in tqdm(list(zip(keys, values)), desc="aquakv: fitting layers", disable=not progress, unit="layer"):
+        fit.add_layer(k if offload else k.to(device), v if offload else v.to(device))
+    return fit.predictors(model_info)
 
 
 def _log_summary(preds: AquaKVPredictors) -> None:

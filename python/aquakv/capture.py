@@ -1,0 +1,163 @@
+"""Pre-RoPE keys and values of calibration windows, captured one decoder layer at a time.
+
+The decoder runs layer by layer over all windows, as sequential (GPTQ-style) calibration does: only the hidden
+states entering the current layer are kept, so memory grows with tokens x hidden size, not with tokens x layers x
+2C. For Llama-3-8B on 128 windows of 4096 tokens that is ~4 GB (bf16 hidden states) instead of ~69 GB of fp16
+states of all 32 layers at once. Each layer is called with exactly the arguments the model's own forward passed
+to it, so the states are the ones a full forward computes.
+
+    for layer, keys, values in iter_layer_states(model, windows, sinks=4):   # keys, values: fp16 [N, C]
+        ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+from aquakv.hf_compat import cache_kwargs
+from aquakv.predictors import AquaKVPredictors
+from aquakv.rope import RotaryTracker, unrotate
+
+
+class _LayerCapture(DynamicCache):
+    """Takes one layer's update: keeps its keys un-rotated (exactly as AquaKVCache will see them) and its values,
+    as fp16 rows [T - sinks, C] on `store`; stores nothing as a cache."""
+
+    def __init__(self, config, cos_sin: tuple[torch.Tensor, torch.Tensor], sinks: int, store: torch.device):
+        super().__init__(config=config)
+        self.cos_sin, self.sinks, self.store = cos_sin, sinks, store
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        b, h, t, d = key_states.shape
+        keys = unrotate(key_states.float(), *self.cos_sin)
+        self.rows = tuple(x[:, :, self.sinks:].transpose(1, 2).reshape(-1, h * d).to(self.store, torch.float16)
+                          for x in (keys, value_states))
+        return key_states, value_states
+
+
+class _ReachedFirstLayer(Exception):
+    """Raised by the hook on the first decoder layer once it has seen that layer's inputs."""
+
+
+@dataclass
+class _LayerInputs:
+    """What the model's forward hands its decoder layers for one window length: the keyword arguments (causal
+    mask, rotary cos/sin, positions; they depend on the length only, not on the tokens) and the cos/sin the cache
+    un-rotates keys with."""
+
+    kwargs: dict
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (`model.model.layers` for the Llama family)."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"aquakv.calibrate: cannot find the decoder layers of {type(model).__name__} (expected a "
+                         f"ModuleList `layers` on its decoder, as in Llama-family models)")
+    return layers
+
+
+def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, window: torch.Tensor, tracker: RotaryTracker
+                        ) -> tuple[torch.Tensor, _LayerInputs]:
+    """Run the model on one window up to its first decoder layer: (hidden states [1, T, H], the layer inputs)."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise _ReachedFirstLayer
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        body(input_ids=window[None], use_cache=True, **cache_kwargs(body, DynamicCache(config=model.config)))
+    except _ReachedFirstLayer:
+        pass
+    finally:
+        handle.remove()
+    if "kwargs" not in seen:
+        raise RuntimeError("aquakv.calibrate: the model's forward never reached its first decoder layer")
+    kwargs = dict(seen["kwargs"])
+    hidden = seen["args"][0] if seen["args"] else kwargs.pop("hidden_states")
+    if len(seen["args"]) > 1:
+        raise ValueError("aquakv.calibrate: the decoder layers take positional arguments beyond the hidden states; "
+                         "layer-by-layer capture needs keyword arguments (Llama-family models)")
+    cos_sin = tracker.cos_sin(tracker.take(1, window.numel(), "aquakv.calibrate"))
+    return hidden, _LayerInputs(kwargs, cos_sin)
+
+
+def _with_cache(kwargs: dict, cache: Cache) -> dict:
+    """The layer's kwargs with our capture object in place of the cache the model's forward passed."""
+    out = {k: (cache if isinstance(v, Cache) else v) for k, v in kwargs.items()}
+    if not any(v is cache for v in out.values()):
+        raise RuntimeError("aquakv.calibrate: the model did not pass a cache to its decoder layers")
+    return out
+
+
+@torch.no_grad()
+def iter_layer_states(model: nn.Module, windows: list[torch.Tensor], sinks: int = 4, *, offload: bool = True,
+                      progress=None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield (layer, keys, values) for every decoder layer in order: pre-RoPE keys and values of all windows as fp16
+    rows [N, C] (windows in order, the first `sinks` tokens of each left out: the cache keeps those exact).
+
+    offload=True keeps the hidden states and rows on the CPU between layers; False keeps them on the model's
+    device. progress: a tqdm bar to advance by one per layer, or None.
+    """
+    info = AquaKVPredictors.model_info_of(model)
+    device = next(model.parameters()).device
+    store = torch.device("cpu") if offload else device
+    layers = decoder_layers(model)
+    if len(layers) != info["num_layers"]:
+        raise ValueError(f"aquakv.calibrate: {len(layers)} decoder layers but the config says {info['num_layers']}")
+    counts = [max(w.numel() - sinks, 0) for w in windows]
+    total = sum(counts)
+
+    tracker = RotaryTracker(model)
+    try:
+        hidden, inputs = [], {}
+        for w in windows:
+            h, layer_inputs = _first_layer_inputs(model, layers, w.to(device), tracker)
+            hidden.append(h.to(store))
+            inputs.setdefault(w.numel(), layer_inputs)
+    finally:
+        tracker.close()
+
+    for layer_idx, layer in enumerate(layers):
+        keys = torch.empty(total, info["kv_width"], dtype=torch.float16, device=store)
+        values = torch.empty_like(keys)
+        start = 0
+        last = layer_idx == len(layers) - 1
+        for i, (h, n) in enumerate(zip(hidden, counts)):
+            length = h.shape[1]
+            capture = _LayerCapture(model.config, inputs[length].cos_sin, sinks, store)
+            out = layer(h.to(device), **_with_cache(inputs[length].kwargs, capture))
+            if capture.rows is None:
+                raise RuntimeError(f"aquakv.calibrate: decoder layer {layer_idx} did not update the cache")
+            keys[start:start + n], values[start:start + n] = capture.rows
+            start += n
+            hidden[i] = None if last else (out[0] if isinstance(out, tuple) else out).to(store)
+        if progress is not None:
+            progress.update(1)
+        yield layer_idx, keys, values
+
+
+def capture_states(model: nn.Module, windows: list[torch.Tensor], sinks: int = 4, progress: bool = True
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every layer's pre-RoPE keys and values at once: fp16 CPU rows [N, C] per layer (see `iter_layer_states`,
+    which `aquakv.calibrate` uses to hold one layer at a time)."""
+    from tqdm.auto import tqdm
+
+    keys, values = [], []
+    with tqdm(total=AquaKVPredictors.model_info_of(model)["num_layers"], desc="aquakv: capturing KV", unit="layer",
+              disable=not progress) as bar:
+        for _, k, v in iter_layer_states(model, windows, sinks, progress=bar):
+            keys.append(k)
+            values.append(v)
+    return keys, values
