@@ -266,6 +266,11 @@ class _ChunkedLayer(CacheLayerMixin):
         return [t for t in (self.sink_k, self.sink_v, self.buf_k, self.buf_v) if t is not None]
 
 
+def _on(pair: KV | None, device: torch.device) -> KV | None:
+    """A pair of tensors on `device` (no copy when already there)."""
+    return None if pair is None else (pair[0].to(device), pair[1].to(device))
+
+
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=-2)
 
@@ -380,10 +385,10 @@ class ChunkedKVCache(Cache):
         codec = self.codec
         start = layer.num_sinks
         n_old, n_new = layer.num_quantized, layer.num_buffered if flush else 0
-        prev = self._previous(layer_idx, n_old + n_new)
+        prev = _on(self._previous(layer_idx, n_old + n_new), layer.device)  # layers may sit on several GPUs
         cos = sin = None
         if codec.pre_rope:
-            cos, sin = self._cos_sin(start, start + n_old + n_new)
+            cos, sin = _on(self._cos_sin(start, start + n_old + n_new), layer.device)
         hat_k, hat_v = [], []
         if n_old:
             pk = None if prev is None else (prev[0][:, :, :n_old], prev[1][:, :, :n_old])
@@ -427,11 +432,11 @@ class ChunkedKVCache(Cache):
             if layer.num_sinks:
                 parts.append((layer.sink_k, layer.sink_v))
             if layer.num_quantized:
-                k_hat, v_hat = self.codec.decode(layer_idx, layer.store, prev if layer_idx else None)
+                k_hat, v_hat = self.codec.decode(layer_idx, layer.store, _on(prev, layer.device) if layer_idx else None)
                 prev = (k_hat, v_hat)
                 if self.codec.pre_rope:
                     start = layer.num_sinks
-                    k_hat = rotate(k_hat, *self._cos_sin(start, start + layer.num_quantized))
+                    k_hat = rotate(k_hat, *_on(self._cos_sin(start, start + layer.num_quantized), layer.device))
                 parts.append((k_hat, v_hat))
             if layer.num_buffered:
                 parts.append((layer.buf_k, layer.buf_v))
