@@ -53,7 +53,8 @@ def load_model(model_dir: str | os.PathLike | None = None, gguf_file: str | None
     if gguf_file is None and not (model_dir / "config.json").is_file():
         ggufs = sorted(p.name for p in model_dir.glob("*.gguf"))
         if len(ggufs) != 1:
-            raise FileNotFoundError(f"{model_dir} has no config.json; pass gguf_file= (GGUF files there: {ggufs or 'none'})")
+            raise FileNotFoundError(f"{model_dir} has no config.json and not exactly one .gguf file (found: "
+                                    f"{ggufs or 'none'}); name the GGUF file (aquakv --gguf, load_model(gguf_file=))")
         gguf_file = ggufs[0]
     kwargs = dict(gguf_file=gguf_file, local_files_only=True)
     log.info("loading %s%s", model_dir, f" ({gguf_file})" if gguf_file else "")
