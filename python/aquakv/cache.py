@@ -345,21 +345,19 @@ class ChunkedKVCache(Cache):
             layer.buf_k, layer.buf_v = _cat(layer.buf_k, k_new), _cat(layer.buf_v, v_new)
             layer.num_buffered += k_new.shape[2]
 
-        # The quantized part as the model reads it, before this call's flush (flushed tokens are returned exact).
-        buf_k, buf_v = layer.buf_k, layer.buf_v
-        parts_k = [layer.sink_k] if layer.num_sinks else []
-        parts_v = [layer.sink_v] if layer.num_sinks else []
-        flush = layer.num_buffered >= self.buffer
-        if layer.num_quantized or flush:
-            k_old, v_old = self._update_quantized(layer_idx, layer, flush)
-            if k_old is not None:
-                parts_k.append(k_old)
-                parts_v.append(v_old)
-        if buf_k is not None:
-            parts_k.append(buf_k)
-            parts_v.append(buf_v)
-        keys = torch.cat([p.to(key_states.dtype) for p in parts_k], dim=-2)
-        values = torch.cat([p.to(value_states.dtype) for p in parts_v], dim=-2)
+        # What attention reads, assembled in place: sinks | quantized tokens as decoded before this call's flush |
+        # the buffer (the tokens this call flushes are returned exact).
+        sinks, old, buffered = layer.num_sinks, layer.num_quantized, layer.num_buffered
+        keys = key_states.new_empty((batch, layer.num_heads, sinks + old + buffered, layer.head_dim))
+        values = value_states.new_empty(keys.shape)
+        if sinks:
+            keys[:, :, :sinks], values[:, :, :sinks] = layer.sink_k, layer.sink_v
+        if buffered:
+            keys[:, :, sinks + old:], values[:, :, sinks + old:] = layer.buf_k, layer.buf_v
+        flush = buffered >= self.buffer
+        if old or flush:
+            self._update_quantized(layer_idx, layer, flush, keys[:, :, sinks:sinks + old],
+                                   values[:, :, sinks:sinks + old])
         return keys, values
 
     def _cos_sin(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,10 +376,11 @@ class ChunkedKVCache(Cache):
                                f"of {num_tokens} tokens from this forward, found {got}")
         return self._prev[1]
 
-    def _update_quantized(self, layer_idx: int, layer: _ChunkedLayer, flush: bool
-                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Decode the layer's store, encode the buffer as a new chunk if `flush`; keep this layer's
-        reconstruction for the next layer. Returns the decoded OLD quantized tokens as the model reads them."""
+    def _update_quantized(self, layer_idx: int, layer: _ChunkedLayer, flush: bool, out_k: torch.Tensor,
+                          out_v: torch.Tensor) -> None:
+        """Decode the layer's store into out_k / out_v ([B, H, num_quantized, D] views of what attention reads; keys
+        re-rotated), encode the buffer as a new chunk if `flush`, and keep this layer's reconstruction of all its
+        quantized tokens for the next layer."""
         codec = self.codec
         start = layer.num_sinks
         n_old, n_new = layer.num_quantized, layer.num_buffered if flush else 0
@@ -413,11 +412,12 @@ class ChunkedKVCache(Cache):
             layer.buf_k = layer.buf_v = None
             layer.num_buffered = 0
         if not n_old:
-            return None, None
-        k_old = hat_k[0]
+            return
         if codec.pre_rope:
-            k_old = rotate(k_old, cos[:, :n_old], sin[:, :n_old])
-        return k_old, hat_v[0]
+            rotate(hat_k[0], cos[:, :n_old], sin[:, :n_old], out=out_k)
+        else:
+            out_k.copy_(hat_k[0])
+        out_v.copy_(hat_v[0])
 
     @torch.no_grad()
     def materialize(self, dtype: torch.dtype = torch.float32) -> list[KV]:

@@ -27,10 +27,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE like the model does. x: [B, H, T, D]; cos, sin: [B, T, D] -> [B, H, T, D]."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply RoPE like the model does: x * cos + rotate_half(x) * sin. x: [B, H, T, D]; cos, sin: [B, T, D].
+
+    out: a [B, H, T, D] tensor or view (e.g. a slice of the keys handed to attention) to write into, in any float
+    dtype; the arithmetic is float32 and rounded once. Written half by half with mul + addcmul, so decoding
+    every cached token at every step makes two passes instead of rotate_half's copies. Returns out (or a new
+    float32 tensor).
+    """
+    h = x.shape[-1] // 2
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
+    res = out if out is not None and out.dtype == torch.float32 else x.new_empty(x.shape, dtype=torch.float32)
+    x1, x2 = x[..., :h], x[..., h:]
+    torch.mul(x1, cos[..., :h], out=res[..., :h]).addcmul_(x2, sin[..., :h], value=-1)
+    torch.mul(x2, cos[..., h:], out=res[..., h:]).addcmul_(x1, sin[..., h:])
+    if out is None or res is out:
+        return res
+    return out.copy_(res)
 
 
 def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
