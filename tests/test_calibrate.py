@@ -143,6 +143,20 @@ def test_calibration_shapes_report_and_determinism(model, data, preds):
     assert "key_pred_rel_mse" in format_report(preds)
 
 
+def test_fit_predictors_on_captured_states_equals_calibrate(model, data, preds):
+    """The two halves (capture every layer, then fit) give what calibrate's layer-by-layer stream gives."""
+    from aquakv.calibrate import _split, fit_predictors
+    from aquakv.predictors import AquaKVPredictors
+
+    windows = make_windows(data, window=100)
+    keys, values = capture_states(model, windows, sinks=4, progress=False)
+    n_fit, _ = _split(windows, 4, 0.1)
+    got = fit_predictors(keys, values, n_fit, preds.settings, AquaKVPredictors.model_info_of(model), progress=False)
+    for a, b in zip(preds.key_maps + preds.value_maps, got.key_maps + got.value_maps):
+        assert all(torch.equal(t, b.tensors()[name]) for name, t in a.tensors().items())
+    assert got.report == preds.report
+
+
 def test_adapters_beat_higgs_alone_on_held_out_tokens(preds):
     """The product claim at small scale: predicting from the previous layer shrinks what 2-bit HIGGS must code.
     On this random-weight model the held-out error drops ~1.5x (keys) and ~3x (values); demand a clear margin."""
