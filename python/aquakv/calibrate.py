@@ -219,7 +219,7 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be >= 1 or None, got {rank}")
     windows = make_windows(data, tokenizer, window, max_windows, min_tokens=sinks + 1)
-    n_fit, n_held = _split(windows, sinks, held_out)
+    n_fit, _ = _split(windows, sinks, held_out)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     fit = _SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device)
     with tqdm(total=info["num_layers"], desc="aquakv: calibrating layers", unit="layer", disable=not progress) as bar:

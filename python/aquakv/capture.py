@@ -55,10 +55,14 @@ class _LayerInputs:
     cos_sin: tuple[torch.Tensor, torch.Tensor]
 
 
+def _decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (whose [T, vocab] logits calibration does not need)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder layers (`model.model.layers` for the Llama family)."""
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(body, "layers", None)
+    layers = getattr(_decoder(model), "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(f"aquakv.calibrate: cannot find the decoder layers of {type(model).__name__} (expected a "
                          f"ModuleList `layers` on its decoder, as in Llama-family models)")
@@ -68,7 +72,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, window: torch.Tensor, tracker: RotaryTracker
                         ) -> tuple[torch.Tensor, _LayerInputs]:
     """Run the model on one window up to its first decoder layer: (hidden states [1, T, H], the layer inputs)."""
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+    body = _decoder(model)
     seen = {}
 
     def hook(module, args, kwargs):
@@ -84,11 +88,11 @@ def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, window: torch.T
         handle.remove()
     if "kwargs" not in seen:
         raise RuntimeError("aquakv.calibrate: the model's forward never reached its first decoder layer")
-    kwargs = dict(seen["kwargs"])
-    hidden = seen["args"][0] if seen["args"] else kwargs.pop("hidden_states")
     if len(seen["args"]) > 1:
         raise ValueError("aquakv.calibrate: the decoder layers take positional arguments beyond the hidden states; "
                          "layer-by-layer capture needs keyword arguments (Llama-family models)")
+    kwargs = dict(seen["kwargs"])
+    hidden = seen["args"][0] if seen["args"] else kwargs.pop("hidden_states")
     cos_sin = tracker.cos_sin(tracker.take(1, window.numel(), "aquakv.calibrate"))
     return hidden, _LayerInputs(kwargs, cos_sin)
 
