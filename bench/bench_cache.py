@@ -45,11 +45,11 @@ def load(random_weights: bool, device: str, seed: int):
 
 
 def cache_factories(model, text: torch.Tensor, predictors_path: str | None, seed: int):
-    from aquakv.cache import AquaKVCache, HiggsCache
-    from aquakv.calibrate import calibrate
-    from aquakv.eval import Fp16Cache
-    from aquakv.kivi import KiviCache
-    from aquakv.predictors import AquaKVPredictors
+    from aquakv.kv import AquaKVCache, HiggsCache
+    from aquakv.kv.calibration import calibrate
+    from aquakv.kv.baselines import Fp16Cache
+    from aquakv.kv.kivi import KiviCache
+    from aquakv.kv.predictors import AquaKVPredictors
 
     def quick(rank: int | None) -> AquaKVPredictors:  # speed does not depend on how well the predictors fit
         return calibrate(model, [text[-2048:]], bits=2, window=512, rank=rank, seed=seed, progress=False)
@@ -95,7 +95,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from aquakv.eval import cache_nbytes
+    from aquakv.evaluation.perplexity import cache_nbytes
 
     torch.manual_seed(args.seed)
     model, text = load(args.random_weights, args.device, args.seed)

@@ -9,9 +9,9 @@ import torch
 from tiny_llama import make_tiny_llama, random_token_windows
 from transformers import DynamicCache
 
-from aquakv.cache import AquaKVCache, ChunkedKVCache, HiggsCache
-from aquakv.calibrate import calibrate
-from aquakv.predictors import AquaKVPredictors
+from aquakv.kv import AquaKVCache, ChunkedKVCache, HiggsCache
+from aquakv.kv.calibration import calibrate
+from aquakv.kv.predictors import AquaKVPredictors
 from aquakv.hf_compat import cache_kwargs
 
 # Logits of the tiny model have std ~1.6. quantize=False differs from DynamicCache only by the un-rotation /

@@ -15,8 +15,8 @@ from test_cache import _chunk_errors, _feed, _record_updates
 from tiny_llama import make_tiny_llama, random_token_windows
 from transformers import DynamicCache
 
-from aquakv.cache import AquaKVCache, HiggsCache
-from aquakv.calibrate import calibrate
+from aquakv.kv import AquaKVCache, HiggsCache
+from aquakv.kv.calibration import calibrate
 from aquakv.hf_compat import cache_kwargs
 
 DEVICE = os.environ.get("AQUAKV_GPU_TEST_DEVICE", "cuda")

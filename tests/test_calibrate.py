@@ -3,7 +3,9 @@ import pytest
 import torch
 from tiny_llama import make_tiny_llama, random_token_windows
 
-from aquakv.calibrate import _moments, calibrate, capture_states, fit_ridge, format_report, make_windows
+from aquakv.kv.calibration import calibrate, format_report, make_windows
+from aquakv.kv.capture import capture_states
+from aquakv.kv.fit import _moments, fit_ridge
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +67,9 @@ def test_capture_equals_k_proj_and_v_proj_outputs(model):
 def test_layer_by_layer_capture_equals_full_forwards_for_mixed_window_lengths(model):
     """Windows of two lengths (a shorter tail window) go through the layers one layer at a time, each with the
     arguments of its own length; every layer's rows equal those of a full forward of that window."""
-    from aquakv.capture import iter_layer_states
+    from aquakv.kv.capture import iter_layer_states
     from aquakv.hf_compat import cache_kwargs
-    from aquakv.rope import RotaryTracker, unrotate
+    from aquakv.kv.rope import RotaryTracker, unrotate
     from transformers import DynamicCache
 
     windows = random_token_windows(2, 40, seed=3) + random_token_windows(1, 23, seed=4)
@@ -92,7 +94,7 @@ def test_layer_by_layer_capture_equals_full_forwards_for_mixed_window_lengths(mo
 
 
 def test_capture_refuses_a_model_without_decoder_layers():
-    from aquakv.capture import decoder_layers
+    from aquakv.kv.capture import decoder_layers
 
     with pytest.raises(ValueError, match="decoder layers"):
         decoder_layers(torch.nn.Linear(2, 2))
@@ -145,8 +147,9 @@ def test_calibration_shapes_report_and_determinism(model, data, preds):
 
 def test_fit_predictors_on_captured_states_equals_calibrate(model, data, preds):
     """The two halves (capture every layer, then fit) give what calibrate's layer-by-layer stream gives."""
-    from aquakv.calibrate import _split, fit_predictors
-    from aquakv.predictors import AquaKVPredictors
+    from aquakv.kv.calibration import _split
+    from aquakv.kv.fit import fit_predictors
+    from aquakv.kv.predictors import AquaKVPredictors
 
     windows = make_windows(data, window=100)
     keys, values = capture_states(model, windows, sinks=4, progress=False)
@@ -199,9 +202,10 @@ def test_layer0_options_and_rank(model, data):
         calibrate(model, data, bits=2.3, window=100, progress=False)
 
 
-def test_package_level_calibrate_is_callable_after_submodule_import(model, data):
-    """`import aquakv.calibrate` rebinds aquakv.calibrate to the submodule; the public call must still work."""
+def test_package_level_calibrate_is_the_function_after_submodule_import(model, data):
+    """The calibration module is aquakv.kv.calibration, so importing it never rebinds aquakv.calibrate."""
     import aquakv
-    import aquakv.calibrate  # noqa: F401
+    import aquakv.kv.calibration  # noqa: F401
+    assert callable(aquakv.calibrate) and not isinstance(aquakv.calibrate, type(aquakv))
     preds = aquakv.calibrate(model, data[:3], window=100, progress=False)
     assert preds.num_layers == 4 and preds.has_adapters

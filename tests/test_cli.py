@@ -44,7 +44,7 @@ def test_command_help_explains_its_options(capsys, command, expected):
 
 
 def test_quantize_weights_is_wired_in_when_available(capsys):
-    pytest.importorskip("aquakv.weights.cli")
+    pytest.importorskip("aquakv.cli.weights")
     with pytest.raises(SystemExit) as e:
         cli.main(["quantize-weights", "--help"])
     assert e.value.code == 0
@@ -52,7 +52,7 @@ def test_quantize_weights_is_wired_in_when_available(capsys):
 
 
 def test_quantize_weights_errors_get_the_same_one_line_form(capsys, tmp_path):
-    pytest.importorskip("aquakv.weights.cli")
+    pytest.importorskip("aquakv.cli.weights")
     code, _, err = run(capsys, "quantize-weights", "--model", str(tmp_path / "none"), "--bits", "4", "--out",
                        str(tmp_path / "q"))
     assert_one_line_error(code, err, "aquakv quantize-weights: error:", "not found")

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from aquakv.eval import (Fp16Cache, cache_nbytes, evaluate_perplexity, format_table, kv_values, relative_increase,
+from aquakv.kv.baselines import Fp16Cache
+from aquakv.evaluation.perplexity import (cache_nbytes, evaluate_perplexity, format_table, kv_values, relative_increase,
                          window_nll)
-from aquakv.kivi import kivi_factory
+from aquakv.kv.kivi import kivi_factory
 from aquakv.hf_compat import cache_kwargs
 from tiny_llama import make_tiny_llama, random_token_windows
 
@@ -111,7 +112,7 @@ def test_relative_increase_and_table():
     assert relative_increase(10.0, 10.0) == 0.0
     with pytest.raises(ValueError, match="positive"):
         relative_increase(1.0, 0.0)
-    from aquakv.eval import PerplexityResult
+    from aquakv.evaluation import PerplexityResult
 
     rows = [("fp16", PerplexityResult(10.0, math.log(10.0), 100, 1, 2 * 2 ** 20, 16.0, 3.0)),
             ("KIVI-2", PerplexityResult(12.5, math.log(12.5), 100, 1, None, None, 40.2))]

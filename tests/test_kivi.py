@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from aquakv.kivi import (KiviCache, KiviCodec, dequantize_uniform, pack_codes, quantize_uniform,
-                         transformers_cache_backends, transformers_quantized_factory, unpack_codes)
-from aquakv.eval import Fp16Cache
+from aquakv.kv.baselines import Fp16Cache, transformers_cache_backends, transformers_quantized_factory
+from aquakv.kv.kivi import KiviCache, KiviCodec, dequantize_uniform, pack_codes, quantize_uniform, unpack_codes
 from aquakv.hf_compat import cache_kwargs
 from tiny_llama import make_tiny_llama, random_token_windows
 

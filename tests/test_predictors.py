@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_llama import make_tiny_llama
 
-from aquakv.predictors import AffineMap, AquaKVPredictors, AquaKVSettings
+from aquakv.kv.predictors import AffineMap, AquaKVPredictors, AquaKVSettings
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
-"""aquakv.rope: re-rotation (into views of other dtypes) and un-rotation against the model's own RoPE."""
+"""aquakv.kv.rope: re-rotation (into views of other dtypes) and un-rotation against the model's own RoPE."""
 import pytest
 import torch
 from tiny_llama import make_tiny_llama
 
-from aquakv.rope import RotaryTracker, rotate, unrotate
+from aquakv.kv.rope import RotaryTracker, rotate, unrotate
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ def held_out(smollm2):
 
 @pytest.fixture(scope="session")
 def predictors_2bit(smollm2):
-    from aquakv.calibrate import calibrate
+    from aquakv.kv.calibration import calibrate
     from aquakv.data import default_texts, tokenize
 
     model, tokenizer = smollm2
@@ -48,16 +48,17 @@ def predictors_2bit(smollm2):
 
 
 def perplexity(model, tokens, factory):
-    from aquakv.eval import evaluate_perplexity
+    from aquakv.evaluation import evaluate_perplexity
 
     return evaluate_perplexity(model, tokens, factory, window=WINDOW, step=32, max_windows=EVAL_WINDOWS,
                                batch_size=EVAL_WINDOWS, progress=False)
 
 
 def test_aquakv2_beats_higgs2_and_kivi2_on_held_out_text(smollm2, held_out, predictors_2bit):
-    from aquakv.cache import AquaKVCache, HiggsCache
-    from aquakv.eval import Fp16Cache, format_table
-    from aquakv.kivi import kivi_factory
+    from aquakv.kv import AquaKVCache, HiggsCache
+    from aquakv.evaluation import format_table
+    from aquakv.kv.baselines import Fp16Cache
+    from aquakv.kv.kivi import kivi_factory
 
     model, _ = smollm2
     rows = [("fp16", perplexity(model, held_out, Fp16Cache)),

@@ -226,7 +226,7 @@ class _CharTokenizer:
 
 
 def _cli(argv):
-    from aquakv.weights.cli import add_parser
+    from aquakv.cli.weights import add_parser
 
     parser = argparse.ArgumentParser(prog="aquakv")
     add_parser(parser.add_subparsers(dest="command", required=True))
@@ -253,7 +253,7 @@ def test_cli_budget_end_to_end_on_tiny_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(aquakv.models, "load_model", lambda *a, **k: (make_tiny_llama(seed=6), _CharTokenizer()))
     args = _cli(["quantize-weights", "--budget", "3.0625", "--out", str(tmp_path), "--eval", "--group-size", "64",
                  "--calib-windows", "2", "--calib-len", "32", "--eval-window", "64", "--eval-windows", "2"])
-    from aquakv.weights.cli import quantize_weights
+    from aquakv.cli.weights import quantize_weights
 
     results = quantize_weights(args)
     methods = [r["method"] for r in results["rows"]]

@@ -17,12 +17,12 @@ __version__ = _C.__version__
 
 # Names whose modules pull in transformers are imported on first use, so `import aquakv` stays light.
 _LAZY = {
-    "calibrate": "aquakv.calibrate",
-    "AquaKVPredictors": "aquakv.predictors",
-    "AquaKVCache": "aquakv.cache",
-    "HiggsCache": "aquakv.cache",
-    "KiviCache": "aquakv.kivi",
-    "evaluate_perplexity": "aquakv.eval",
+    "calibrate": "aquakv.kv",
+    "AquaKVPredictors": "aquakv.kv",
+    "AquaKVCache": "aquakv.kv",
+    "HiggsCache": "aquakv.kv",
+    "KiviCache": "aquakv.kv",
+    "evaluate_perplexity": "aquakv.evaluation",
     "weights": "aquakv.weights",
 }
 

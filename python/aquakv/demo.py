@@ -72,11 +72,12 @@ def run_demo(device: str = "cpu", quick: bool = False, seed: int = 0, progress: 
     config: sizes (default DemoConfig(), or QUICK with quick=True). model, tokenizer: use these instead of
     loading the bundled SmolLM2 (the tokenizer must have a chat template for the generation step).
     """
-    from aquakv.cache import AquaKVCache, HiggsCache
-    from aquakv.calibrate import calibrate  # not aquakv.calibrate: once imported, that name is the submodule
+    from aquakv.kv import AquaKVCache, HiggsCache
+    from aquakv.kv import calibrate
     from aquakv.data import default_texts, tokenize
-    from aquakv.eval import evaluate_perplexity, fp16_cache_factory, format_table
-    from aquakv.kivi import kivi_factory, transformers_cache_backends, transformers_quantized_factory
+    from aquakv.evaluation import evaluate_perplexity, format_table
+    from aquakv.kv.baselines import fp16_cache_factory, transformers_cache_backends, transformers_quantized_factory
+    from aquakv.kv.kivi import kivi_factory
     from aquakv.models import load_model
 
     cfg = config or (QUICK if quick else DemoConfig())

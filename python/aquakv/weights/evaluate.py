@@ -1,6 +1,6 @@
 """Plain windowed perplexity for weight experiments: each window is one forward pass, no KV cache.
 
-(The KV-cache protocol of DESIGN §3, 32-token steps through a cache, lives in aquakv.eval; weight
+(The KV-cache protocol of DESIGN §3, 32-token steps through a cache, lives in aquakv.evaluation; weight
 quantization changes no cache, so one pass per window measures the same thing much faster.)
 """
 from __future__ import annotations

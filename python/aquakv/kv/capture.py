@@ -20,8 +20,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from aquakv.hf_compat import cache_kwargs
-from aquakv.predictors import AquaKVPredictors
-from aquakv.rope import RotaryTracker, unrotate
+from aquakv.kv.predictors import AquaKVPredictors
+from aquakv.kv.rope import RotaryTracker, unrotate
 
 
 class _LayerCapture(DynamicCache):

@@ -83,37 +83,6 @@ def default_cache_factory(model: torch.nn.Module) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
-class Fp16Layer(DynamicLayer):
-    """A DynamicLayer that stores fp16 and hands the model its own dtype."""
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.keys, self.values = self.keys.half(), self.values.half()
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = super().update(key_states.half(), value_states.half())
-        return keys.to(key_states.dtype), values.to(value_states.dtype)
-
-
-class Fp16Cache(Cache):
-    """Unquantized cache storing keys and values in fp16 whatever the model's dtype: the usual serving baseline
-    (an fp32 CPU model's DynamicCache would hold 32 bits per value)."""
-
-    def __init__(self, model: torch.nn.Module):
-        cfg = model.config.get_text_config(decoder=True)
-        super().__init__(layers=[Fp16Layer() for _ in range(cfg.num_hidden_layers)])
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers
-                   for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
-
-
-def fp16_cache_factory(model: torch.nn.Module) -> Fp16Cache:
-    """cache_factory of the unquantized fp16 baseline."""
-    return Fp16Cache(model)
-
-
 def _size(nbytes: Optional[float]) -> str:
     if nbytes is None:
         return "n/a"

@@ -9,7 +9,7 @@ KIVI (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV
 - the newest tokens stay in an fp16 residual window of up to R = 128 tokens.
 
 Here the numbers live in `KiviCodec` and the residual window is the fp16 buffer of the package's chunking
-policy (`aquakv.cache.ChunkedKVCache`): once the buffer holds >= `buffer` tokens they are quantized as one
+policy (`aquakv.kv.policy.ChunkedKVCache`): once the buffer holds >= `buffer` tokens they are quantized as one
 chunk, keys in groups of `group_size` tokens per channel, values per token. (KIVI proper releases values
 from the window one token at a time; flushing whole chunks keeps between 0 and R values in fp16 instead of
 exactly R, and lets every codec of the package share one policy.) Nothing here needs calibration. Codes are
@@ -19,12 +19,12 @@ fp16 scales and zero points, fp16 sinks and buffer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-from transformers.cache_utils import Cache
 
-from aquakv.cache import ChunkedKVCache, KVCodec
+from aquakv.kv.codec import KVCodec
+from aquakv.kv.policy import ChunkedKVCache
 
 _SUPPORTED_BITS = (1, 2, 4, 8)
 
@@ -111,7 +111,7 @@ class KiviChunk:
 
 
 class KiviCodec(KVCodec):
-    """KIVI's numbers as a codec of `aquakv.cache.ChunkedKVCache` (which owns the fp16 sinks and buffer).
+    """KIVI's numbers as a codec of `aquakv.kv.policy.ChunkedKVCache` (which owns the fp16 sinks and buffer).
 
     bits: 1, 2, 4 or 8. group_size: tokens per key group and channels per value group (capped at head_dim).
     pre_rope: quantize keys before RoPE (KIVI quantizes the post-RoPE keys the model hands the cache: False).
@@ -212,66 +212,5 @@ class KiviCache(ChunkedKVCache):
 
 
 def kivi_factory(bits: int = 2, **kwargs) -> Callable[[torch.nn.Module], KiviCache]:
-    """A cache_factory for `aquakv.eval.evaluate_perplexity`: model -> fresh KiviCache(model, bits, **kwargs)."""
+    """A cache_factory for `aquakv.evaluation.evaluate_perplexity`: model -> fresh KiviCache(model, bits, **kwargs)."""
     return lambda model: KiviCache(model, bits, **kwargs)
-
-
-# -- transformers' own quantized cache -----------------------------------------------------------------------
-def transformers_cache_backends() -> dict[str, Optional[str]]:
-    """Backends of transformers.QuantizedCache -> None if usable here, else why not.
-
-    fp8 is built into transformers (per-tensor fp8 e4m3, scale frozen after the first update);
-    quanto and hqq need optional packages (optimum-quanto, hqq).
-    """
-    import importlib.util
-
-    def missing(module: str, package: str) -> Optional[str]:
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            found = False
-        return None if found else f"needs the `{package}` package"
-
-    return {"quanto": missing("optimum.quanto", "optimum-quanto"), "hqq": missing("hqq", "hqq"),
-            "fp8": None if hasattr(torch, "float8_e4m3fn") else "needs torch with float8_e4m3fn"}
-
-
-def _hf_layer_nbytes(layer) -> tuple[Optional[int], int]:
-    """(stored bytes or None when the backend's storage is opaque, logical value count) of one layer."""
-    from transformers.cache_utils import Fp8QuantizedLayer
-
-    n_values = 0
-    nbytes: Optional[int] = None
-    q_keys, q_values = getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None)
-    if isinstance(layer, Fp8QuantizedLayer) and q_keys is not None:
-        (k, k_scale), (v, v_scale) = q_keys, q_values
-        nbytes = sum(t.numel() * t.element_size() for t in (k, k_scale, v, v_scale))
-        n_values = k.numel() + v.numel()
-    return nbytes, n_values
-
-
-def transformers_quantized_factory(backend: str = "fp8", bits: int = 4) -> Callable[[torch.nn.Module], Cache]:
-    """A cache_factory building transformers.QuantizedCache(backend, ...) with `nbytes` / `bits_per_value`.
-
-    Storage is reported for the fp8 backend only (quanto and hqq keep it in opaque objects: None).
-    Raises RuntimeError when the backend is not installed (see `transformers_cache_backends`).
-    """
-    from transformers import QuantizedCache
-
-    why_not = transformers_cache_backends().get(backend, f"unknown backend {backend!r}")
-    if why_not is not None:
-        raise RuntimeError(f"transformers QuantizedCache backend {backend!r} is unavailable: {why_not}")
-
-    class _MeasuredQuantizedCache(QuantizedCache):
-        def nbytes(self) -> Optional[int]:
-            sizes = [_hf_layer_nbytes(layer)[0] for layer in self.layers]
-            return None if any(s is None for s in sizes) else sum(sizes)
-
-        def bits_per_value(self) -> Optional[float]:
-            nbytes = self.nbytes()
-            values = sum(_hf_layer_nbytes(layer)[1] for layer in self.layers)
-            return 8.0 * nbytes / values if nbytes is not None and values else None
-
-    if backend == "fp8":
-        return lambda model: _MeasuredQuantizedCache("fp8", model.config)
-    return lambda model: _MeasuredQuantizedCache(backend, model.config, nbits=bits)

@@ -185,7 +185,7 @@ def _setup(args: argparse.Namespace) -> None:
 
 # ---- calibrate ----------------------------------------------------------------------------------------------
 def run_calibrate(args: argparse.Namespace) -> int:
-    from aquakv.calibrate import calibrate  # not aquakv.calibrate: once imported, that name is the submodule
+    from aquakv.kv import calibrate
 
     _check_model_args(args)
     _check_files(args.text, "text file")
@@ -245,8 +245,9 @@ def add_calibrate(sub) -> None:
 # ---- eval ---------------------------------------------------------------------------------------------------
 def baseline_factories(names: Sequence[str], predictors) -> list[tuple[str, Optional[Callable], Optional[str]]]:
     """(row name, cache factory or None, note) for each requested baseline; a missing backend gives a note."""
-    from aquakv.cache import HiggsCache
-    from aquakv.kivi import kivi_factory, transformers_cache_backends, transformers_quantized_factory
+    from aquakv.kv import HiggsCache
+    from aquakv.kv.baselines import transformers_cache_backends, transformers_quantized_factory
+    from aquakv.kv.kivi import kivi_factory
 
     rows: list[tuple[str, Optional[Callable], Optional[str]]] = []
     backends = transformers_cache_backends()
@@ -266,7 +267,8 @@ def baseline_factories(names: Sequence[str], predictors) -> list[tuple[str, Opti
 
 def run_eval(args: argparse.Namespace) -> int:
     import aquakv
-    from aquakv.eval import evaluate_perplexity, fp16_cache_factory, format_table
+    from aquakv.evaluation import evaluate_perplexity, format_table
+    from aquakv.kv.baselines import fp16_cache_factory
 
     _check_model_args(args)
     _check_files(args.text, "text file")
@@ -360,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate(sub)
     add_eval(sub)
     try:
-        from aquakv.weights import cli as weights_cli
+        from aquakv.cli import weights as weights_cli
     except ImportError as e:  # the weights subpackage is optional
         log.debug("quantize-weights unavailable: %s", e)
     else:

@@ -199,7 +199,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Stand-alone entry (python -m aquakv.weights.cli ...), for use before aquakv.cli wires it in."""
+    """Stand-alone entry (python -m aquakv.cli.weights ...), for use before aquakv.cli wires it in."""
     parser = argparse.ArgumentParser(prog="aquakv")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -1,0 +1,139 @@
+"""Calibration of AQUA-KV predictors (DESIGN.md §2): capture pre-RoPE keys and values on calibration text one layer
+at a time (aquakv.kv.capture) and fit that layer's affine predictors in closed form, in layer order, with quantization
+in the loop.
+
+    preds = aquakv.calibrate(model, token_ids_or_texts, bits=2, tokenizer=tok, window=1024, max_windows=64)
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from aquakv.kv.capture import iter_layer_states
+from aquakv.kv.fit import _SequentialFit
+from aquakv.kv.predictors import AquaKVPredictors, AquaKVSettings, _layer0_bits
+
+log = logging.getLogger(__name__)
+
+
+def make_windows(data, tokenizer=None, window: int = 1024, max_windows: int | None = None,
+                 min_tokens: int = 1) -> list[torch.Tensor]:
+    """Calibration windows: 1-D LongTensors of at most `window` tokens.
+
+    data: a list of 1-D LongTensors (each cut into consecutive windows; a shorter tail is kept as its own window),
+          a single 1-D LongTensor, or a list of strings with `tokenizer` (concatenated with EOS, then cut).
+    max_windows: keep this many windows spread evenly over all of them (deterministic), not just the first ones.
+    min_tokens: drop windows with fewer tokens.
+    """
+    from aquakv.data import tokenize
+
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    if isinstance(data, str) or not isinstance(data, Sequence) or len(data) == 0:
+        raise TypeError("data must be a non-empty list of 1-D LongTensors of token ids, or of strings with tokenizer=")
+    if all(isinstance(d, str) for d in data):
+        if tokenizer is None:
+            raise ValueError("data is a list of strings: pass tokenizer= to turn them into token ids")
+        data = [tokenize(tokenizer, data)]
+    seqs = []
+    for i, d in enumerate(data):
+        if not isinstance(d, torch.Tensor) or d.dim() != 1 or d.is_floating_point() or d.is_complex():
+            raise TypeError(f"data[{i}] must be a 1-D integer tensor of token ids, got "
+                            f"{type(d).__name__ if not isinstance(d, torch.Tensor) else f'{d.dtype} {tuple(d.shape)}'}")
+        seqs += [w.long() for w in d.split(window) if w.numel() >= min_tokens]
+    if not seqs:
+        raise ValueError(f"no calibration window holds at least {min_tokens} tokens")
+    if max_windows is not None and max_windows < len(seqs):
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        seqs = [seqs[(i * len(seqs)) // max_windows] for i in range(max_windows)]
+    return seqs
+
+
+def _split(windows: list[torch.Tensor], sinks: int, held_out: float) -> tuple[int, int]:
+    """(fit rows, held-out rows) of the captured rows: the last `held_out` share of windows is held out (of a
+    single window: its last share of rows)."""
+    counts = [max(w.numel() - sinks, 0) for w in windows]
+    total = sum(counts)
+    if len(windows) >= 2:
+        n_hold = min(max(1, round(held_out * len(windows))), len(windows) - 1)
+        held = sum(counts[-n_hold:])
+    else:
+        held = int(total * held_out)
+    if total - held < 2 or held < 1:
+        raise ValueError(f"calibration has {total} usable tokens (after {sinks} sink tokens per window): too few to "
+                         f"fit and hold out; pass more or longer windows")
+    return total - held, held
+
+
+@torch.no_grad()
+def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 1024, max_windows: int | None = None,
+              rank: int | None = None, group_size: int | None = None, grid_dim: int = 2,
+              layer0_bits: float | str = 4, seed: int = 0, device: str | torch.device | None = None,
+              offload: bool = True, damping: float = 1e-3, sinks: int = 4, held_out: float = 0.1,
+              progress: bool = True) -> AquaKVPredictors:
+    """Fit AQUA-KV predictors for `model` on calibration data.
+
+    data: 1-D LongTensors of token ids (any length, cut into windows of `window` tokens) or strings + tokenizer=.
+    bits: code bits per value for layers >= 1 (HIGGS grid (grid_dim, 2**(bits*grid_dim)), group_size = head_dim
+      by default). layer0_bits: bits of layer 0's centered quantizer, or "fp16" to keep layer 0 exact.
+    rank: reduced-rank predictors (two factors of rank r) instead of dense C x C / 2C x C maps.
+    damping: ridge damping relative to the mean diagonal of the centered X^T X. sinks: leading tokens of each window
+      left out (the cache keeps them exact). held_out: share of windows held out for the per-layer report.
+    device: where the fit runs (default: the model's device). The model runs one decoder layer at a time over all
+      windows (aquakv.kv.capture), so memory holds the hidden states entering one layer plus that layer's states and
+      the previous layer's reconstructions, for all calibration tokens, whatever the depth of the model.
+      offload=True keeps those on the CPU and streams them through `device`; offload=False keeps them on the
+      devices (faster on a GPU with room to spare).
+    Deterministic for fixed inputs and settings. The report (predictors.report) holds per layer the held-out
+    relative MSE of the predictions, of the final reconstruction, and of HIGGS alone at the same bits.
+    """
+    t0 = time.perf_counter()
+    info = AquaKVPredictors.model_info_of(model)
+    settings = AquaKVSettings(bits=bits, grid_dim=grid_dim, seed=seed, layer0_bits=_layer0_bits(layer0_bits),
+                              group_size=group_size or AquaKVPredictors.default_group_size(info["head_dim"]))
+    settings.quantizer(0), settings.quantizer(1)  # validates bits/grid/group before the slow part
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be >= 1 or None, got {rank}")
+    windows = make_windows(data, tokenizer, window, max_windows, min_tokens=sinks + 1)
+    n_fit, _ = _split(windows, sinks, held_out)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    fit = _SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device)
+    with tqdm(total=info["num_layers"], desc="aquakv: calibrating layers", unit="layer", disable=not progress) as bar:
+        for _, keys, values in iter_layer_states(model, windows, sinks, offload=offload, progress=bar):
+            fit.add_layer(keys, values)
+    preds = fit.predictors(info)
+    preds.calibration.update({"windows": len(windows), "window": window, "sinks": sinks,
+                              "seconds": round(time.perf_counter() - t0, 1)})
+    _log_summary(preds)
+    return preds
+
+
+def _log_summary(preds: AquaKVPredictors) -> None:
+    def mean(key: str) -> float:
+        vals = [r[key] for r in preds.report[1:]] or [r[key] for r in preds.report]
+        return sum(vals) / len(vals)
+
+    log.info("calibrated %r on %d tokens (%d held out) in %.1f s", preds, preds.calibration["fit_tokens"],
+             preds.calibration["held_out_tokens"], preds.calibration.get("seconds", math.nan))
+    log.info("held-out relative MSE, mean over layers >= 1: prediction K %.4f V %.4f; reconstruction K %.4f V %.4f "
+             "(HIGGS alone: K %.4f V %.4f)", mean("key_pred_rel_mse"), mean("value_pred_rel_mse"),
+             mean("key_rel_err"), mean("value_rel_err"), mean("key_higgs_rel_err"), mean("value_higgs_rel_err"))
+
+
+def format_report(preds: AquaKVPredictors) -> str:
+    """The per-layer held-out report as a text table."""
+    cols = ["key_pred_rel_mse", "key_rel_err", "key_higgs_rel_err", "value_pred_rel_mse", "value_rel_err",
+            "value_higgs_rel_err"]
+    lines = ["layer " + " ".join(f"{c:>19}" for c in cols)]
+    for r in preds.report:
+        lines.append(f"{r['layer']:>5} " + " ".join(f"{r[c]:>19.4f}" if math.isfinite(r[c]) else f"{'nan':>19}"
+                                                     for c in cols))
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""Closed-form fits of the AQUA-KV predictors, layer by layer in order with quantization in the loop (DESIGN.md
+section 2): each layer's regression inputs are the previous layer's reconstructions, exactly as inference sees them.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from aquakv.kv.predictors import AffineMap, AquaKVPredictors, AquaKVSettings
+from aquakv.quantizer import HiggsQuantizer
+
+log = logging.getLogger(__name__)
+
+_ROWS_PER_STEP = 16384  # rows moved to the compute device at a time: bounds memory, keeps matmuls large
+
+
+@dataclass
+class _Moments:
+    """float64 sums over fit rows: n, sum x, sum y, X^T X, X^T Y."""
+
+    n: int
+    sx: torch.Tensor
+    sy: torch.Tensor
+    xtx: torch.Tensor
+    xty: torch.Tensor
+
+
+def _chunks(n: int):
+    for start in range(0, n, _ROWS_PER_STEP):
+        yield start, min(start + _ROWS_PER_STEP, n)
+
+
+def _gather(parts: list[torch.Tensor], start: int, stop: int, device: torch.device) -> list[torch.Tensor]:
+    return [p[start:stop].to(device, torch.float32) for p in parts]
+
+
+def _moments(inputs: list[torch.Tensor], target: torch.Tensor, n_fit: int, device: torch.device) -> _Moments:
+    c_in, c_out = sum(x.shape[1] for x in inputs), target.shape[1]
+    f64 = dict(dtype=torch.float64, device=device)
+    m = _Moments(n_fit, torch.zeros(c_in, **f64), torch.zeros(c_out, **f64), torch.zeros(c_in, c_in, **f64),
+                 torch.zeros(c_in, c_out, **f64))
+    for start, stop in _chunks(n_fit):
+        x = torch.cat(_gather(inputs, start, stop, device), dim=1).double()
+        y = target[start:stop].to(device, torch.float64)
+        m.sx += x.sum(0)
+        m.sy += y.sum(0)
+        m.xtx += x.T @ x
+        m.xty += x.T @ y
+    return m
+
+
+def fit_ridge(m: _Moments, damping: float, rank: int | None) -> AffineMap:
+    """Ridge regression with an unpenalized intercept: W = (Sxx + lam I)^-1 Sxy on centered moments,
+    lam = damping * mean(diag Sxx). Reduced rank r: W projected onto the top-r right singular vectors of the
+    fitted values X_c W (eigenvectors of W^T Sxx W), stored as down = W U_r [C_in, r] and up = U_r^T [r, C_out]."""
+    mx, my = m.sx / m.n, m.sy / m.n
+    sxx = m.xtx - m.n * torch.outer(mx, mx)
+    sxy = m.xty - m.n * torch.outer(mx, my)
+    lam = damping * sxx.diagonal().mean().clamp_min(1e-30)
+    eye = torch.eye(sxx.shape[0], dtype=sxx.dtype, device=sxx.device)
+    w = torch.linalg.solve(sxx + lam * eye, sxy)
+    if rank is not None and rank < min(w.shape):
+        _, vecs = torch.linalg.eigh(w.T @ sxx @ w)  # ascending eigenvalues
+        u = vecs[:, -rank:]
+        down, up = w @ u, u.T
+        bias = my - mx @ down @ up
+        return AffineMap(bias=bias.float().cpu(), down=down.float().cpu().contiguous(), up=up.float().cpu().contiguous())
+    bias = my - mx @ w
+    return AffineMap(bias=bias.float().cpu(), weight=w.float().cpu().contiguous())
+
+
+def _mean_map(target: torch.Tensor, n_fit: int, device: torch.device) -> AffineMap:
+    total = torch.zeros(target.shape[1], dtype=torch.float64, device=device)
+    for start, stop in _chunks(n_fit):
+        total += target[start:stop].to(device, torch.float64).sum(0)
+    return AffineMap(bias=(total / n_fit).float().cpu())
+
+
+@dataclass
+class _Errors:
+    """Held-out sums of squares: target, prediction error, reconstruction error, HIGGS-only error."""
+
+    y: float = 0.0
+    pred: float = 0.0
+    recon: float = 0.0
+    higgs: float = 0.0
+
+    def relative(self, prefix: str) -> dict[str, float]:
+        y = max(self.y, 1e-30)
+        return {f"{prefix}_pred_rel_mse": self.pred / y, f"{prefix}_rel_err": self.recon / y,
+                f"{prefix}_higgs_rel_err": self.higgs / y}
+
+
+def _reconstruct(amap: AffineMap | None, inputs: list[torch.Tensor], target: torch.Tensor,
+                 quantizer: HiggsQuantizer | None, n_fit: int, device: torch.device, store: torch.device
+                 ) -> tuple[torch.Tensor, _Errors]:
+    """Y^ = P + Q(Y - P) over all rows (float32 [N, C] on `store`), and held-out errors. quantizer None: fp16."""
+    n = target.shape[0]
+    hat = torch.empty(target.shape, dtype=torch.float32, device=store)
+    err = _Errors()
+
+    def q(x: torch.Tensor) -> torch.Tensor:
+        return x.half().float() if quantizer is None else quantizer.quantize_dequantize(x)
+
+    for start, stop in _chunks(n):
+        y = target[start:stop].to(device, torch.float32)
+        pred = None if amap is None else (amap(*_gather(inputs, start, stop, device)) if inputs else amap.bias.to(device))
+        y_hat = q(y) if pred is None else pred + q(y - pred)
+        hat[start:stop] = y_hat.to(store)
+        held = max(n_fit - start, 0)  # rows from here on are held out
+        if held < stop - start:
+            yh, yh_hat = y[held:], y_hat[held:]
+            err.y += yh.pow(2).sum().item()
+            err.pred += (yh if pred is None else yh - pred.expand_as(y)[held:]).pow(2).sum().item()
+            err.recon += (yh_hat - yh).pow(2).sum().item()
+            err.higgs += (q(yh) - yh).pow(2).sum().item()
+    return hat, err
+
+
+class _SequentialFit:
+    """Fits the predictors one layer at a time, in order, with quantization in the loop: each layer's regression
+    inputs are the previous layer's reconstructions, exactly as inference will see them. Only the previous layer's
+    reconstructions (float32 [N, C], on `store`) are kept between layers."""
+
+    def __init__(self, n_fit: int, settings: AquaKVSettings, rank: int | None, damping: float, device: torch.device,
+                 store: torch.device):
+        self.n_fit, self.settings, self.rank, self.damping = n_fit, settings, rank, damping
+        self.device, self.store = device, store
+        self.quantizers = [settings.quantizer(0), settings.quantizer(1)]
+        self.key_maps: list[AffineMap] = []
+        self.value_maps: list[AffineMap] = []
+        self.report: list[dict] = []
+        self.n_rows = 0
+        self._prev: tuple[torch.Tensor, torch.Tensor] | None = None  # K^_{l-1}, V^_{l-1}
+
+    def add_layer(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values: the next layer's captured states [N, C] (fit rows first, held-out rows last)."""
+        layer, n_fit, device = len(self.key_maps), self.n_fit, self.device
+        quantizer = self.quantizers[min(layer, 1)]
+        if layer == 0:
+            k_map, k_inputs = _mean_map(keys, n_fit, device), []
+        else:
+            k_inputs = [self._prev[0]]
+            k_map = fit_ridge(_moments(k_inputs, keys, n_fit, device), self.damping, self.rank)
+        k_hat, k_err = _reconstruct(k_map, k_inputs, keys, quantizer, n_fit, device, self.store)
+        if layer == 0:
+            v_map, v_inputs = _mean_map(values, n_fit, device), []
+        else:
+            v_inputs = [k_hat, self._prev[1]]
+            v_map = fit_ridge(_moments(v_inputs, values, n_fit, device), self.damping, self.rank)
+        v_hat, v_err = _reconstruct(v_map, v_inputs, values, quantizer, n_fit, device, self.store)
+        self.key_maps.append(k_map)
+        self.value_maps.append(v_map)
+        self.report.append({"layer": layer, **k_err.relative("key"), **v_err.relative("value")})
+        log.debug("layer %d: %s", layer, self.report[-1])
+        self._prev = (k_hat, v_hat)
+        self.n_rows = keys.shape[0]
+
+    def predictors(self, model_info: dict) -> AquaKVPredictors:
+        calibration = {"fit_tokens": self.n_fit, "held_out_tokens": self.n_rows - self.n_fit,
+                       "damping": self.damping, "rank": self.rank}
+        return AquaKVPredictors(self.key_maps, self.value_maps, self.settings, model_info, self.report, calibration)
+
+
+@torch.no_grad()
+def fit_predictors(keys: list[torch.Tensor], values: list[torch.Tensor], n_fit: int, settings: AquaKVSettings,
+                   model_info: dict, *, rank: int | None = None, damping: float = 1e-3,
+                   device: torch.device | str = "cpu", offload: bool = True, progress: bool = True
+                   ) -> AquaKVPredictors:
+    """The fitting half of `calibrate`, on captured states (see `aquakv.kv.capture.capture_states`): rows [N, C] per
+    layer, the first n_fit rows for fitting and the rest held out for the report. The lists are not modified."""
+    device = torch.device(device)
+    fit = _SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device)
+    for k, v in tqdm(list(zip(keys, values)), desc="aquakv: fitting layers", disable=not progress, unit="layer"):
+        fit.add_layer(k if offload else k.to(device), v if offload else v.to(device))
+    return fit.predictors(model_info)
