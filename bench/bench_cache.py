@@ -21,7 +21,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_header  # noqa: E402
 
-
 # SmolLM2-135M's architecture (its GGUF's config): speed depends on the shapes, not on the weights.
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
@@ -46,8 +45,8 @@ def load(random_weights: bool, device: str, seed: int):
 
 def cache_factories(model, text: torch.Tensor, predictors_path: str | None, seed: int):
     from aquakv.kv import AquaKVCache, HiggsCache
-    from aquakv.kv.calibration import calibrate
     from aquakv.kv.baselines import Fp16Cache
+    from aquakv.kv.calibration import calibrate
     from aquakv.kv.kivi import KiviCache
     from aquakv.kv.predictors import AquaKVPredictors
 

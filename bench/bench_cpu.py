@@ -16,11 +16,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import gbs, median_ms, print_header  # noqa: E402
-
 import aquakv.ops as ops  # noqa: E402
 from aquakv import reference as ref  # noqa: E402
 from aquakv.grids import get_grid  # noqa: E402
+from common import gbs, median_ms, print_header  # noqa: E402
 
 
 def row(op: str, shape: str, ours: float, numpy_ms: float, nbytes: float) -> None:

@@ -16,12 +16,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import torch_pipeline as tp  # noqa: E402
-from common import gbs, median_ms, print_header  # noqa: E402
-
 import aquakv.ops as ops  # noqa: E402
+import torch_pipeline as tp  # noqa: E402
 from aquakv.grids import get_grid  # noqa: E402
 from aquakv.quantizer import random_signs  # noqa: E402
+from common import gbs, median_ms, print_header  # noqa: E402
 
 
 def bench_higgs(device: str, tokens: int, group: int, min_time: float) -> None:

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import aquakv.ops  # noqa: F401  (registers the ops and their fake kernels)
 import numpy as np
 import torch
-
-import aquakv.ops  # noqa: F401  (registers the ops and their fake kernels)
 from aquakv import reference as ref
 
 CODE_TIE_TOL = 1e-4

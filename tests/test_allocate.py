@@ -7,9 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from aquakv.weights import (InfeasibleBudget, LayerTable, Sensitivities, allocate_bits, measure_layer_errors,
-                            measure_sensitivities, quantizable_linears, solve_allocation)
+from aquakv.weights import (
+    InfeasibleBudget,
+    LayerTable,
+    Sensitivities,
+    allocate_bits,
+    measure_layer_errors,
+    measure_sensitivities,
+    quantizable_linears,
+    solve_allocation,
+)
 from aquakv.weights.allocate import _SuffixRunner
 from tiny_llama import make_tiny_llama, random_token_windows
 

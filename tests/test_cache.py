@@ -6,13 +6,12 @@ import gc
 
 import pytest
 import torch
-from tiny_llama import make_tiny_llama, random_token_windows
-from transformers import DynamicCache
-
+from aquakv.hf_compat import cache_kwargs
 from aquakv.kv import AquaKVCache, ChunkedKVCache, HiggsCache
 from aquakv.kv.calibration import calibrate
 from aquakv.kv.predictors import AquaKVPredictors
-from aquakv.hf_compat import cache_kwargs
+from tiny_llama import make_tiny_llama, random_token_windows
+from transformers import DynamicCache
 
 # Logits of the tiny model have std ~1.6. quantize=False differs from DynamicCache only by the un-rotation /
 # re-rotation of chunk keys and P + (K - P) in fp32: a few ulps per key, ~1e-5 on logits (measured 1.5e-5).

@@ -5,13 +5,12 @@ generate with quantization on, and reconstruct the states at least as well as HI
 """
 import pytest
 import torch
+from aquakv.hf_compat import cache_kwargs
+from aquakv.kv import AquaKVCache, HiggsCache
+from aquakv.kv.calibration import calibrate
 from test_cache import _chunk_errors, _feed, _record_updates
 from tiny_llama import TINY_CONFIG, make_tiny_llama, random_token_windows
 from transformers import DynamicCache
-
-from aquakv.kv import AquaKVCache, HiggsCache
-from aquakv.kv.calibration import calibrate
-from aquakv.hf_compat import cache_kwargs
 
 
 def _tiny(kind: str):

@@ -10,14 +10,13 @@ import os
 
 import pytest
 import torch
+from aquakv.hf_compat import cache_kwargs
+from aquakv.kv import AquaKVCache, HiggsCache
+from aquakv.kv.calibration import calibrate
 from sweeps import has_kernel
 from test_cache import _chunk_errors, _feed, _record_updates
 from tiny_llama import make_tiny_llama, random_token_windows
 from transformers import DynamicCache
-
-from aquakv.kv import AquaKVCache, HiggsCache
-from aquakv.kv.calibration import calibrate
-from aquakv.hf_compat import cache_kwargs
 
 DEVICE = os.environ.get("AQUAKV_GPU_TEST_DEVICE", "cuda")
 if DEVICE != "cpu":

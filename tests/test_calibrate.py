@@ -1,11 +1,10 @@
 """aquakv.calibrate on the tiny Llama: windows, capture, closed-form fits, quantization in the loop, determinism."""
 import pytest
 import torch
-from tiny_llama import make_tiny_llama, random_token_windows
-
 from aquakv.kv.calibration import calibrate, format_report, make_windows
 from aquakv.kv.capture import capture_states
 from aquakv.kv.fit import _moments, fit_ridge
+from tiny_llama import make_tiny_llama, random_token_windows
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +66,8 @@ def test_capture_equals_k_proj_and_v_proj_outputs(model):
 def test_layer_by_layer_capture_equals_full_forwards_for_mixed_window_lengths(model):
     """Windows of two lengths (a shorter tail window) go through the layers one layer at a time, each with the
     arguments of its own length; every layer's rows equal those of a full forward of that window."""
-    from aquakv.kv.capture import iter_layer_states
     from aquakv.hf_compat import cache_kwargs
+    from aquakv.kv.capture import iter_layer_states
     from aquakv.kv.rope import RotaryTracker, unrotate
     from transformers import DynamicCache
 

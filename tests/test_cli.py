@@ -4,7 +4,6 @@ import sys
 
 import pytest
 import torch
-
 from aquakv import cli
 from tiny_llama import make_tiny_llama
 
@@ -125,7 +124,7 @@ class ByteTokenizer:
 def tiny(monkeypatch, tmp_path):
     """The CLI with `load` returning the tiny Llama, and a text file of ~6k byte-tokens."""
     model = make_tiny_llama(seed=0)
-    monkeypatch.setattr(cli, "load", lambda args: (model, ByteTokenizer()))
+    monkeypatch.setattr(cli.common, "load", lambda args: (model, ByteTokenizer()))
     text = tmp_path / "text.txt"
     gen = torch.Generator().manual_seed(0)
     words = ["alpha", "beta", "gamma", "delta", "cache", "key", "value", "layer"]
@@ -193,7 +192,7 @@ def test_quiet_draws_no_bars_and_leaves_tqdm_as_it_was(capsys, tmp_path, monkeyp
             pass
         return model, ByteTokenizer()
 
-    monkeypatch.setattr(cli, "load", load_with_a_bar)
+    monkeypatch.setattr(cli.common, "load", load_with_a_bar)
     init = vars(tqdm.tqdm)["__init__"]
     code, _, err = run(capsys, "calibrate", "--text", str(text), "--windows", "4", "--window", "128",
                        "--out", str(tmp_path / "p.safetensors"), "--device", "cpu", "-q")

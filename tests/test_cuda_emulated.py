@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from aquakv import reference as ref
 from sweeps import (
     FLOAT_DTYPES,

@@ -3,12 +3,17 @@ import math
 
 import pytest
 import torch
-
-from aquakv.kv.baselines import Fp16Cache
-from aquakv.evaluation.perplexity import (cache_nbytes, evaluate_perplexity, format_table, kv_values, relative_increase,
-                         window_nll)
-from aquakv.kv.kivi import kivi_factory
+from aquakv.evaluation.perplexity import (
+    cache_nbytes,
+    evaluate_perplexity,
+    format_table,
+    kv_values,
+    relative_increase,
+    window_nll,
+)
 from aquakv.hf_compat import cache_kwargs
+from aquakv.kv.baselines import Fp16Cache
+from aquakv.kv.kivi import kivi_factory
 from tiny_llama import make_tiny_llama, random_token_windows
 
 

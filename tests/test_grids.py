@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-
 from aquakv import grids
 from aquakv.grids import generate
 

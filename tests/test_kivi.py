@@ -4,10 +4,20 @@ import math
 
 import pytest
 import torch
-
-from aquakv.kv.baselines import Fp16Cache, transformers_cache_backends, transformers_quantized_factory
-from aquakv.kv.kivi import KiviCache, KiviCodec, dequantize_uniform, pack_codes, quantize_uniform, unpack_codes
 from aquakv.hf_compat import cache_kwargs
+from aquakv.kv.baselines import (
+    Fp16Cache,
+    transformers_cache_backends,
+    transformers_quantized_factory,
+)
+from aquakv.kv.kivi import (
+    KiviCache,
+    KiviCodec,
+    dequantize_uniform,
+    pack_codes,
+    quantize_uniform,
+    unpack_codes,
+)
 from tiny_llama import make_tiny_llama, random_token_windows
 
 

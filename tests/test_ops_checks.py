@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import math
 
+import aquakv.ops as ops
 import pytest
 import torch
-
-import aquakv.ops as ops
 from aquakv import reference as ref
 from sweeps import devices, random_grid, random_values
 

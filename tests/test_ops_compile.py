@@ -2,10 +2,9 @@
 traces them without graph breaks."""
 from __future__ import annotations
 
+import aquakv.ops as ops
 import pytest
 import torch
-
-import aquakv.ops as ops
 from aquakv import reference as ref
 from sweeps import devices, random_grid, random_values
 

@@ -4,11 +4,10 @@ Parametrised over `sweeps.devices()`, so the same tests run on CUDA where those 
 """
 from __future__ import annotations
 
+import aquakv.ops as ops
 import numpy as np
 import pytest
 import torch
-
-import aquakv.ops as ops
 from aquakv import reference as ref
 from sweeps import (
     FLOAT_DTYPES,

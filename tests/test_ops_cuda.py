@@ -9,11 +9,10 @@ Skipped without a GPU or without the CUDA kernels (a CPU-only build).
 """
 from __future__ import annotations
 
+import aquakv.ops as ops
 import numpy as np
 import pytest
 import torch
-
-import aquakv.ops as ops
 from aquakv import reference as ref
 from sweeps import (
     FLOAT_DTYPES,

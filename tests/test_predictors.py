@@ -3,9 +3,8 @@ import json
 
 import pytest
 import torch
-from tiny_llama import make_tiny_llama
-
 from aquakv.kv.predictors import AffineMap, AquaKVPredictors, AquaKVSettings
+from tiny_llama import make_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,8 @@
 """aquakv.kv.rope: re-rotation (into views of other dtypes) and un-rotation against the model's own RoPE."""
 import pytest
 import torch
-from tiny_llama import make_tiny_llama
-
 from aquakv.kv.rope import RotaryTracker, rotate, unrotate
+from tiny_llama import make_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-
 from aquakv.models import bundled_model_available
 
 if not bundled_model_available():
@@ -39,8 +38,8 @@ def held_out(smollm2):
 
 @pytest.fixture(scope="session")
 def predictors_2bit(smollm2):
-    from aquakv.kv.calibration import calibrate
     from aquakv.data import default_texts, tokenize
+    from aquakv.kv.calibration import calibrate
 
     model, tokenizer = smollm2
     calib = tokenize(tokenizer, default_texts("calibration"))
@@ -55,8 +54,8 @@ def perplexity(model, tokens, factory):
 
 
 def test_aquakv2_beats_higgs2_and_kivi2_on_held_out_text(smollm2, held_out, predictors_2bit):
-    from aquakv.kv import AquaKVCache, HiggsCache
     from aquakv.evaluation import format_table
+    from aquakv.kv import AquaKVCache, HiggsCache
     from aquakv.kv.baselines import Fp16Cache
     from aquakv.kv.kivi import kivi_factory
 

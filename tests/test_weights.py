@@ -7,12 +7,21 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from aquakv.quantizer import HiggsQuantizer
-from aquakv.weights import (HiggsLinear, average_bits, default_grid, load_quantized, perplexity, quantize_model,
-                            rtn_bits_per_weight, rtn_quantize_dequantize, save_quantized, split_windows)
+from aquakv.weights import (
+    HiggsLinear,
+    average_bits,
+    default_grid,
+    load_quantized,
+    perplexity,
+    quantize_model,
+    rtn_bits_per_weight,
+    rtn_quantize_dequantize,
+    save_quantized,
+    split_windows,
+)
 from tiny_llama import make_tiny_llama, random_token_windows
+from torch import nn
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

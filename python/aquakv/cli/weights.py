@@ -78,15 +78,27 @@ def run(args: argparse.Namespace) -> int:
 
 def quantize_weights(args: argparse.Namespace) -> dict:
     """The work of `quantize-weights`; returns the results dict (also written to OUT/results.json with --eval)."""
-    import torch
 
     from aquakv.data import default_texts, tokenize
     from aquakv.grids import available_grids
     from aquakv.models import load_model
-    from aquakv.weights import (InfeasibleBudget, Sensitivities, allocate_bits, average_bits, candidate_grids,
-                                default_grid, measure_layer_errors, measure_sensitivities, perplexity,
-                                predicted_delta_nll, quantize_model, rtn_bits_per_weight, rtn_quantize_model,
-                                save_quantized, split_windows)
+    from aquakv.weights import (
+        InfeasibleBudget,
+        Sensitivities,
+        allocate_bits,
+        average_bits,
+        candidate_grids,
+        default_grid,
+        measure_layer_errors,
+        measure_sensitivities,
+        perplexity,
+        predicted_delta_nll,
+        quantize_model,
+        rtn_bits_per_weight,
+        rtn_quantize_model,
+        save_quantized,
+        split_windows,
+    )
     from aquakv.weights.linear import grid_bits
 
     if args.model is not None and not Path(args.model).is_dir():

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
-from aquakv.hf_compat import cache_kwargs
+from aquakv.evaluation.nll import window_nll
+from aquakv.evaluation.windows import cut_windows
 
 log = logging.getLogger(__name__)
 
@@ -111,42 +112,6 @@ def format_table(rows: Sequence[tuple[str, PerplexityResult]], baseline: Optiona
     return "\n".join(lines)
 
 
-def _windows(token_ids: torch.Tensor, window: int, max_windows: Optional[int]) -> torch.Tensor:
-    """token_ids: [N] -> [n_windows, window]; the incomplete tail is dropped."""
-    if token_ids.dim() != 1 or token_ids.dtype != torch.long:
-        raise ValueError(f"token_ids must be a 1-D LongTensor, got shape {tuple(token_ids.shape)} "
-                         f"and dtype {token_ids.dtype}")
-    n = token_ids.numel() // window
-    if max_windows is not None:
-        if max_windows < 1:
-            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"token_ids has {token_ids.numel()} tokens, fewer than one window of {window}")
-    return token_ids[: n * window].view(n, window)
-
-
-@torch.no_grad()
-def window_nll(model: torch.nn.Module, ids: torch.Tensor, cache, step: int) -> torch.Tensor:
-    """Summed NLL (float64, nats) of the window - 1 next-token predictions of one window.
-
-    ids: [batch, window] on the model's device; the window is fed `step` tokens at a time into `cache`.
-    Returns [batch] float64.
-    """
-    batch, window = ids.shape
-    total = torch.zeros(batch, dtype=torch.float64, device=ids.device)
-    for start in range(0, window, step):
-        end = min(start + step, window)
-        logits = model(input_ids=ids[:, start:end], use_cache=True, **cache_kwargs(model, cache)).logits
-        n_pred = min(end, window - 1) - start  # the window's last token has no target inside the window
-        if n_pred <= 0:
-            continue
-        logp = torch.log_softmax(logits[:, :n_pred].float(), dim=-1)
-        targets = ids[:, start + 1: start + 1 + n_pred]
-        total -= logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().sum(-1)
-    return total
-
-
 @torch.no_grad()
 def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor,
                         cache_factory: Optional[CacheFactory] = None, *, window: int = 1024, step: int = 32,
@@ -170,7 +135,10 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     factory = cache_factory or default_cache_factory
     device = next(model.parameters()).device
-    windows = _windows(token_ids, window, max_windows).to(device)
+    if token_ids.dim() != 1 or token_ids.dtype != torch.long:
+        raise ValueError(f"token_ids must be a 1-D LongTensor, got shape {tuple(token_ids.shape)} "
+                         f"and dtype {token_ids.dtype}")
+    windows = torch.stack(cut_windows(token_ids, window, keep_tail=False, max_windows=max_windows)).to(device)
 
     from tqdm.auto import tqdm
 

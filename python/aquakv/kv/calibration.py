@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from aquakv.evaluation.windows import cut_windows
 from aquakv.kv.capture import iter_layer_states
 from aquakv.kv.fit import _SequentialFit
 from aquakv.kv.predictors import AquaKVPredictors, AquaKVSettings, _layer0_bits
@@ -32,8 +33,6 @@ def make_windows(data, tokenizer=None, window: int = 1024, max_windows: int | No
     """
     from aquakv.data import tokenize
 
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
     if isinstance(data, torch.Tensor):
         data = [data]
     if isinstance(data, str) or not isinstance(data, Sequence) or len(data) == 0:
@@ -42,19 +41,7 @@ def make_windows(data, tokenizer=None, window: int = 1024, max_windows: int | No
         if tokenizer is None:
             raise ValueError("data is a list of strings: pass tokenizer= to turn them into token ids")
         data = [tokenize(tokenizer, data)]
-    seqs = []
-    for i, d in enumerate(data):
-        if not isinstance(d, torch.Tensor) or d.dim() != 1 or d.is_floating_point() or d.is_complex():
-            raise TypeError(f"data[{i}] must be a 1-D integer tensor of token ids, got "
-                            f"{type(d).__name__ if not isinstance(d, torch.Tensor) else f'{d.dtype} {tuple(d.shape)}'}")
-        seqs += [w.long() for w in d.split(window) if w.numel() >= min_tokens]
-    if not seqs:
-        raise ValueError(f"no calibration window holds at least {min_tokens} tokens")
-    if max_windows is not None and max_windows < len(seqs):
-        if max_windows < 1:
-            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
-        seqs = [seqs[(i * len(seqs)) // max_windows] for i in range(max_windows)]
-    return seqs
+    return cut_windows(data, window, keep_tail=True, min_tokens=min_tokens, max_windows=max_windows, spread=True)
 
 
 def _split(windows: list[torch.Tensor], sinks: int, held_out: float) -> tuple[int, int]:

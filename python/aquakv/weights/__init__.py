@@ -10,13 +10,38 @@
     alloc = allocate_bits(table, sens, average_bits=3.0625)
     quantize_model(model, grid_per_layer=alloc.grid_per_layer)
 """
-from aquakv.weights.allocate import (Allocation, InfeasibleBudget, LayerTable, Sensitivities, allocate_bits,
-                                     measure_layer_errors, measure_sensitivities, predicted_delta_nll, solve_allocation)
+from aquakv.weights.allocate import (
+                                     Allocation,
+                                     InfeasibleBudget,
+                                     LayerTable,
+                                     Sensitivities,
+                                     allocate_bits,
+                                     measure_layer_errors,
+                                     measure_sensitivities,
+                                     predicted_delta_nll,
+                                     solve_allocation,
+)
 from aquakv.weights.evaluate import PerplexityResult, perplexity, split_windows
-from aquakv.weights.linear import DEFAULT_GROUP_SIZE, HiggsLinear, higgs_quantize_dequantize_weight, higgs_weight_cost
-from aquakv.weights.quantize import (average_bits, candidate_grids, default_grid, load_quantized, quantizable_linears,
-                                     quantize_model, save_quantized)
-from aquakv.weights.rtn import rtn_bits_per_weight, rtn_quantize_dequantize, rtn_quantize_model
+from aquakv.weights.linear import (
+                                     DEFAULT_GROUP_SIZE,
+                                     HiggsLinear,
+                                     higgs_quantize_dequantize_weight,
+                                     higgs_weight_cost,
+)
+from aquakv.weights.quantize import (
+                                     average_bits,
+                                     candidate_grids,
+                                     default_grid,
+                                     load_quantized,
+                                     quantizable_linears,
+                                     quantize_model,
+                                     save_quantized,
+)
+from aquakv.weights.rtn import (
+                                     rtn_bits_per_weight,
+                                     rtn_quantize_dequantize,
+                                     rtn_quantize_model,
+)
 
 __all__ = [
     "Allocation", "DEFAULT_GROUP_SIZE", "HiggsLinear", "InfeasibleBudget", "LayerTable", "PerplexityResult",

@@ -21,11 +21,16 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from aquakv.weights.linear import DEFAULT_GROUP_SIZE, grid_bits, higgs_quantize_dequantize_weight, higgs_weight_cost
+from aquakv.evaluation.nll import token_nll
+from aquakv.weights.linear import (
+    DEFAULT_GROUP_SIZE,
+    grid_bits,
+    higgs_quantize_dequantize_weight,
+    higgs_weight_cost,
+)
 from aquakv.weights.quantize import Grid, candidate_grids, quantizable_linears
 
 log = logging.getLogger(__name__)
@@ -206,8 +211,7 @@ class _SuffixRunner:
 
 def _window_nll(logits: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
     """logits [B, T, V], ids [B, T] -> float64 [B] mean next-token NLL of each window."""
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-    return nll.view(ids.shape[0], -1).double().mean(dim=1).cpu().numpy()
+    return token_nll(logits[:, :-1], ids[:, 1:]).double().mean(dim=1).cpu().numpy()
 
 
 @torch.no_grad()

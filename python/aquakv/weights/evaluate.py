@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from aquakv.evaluation.nll import window_nll
 
 
 def split_windows(ids: torch.Tensor, length: int, max_windows: int | None = None) -> torch.Tensor:
@@ -30,16 +31,6 @@ def split_windows(ids: torch.Tensor, length: int, max_windows: int | None = None
     if max_windows is not None:
         count = min(count, max_windows)
     return ids[: count * length].view(count, length)
-
-
-@torch.no_grad()
-def window_nll(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """windows: [B, T] token ids -> [B] summed next-token NLL (nats) over the T - 1 predicted tokens."""
-    device = next(model.parameters()).device
-    windows = windows.to(device)
-    logits = model(input_ids=windows, use_cache=False).logits.float()
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten(), reduction="none")
-    return nll.view(windows.shape[0], -1).sum(dim=1)
 
 
 @dataclass
@@ -62,7 +53,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 1024, max_wind
     windows = split_windows(ids, window, max_windows)
     total = 0.0
     for batch in tqdm(windows.split(batch_size), desc=desc, disable=not progress, unit="batch"):
-        total += float(window_nll(model, batch).sum())
+        total += float(window_nll(model, batch.to(next(model.parameters()).device)).sum())
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     nll = total / tokens
     return PerplexityResult(math.exp(nll), nll, tokens, windows.shape[0], time.perf_counter() - start)

@@ -1,0 +1,33 @@
+"""`aquakv demo`: the whole pipeline on the bundled model and text."""
+from __future__ import annotations
+
+import argparse
+
+from aquakv.cli.common import _common
+
+DEMO_DESCRIPTION = """\
+The whole pipeline on the bundled SmolLM2-135M-Instruct and bundled text (Python's
+reference documentation): calibrate AQUA-KV at 2 and 3 bits on one part of the text,
+measure perplexity on the held-out part with an unquantized cache, KIVI-2/4, HIGGS-2
+without predictors, AQUA-KV-2/3 and transformers' own quantized cache, then answer a
+question about a held-out passage through the AQUA-KV cache. No arguments needed.
+"""
+
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from aquakv.demo import run_demo
+
+    run_demo(device=args.device, quick=args.quick, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="calibrate, evaluate and generate on the bundled SmolLM2 (no arguments needed)",
+        description=DEMO_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="fewer calibration and evaluation windows, shorter windows (a smoke test; noisier numbers)")
+    _common(p)
+    p.set_defaults(func=run_demo_command)
