@@ -114,7 +114,7 @@ def format_table(rows: Sequence[tuple[str, PerplexityResult]], baseline: Optiona
 
 @torch.no_grad()
 def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor,
-                        cache_factory: Optional[CacheFactory] = None, *, window: int = 1024, step: int = 32,
+                        cache_factory: Optional[CacheFactory] = None, *, window: int = 1024, step: int | None = 32,
                         max_windows: Optional[int] = None, batch_size: int = 1,
                         progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
     """Perplexity of `model` on `token_ids` with every window going through a fresh cache.
@@ -122,15 +122,16 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor,
     token_ids:     [N] LongTensor, cut into floor(N / window) non-overlapping windows (tail dropped).
     cache_factory: model -> transformers Cache, called once per window (per batch of windows);
                    None gives an unquantized DynamicCache.
-    window, step:  window length and tokens per forward call (step >= window is one full pass).
+    window, step:  window length and tokens per forward call through the cache; step=None is one forward per
+                   window without a KV cache (cache_factory unused): what weight quantization is measured with.
     max_windows:   evaluate at most this many windows (the first ones).
     batch_size:    windows fed side by side (batch > 1 needs a cache that supports batches; it changes
                    only the speed, never which predictions are scored).
     """
     if window < 2:
         raise ValueError(f"window must be >= 2 (one prediction needs two tokens), got {window}")
-    if step < 1:
-        raise ValueError(f"step must be >= 1, got {step}")
+    if step is not None and step < 1:
+        raise ValueError(f"step must be >= 1 or None, got {step}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     factory = cache_factory or default_cache_factory
@@ -148,7 +149,7 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor,
     with tqdm(total=len(windows), desc=desc, unit="window", disable=not progress, leave=False) as bar:
         for first in range(0, len(windows), batch_size):
             ids = windows[first: first + batch_size]
-            cache = factory(model)
+            cache = None if step is None else factory(model)
             nll_sum += float(window_nll(model, ids, cache, step).sum())
             nbytes = cache_nbytes(cache)
             if nbytes is not None:
