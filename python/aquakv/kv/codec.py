@@ -20,7 +20,9 @@ class KVCodec(ABC):
     """Compresses chunks of one layer's keys and values. All tensors [B, H, T, D] float32 on the model's device.
 
     A "store" is whatever object the codec uses for the quantized tokens of one layer; the policy only passes
-    it back to the codec.
+    it back to the codec. Every method returns a new store and leaves the one it was given as it was: the cache
+    builds a layer's next state aside and keeps it only once the whole update has succeeded. Stores hold compact
+    tensors (`compact`), so that `nbytes` is what they really keep alive.
     """
 
     pre_rope: bool = True  # keys arrive un-rotated and decoded keys get re-rotated by the policy
@@ -37,7 +39,7 @@ class KVCodec(ABC):
 
     @abstractmethod
     def append(self, store: Any | None, new: Any) -> Any:
-        """The store after the tokens of `new` (encoded later) were added at its end."""
+        """The store after the tokens of `new` (encoded later) were added at its end (store: None when empty)."""
 
     @abstractmethod
     def select_batch(self, store: Any, index: torch.Tensor) -> Any:
@@ -45,7 +47,7 @@ class KVCodec(ABC):
 
     @abstractmethod
     def truncate(self, store: Any, n_tokens: int) -> Any:
-        """Keep the first n_tokens (1 <= n_tokens <= num_tokens)."""
+        """Keep the first n_tokens (1 <= n_tokens <= num_tokens); the result keeps no view of the cut tokens."""
 
     @abstractmethod
     def num_tokens(self, store: Any) -> int: ...

@@ -8,7 +8,9 @@ Per layer the policy keeps
           encoded once as a chunk. The forward that flushes still attends to the exact states; the quantized
           ones are used from the next forward on.
 Every layer holds the same token layout, so layer l's chunk can be predicted from layer l-1's reconstruction of
-the same tokens, which the cache keeps transiently from the previous `update` call of the same forward.
+the same tokens, which the cache keeps transiently from the previous `update` call of the same forward (dropped
+after the last layer). An update completes or leaves its layer as it was; a forward that fails half-way leaves a
+cache that refuses every call until `reset()`. More in docs/kv_cache.md (in this repository).
 """
 from __future__ import annotations
 
