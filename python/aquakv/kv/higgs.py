@@ -160,7 +160,8 @@ class HiggsCodec(HiggsRowsCodec):
                 _heads(self._decode_part(layer_idx, store.values), h))
 
     def __repr__(self) -> str:
-        return f"HiggsCodec({len(self.quantizers)} layers, layer 0: {self.quantizers[0]}, then {self.quantizers[-1]})"
+        first, rest = (q or "fp16" for q in (self.quantizers[0], self.quantizers[-1]))
+        return f"HiggsCodec({len(self.quantizers)} layers, layer 0: {first}, others: {rest})"
 
 
 class HiggsCache(ChunkedKVCache):

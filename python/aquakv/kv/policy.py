@@ -99,8 +99,7 @@ class ChunkedKVCache(Cache):
 
     def _check_usable(self, who: str) -> None:
         if self._broken is not None:
-            raise RuntimeError(f"{who}: this cache is unusable: {self._broken}. Call reset() to empty it and use it "
-                               f"again")
+            raise RuntimeError(f"{who}: this cache is unusable: {self._broken}. Call reset() to use it again")
 
     def _update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, who: str) -> KV:
         layer = self.layers[layer_idx]
@@ -153,17 +152,14 @@ class ChunkedKVCache(Cache):
         self._forward_changed = True
         layer.sink_k, layer.sink_v, layer.num_sinks = sink_k, sink_v, sinks
         if flush:
-            layer.store, layer.num_quantized = store, old + buffered
-            buf_k = buf_v = None
-            buffered = 0
+            layer.store, layer.num_quantized, buf_k, buf_v, buffered = store, old + buffered, None, None, 0
         layer.buf_k, layer.buf_v, layer.num_buffered = buf_k, buf_v, buffered
-        if layer_idx == 0:
-            self.positions = positions
+        self.positions = positions
         # The previous layer's reconstruction and the cos/sin serve only the forward in progress.
         last = layer_idx == len(self.layers) - 1
         self._prev = None if last or prev is None else (layer_idx, prev)
-        if last:
-            self._rope = None
+        self._rope = None if last else self._rope
+        self._forward_changed = not last  # a complete forward leaves nothing half-done
         return keys, values
 
     def _cos_sin(self, positions: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
