@@ -139,6 +139,28 @@ def test_beam_search_matches_dynamic_cache_and_runs_quantized(model, preds):
     assert cache.layers[0].num_quantized > 0
 
 
+@pytest.mark.parametrize("layer0_bits", [None, 4, "fp16"])
+def test_higgs_codec_gives_the_zero_predictor_logits_without_keeping_a_previous_layer(model, layer0_bits):
+    """HiggsCache (HiggsCodec) against the path it replaced, AquaKVCache with zero predictors: bit-identical logits
+    over prefill and decode flushes, while no layer's reconstruction is ever kept for the next one."""
+    ids = torch.stack(random_token_windows(2, sum(STEPS), seed=16))
+    old = AquaKVCache(model, AquaKVPredictors.zeros(model, 2, layer0_bits=layer0_bits), sinks=4, buffer=16)
+    new = HiggsCache(model, 2, layer0_bits=layer0_bits, sinks=4, buffer=16)
+    update, prevs = new.update, []
+
+    def watched_update(*args, **kwargs):
+        out = update(*args, **kwargs)
+        prevs.append(new._prev)
+        return out
+
+    new.update = watched_update
+    expected = _feed(model, ids, old, STEPS)
+    assert old.layers[0].num_quantized > 3 * 16 and old._prev is None  # several chunks; dropped after the last layer
+    assert torch.equal(_feed(model, ids, new, STEPS), expected)
+    assert len(prevs) == 4 * len(STEPS) and all(p is None for p in prevs)
+    assert new.nbytes() == old.nbytes() and not new.codec.needs_previous_layer
+
+
 def test_reorder_moves_codes_exactly(model, preds):
     """Reordering rows of a quantized cache equals having fed the rows in that order (codes are row-local)."""
     ids = torch.stack(random_token_windows(3, 40, seed=11))

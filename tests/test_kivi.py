@@ -10,31 +10,61 @@ from aquakv.kv.baselines import (
     transformers_cache_backends,
     transformers_quantized_factory,
 )
-from aquakv.kv.kivi import (
-    KiviCache,
-    KiviCodec,
-    dequantize_uniform,
-    pack_codes,
-    quantize_uniform,
-    unpack_codes,
-)
+from aquakv.kv.kivi import KiviCache, KiviCodec
+from aquakv.ops import pack_bits, unpack_bits
+from aquakv.uniform import UniformQuantized, dequantize_uniform, quantize_uniform
 from tiny_llama import make_tiny_llama, random_token_windows
+
+
+def _old_pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """KIVI's plain-torch packing before it moved to the ops: code i of a row in byte i // (8 // bits) at bit
+    offset (i % (8 // bits)) * bits."""
+    per_byte = 8 // bits
+    pad = -codes.shape[-1] % per_byte
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    codes = codes.reshape(*codes.shape[:-1], -1, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (codes << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _old_unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)[..., :count]
+
+
+def _old_quantize_uniform(x: torch.Tensor, bits: int) -> UniformQuantized:
+    """KIVI's min/max quantizer before aquakv.uniform (codes of zero-scale rows differ; they decode the same)."""
+    levels = (1 << bits) - 1
+    xf = x.float()
+    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    zero = lo.half()
+    scale = ((hi - zero.float()) / levels).half()
+    safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+    codes = torch.round((xf - zero.float()) / safe).clamp_(0, levels).to(torch.uint8)
+    return UniformQuantized(_old_pack_codes(codes, bits), scale, zero, x.shape, bits)
+
+
+def _old_dequantize_uniform(q: UniformQuantized, dtype: torch.dtype) -> torch.Tensor:
+    codes = _old_unpack_codes(q.codes, q.bits, q.shape[-1]).float()
+    return (codes * q.scale.float() + q.zero.float()).to(dtype)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("n", [1, 3, 32, 99])
-def test_pack_unpack_round_trip_is_exact(bits, n):
+def test_pack_unpack_round_trip_is_exact_and_keeps_the_old_bytes(bits, n):
     gen = torch.Generator().manual_seed(bits * 1000 + n)
-    codes = torch.randint(0, 1 << bits, (5, 7, n), generator=gen).to(torch.uint8)
-    packed = pack_codes(codes, bits)
+    codes = torch.randint(0, 1 << bits, (5, 7, n), generator=gen, dtype=torch.int32)
+    packed = pack_bits(codes, bits)
     assert packed.shape == (5, 7, math.ceil(n * bits / 8))
-    assert torch.equal(unpack_codes(packed, bits, n), codes)
+    assert torch.equal(packed, _old_pack_codes(codes.to(torch.uint8), bits))  # KIVI's stored bytes do not move
+    assert torch.equal(unpack_bits(packed, bits, n), codes)
 
 
 def test_packing_layout_is_little_end_first():
-    codes = torch.tensor([[1, 2, 3, 0, 3]], dtype=torch.uint8)
+    codes = torch.tensor([[1, 2, 3, 0, 3]], dtype=torch.int32)
     # 2-bit codes c0..c3 -> c0 | c1 << 2 | c2 << 4 | c3 << 6; c4 starts the next byte.
-    assert pack_codes(codes, 2).tolist() == [[1 | 2 << 2 | 3 << 4, 3]]
+    assert pack_bits(codes, 2).tolist() == [[1 | 2 << 2 | 3 << 4, 3]]
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -191,6 +221,25 @@ def test_four_bits_track_the_fp16_logits_closer_than_two(model):
         assert torch.allclose(logits[:, :32], reference[:, :32], atol=1e-5)
         errors[bits] = float((logits - reference)[:, 32:].pow(2).mean())
     assert 0 < errors[4] < errors[2] / 4
+
+
+@pytest.mark.parametrize("bits,pre_rope", [(2, False), (4, True), (1, False), (8, False)])
+@torch.no_grad()
+def test_logits_are_bit_identical_to_the_old_quantizer(model, monkeypatch, bits, pre_rope):
+    """aquakv.uniform + the packing ops replace KIVI's own formulas without moving a single logit."""
+    ids = random_token_windows(2, 70, seed=12)
+    ids = torch.stack(ids)
+
+    def stepped_logits():
+        cache = KiviCache(model, bits=bits, sinks=4, buffer=16, group_size=8, pre_rope=pre_rope)
+        return torch.cat([model(input_ids=ids[:, s:e], **cache_kwargs(model, cache), use_cache=True).logits
+                          for s, e in ((0, 21), (21, 22), (22, 40), (40, 70))], dim=1)
+
+    new = stepped_logits()
+    monkeypatch.setattr("aquakv.kv.kivi.quantize_uniform", _old_quantize_uniform)
+    monkeypatch.setattr("aquakv.kv.kivi.dequantize_uniform", _old_dequantize_uniform)
+    old = stepped_logits()
+    assert torch.equal(new, old)
 
 
 def test_bad_settings_are_named(model):

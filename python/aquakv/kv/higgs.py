@@ -1,17 +1,187 @@
-"""HIGGS on the KV states without predictors: the ablation of AQUA-KV."""
+"""HIGGS on the KV states without predictors (the ablation of AQUA-KV), and the row storage it shares with AQUA-KV.
+
+A layer's quantized tokens are kept as rows [B, T, C = H*D] (heads concatenated, keys before RoPE), one "part"
+for the keys and one for the values: HIGGS codes (`QuantizedTensor`) or, on a layer without a quantizer, a
+plain tensor. `HiggsRowsCodec` owns that storage (encode/decode of one part, append, batch selection,
+truncation, bytes); `HiggsCodec` quantizes the states themselves, `aquakv.kv.aqua.AquaKVCodec` the residuals
+of its predictions.
+"""
 from __future__ import annotations
 
-from aquakv.kv.aqua import AquaKVCache
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from aquakv.kv.codec import KV, KVCodec, compact
+from aquakv.kv.policy import ChunkedKVCache
 from aquakv.kv.predictors import AquaKVPredictors
+from aquakv.quantizer import HiggsQuantizer, QuantizedTensor
 
 
-class HiggsCache(AquaKVCache):
-    """HIGGS without adapters: every layer's states quantized directly (AQUA-KV with zero predictors).
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [B, T, C = H*D] (heads concatenated, as k_proj/v_proj lay them out)."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, T, C] -> [B, H, T, D]."""
+    b, t, c = x.shape
+    return x.reshape(b, t, num_heads, c // num_heads).transpose(1, 2)
+
+
+Part = QuantizedTensor | torch.Tensor  # one of K or V for [B, T, C] tokens: HIGGS codes, or a plain tensor
+
+
+def _part_map(part: Part, fn: Callable[[torch.Tensor], torch.Tensor]) -> Part:
+    """Apply fn to every [B, T, ...] view of a part (codes and scales of a QuantizedTensor, or the tensor)."""
+    if isinstance(part, torch.Tensor):
+        return fn(part)
+    b, t, c = part.shape
+    codes = fn(part.codes.view(b, t, -1))
+    scales = fn(part.scales.view(b, t, -1))
+    shape = torch.Size((codes.shape[0], codes.shape[1], c))
+    return QuantizedTensor(codes.reshape(-1, codes.shape[-1]), scales.reshape(-1, scales.shape[-1]), shape,
+                           part.dtype, part.settings)
+
+
+def _part_cat(a: Part, b: Part) -> Part:
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b], dim=1)
+    ba, ta, c = a.shape
+    tb = b.shape[1]
+    codes = torch.cat([a.codes.view(ba, ta, -1), b.codes.view(ba, tb, -1)], dim=1)
+    scales = torch.cat([a.scales.view(ba, ta, -1), b.scales.view(ba, tb, -1)], dim=1)
+    return QuantizedTensor(codes.reshape(-1, codes.shape[-1]), scales.reshape(-1, scales.shape[-1]),
+                           torch.Size((ba, ta + tb, c)), a.dtype, a.settings)
+
+
+def _part_nbytes(part: Part) -> int:
+    if isinstance(part, torch.Tensor):
+        return part.numel() * part.element_size()
+    return part.nbytes
+
+
+@dataclass
+class HiggsStore:
+    """Quantized tokens of one layer: keys and values [B, T, C] as HIGGS codes (of the states, or of AQUA-KV's
+    residuals), or as plain tensors where the layer has no quantizer."""
+
+    keys: Part
+    values: Part
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[1]
+
+
+class HiggsRowsCodec(KVCodec):
+    """The storage shared by the HIGGS and AQUA-KV codecs: one `HiggsStore` of rows per layer.
+
+    Subclasses say which quantizer a layer uses (`_quantizer`) and what is stored (encode/decode).
+    quantize=False stores every part as a plain tensor in `exact_dtype` (the pipeline without its loss);
+    a layer whose quantizer is None stores fp16 tensors.
+    """
+
+    pre_rope = True
+
+    def __init__(self, *, quantize: bool = True, exact_dtype: torch.dtype = torch.float32):
+        self.quantize = quantize
+        self.exact_dtype = exact_dtype
+
+    def _quantizer(self, layer_idx: int) -> HiggsQuantizer | None:
+        raise NotImplementedError
+
+    def _encode_part(self, layer_idx: int, x: torch.Tensor) -> tuple[Part, torch.Tensor]:
+        """x: [B, T, C] float32 -> (stored part, its reconstruction float32)."""
+        q = self._quantizer(layer_idx) if self.quantize else None
+        if q is None:
+            stored = compact(x.to(torch.float16 if self.quantize else self.exact_dtype))
+            return stored, stored.float()
+        qt = q.quantize(x)
+        return qt, q.dequantize(qt)
+
+    def _decode_part(self, layer_idx: int, part: Part) -> torch.Tensor:
+        if isinstance(part, torch.Tensor):
+            return part.float()
+        return self._quantizer(layer_idx).dequantize(part)
+
+    def append(self, store, new):
+        if store is None:
+            return new
+        return HiggsStore(_part_cat(store.keys, new.keys), _part_cat(store.values, new.values))
+
+    def select_batch(self, store, index):
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return x.index_select(0, index.to(x.device))
+        return HiggsStore(_part_map(store.keys, pick), _part_map(store.values, pick))
+
+    def truncate(self, store, n_tokens):
+        def cut(x: torch.Tensor) -> torch.Tensor:
+            return compact(x[:, :n_tokens])  # not a view: the cut tokens' bytes are freed
+        return HiggsStore(_part_map(store.keys, cut), _part_map(store.values, cut))
+
+    def num_tokens(self, store):
+        return store.num_tokens
+
+    def nbytes(self, store):
+        return _part_nbytes(store.keys) + _part_nbytes(store.values)
+
+
+class HiggsCodec(HiggsRowsCodec):
+    """HIGGS alone: every layer's keys (pre-RoPE) and values quantized directly, K^_l = Q_l(K_l).
+
+    quantizers: one per layer (None: that layer is stored in fp16); num_kv_heads: H of the [B, H, T, D] states.
+    Layers are independent, so nothing of the previous layer is needed or kept.
+    """
+
+    needs_previous_layer = False
+
+    def __init__(self, quantizers: Sequence[HiggsQuantizer | None], num_kv_heads: int, *, quantize: bool = True,
+                 exact_dtype: torch.dtype = torch.float32):
+        super().__init__(quantize=quantize, exact_dtype=exact_dtype)
+        self.quantizers = list(quantizers)
+        self.num_kv_heads = num_kv_heads
+
+    def _quantizer(self, layer_idx: int) -> HiggsQuantizer | None:
+        return self.quantizers[layer_idx]
+
+    def encode(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, prev: KV | None
+               ) -> tuple[HiggsStore, torch.Tensor, torch.Tensor]:
+        k_part, k_hat = self._encode_part(layer_idx, _rows(keys.float()))
+        v_part, v_hat = self._encode_part(layer_idx, _rows(values.float()))
+        h = keys.shape[1]
+        return HiggsStore(k_part, v_part), _heads(k_hat, h), _heads(v_hat, h)
+
+    def decode(self, layer_idx: int, store: HiggsStore, prev: KV | None) -> KV:
+        h = self.num_kv_heads
+        return (_heads(self._decode_part(layer_idx, store.keys), h),
+                _heads(self._decode_part(layer_idx, store.values), h))
+
+    def __repr__(self) -> str:
+        first, rest = (q or "fp16" for q in (self.quantizers[0], self.quantizers[-1]))
+        return f"HiggsCodec({len(self.quantizers)} layers, layer 0: {first}, others: {rest})"
+
+
+class HiggsCache(ChunkedKVCache):
+    """HIGGS without adapters: every layer's states quantized directly (the AQUA-KV ablation; the same numbers as
+    `AquaKVCache(model, AquaKVPredictors.zeros(model, bits, ...))`, without keeping any layer's reconstruction).
 
     layer0_bits: None quantizes layer 0 at `bits` like the others; a number or "fp16" treats it apart.
+    quantize=False stores exact states in the model's dtype. Other keyword arguments (sinks, buffer,
+    storage_dtype, rotary) go to `ChunkedKVCache`.
     """
 
     def __init__(self, model, bits: float = 2, *, grid_dim: int = 2, group_size: int | None = None,
-                 layer0_bits: float | str | None = None, seed: int = 0, **kwargs):
-        super().__init__(model, AquaKVPredictors.zeros(model, bits, grid_dim=grid_dim, group_size=group_size,
-                                                       layer0_bits=layer0_bits, seed=seed), **kwargs)
+                 layer0_bits: float | str | None = None, seed: int = 0, quantize: bool = True, **kwargs):
+        # The zero predictors carry the settings (default group size, layer-0 bits) and validate them.
+        zeros = AquaKVPredictors.zeros(model, bits, grid_dim=grid_dim, group_size=group_size,
+                                       layer0_bits=layer0_bits, seed=seed)
+        model_dtype = next(model.parameters()).dtype
+        if not quantize and kwargs.get("storage_dtype") is None:
+            kwargs["storage_dtype"] = model_dtype
+        codec = HiggsCodec([zeros.quantizer(layer) for layer in range(zeros.num_layers)], zeros.num_kv_heads,
+                           quantize=quantize, exact_dtype=model_dtype)
+        super().__init__(model, codec, **kwargs)
+        self.settings = zeros.settings

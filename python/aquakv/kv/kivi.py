@@ -12,9 +12,10 @@ Here the numbers live in `KiviCodec` and the residual window is the fp16 buffer 
 policy (`aquakv.kv.policy.ChunkedKVCache`): once the buffer holds >= `buffer` tokens they are quantized as one
 chunk, keys in groups of `group_size` tokens per channel, values per token. (KIVI proper releases values
 from the window one token at a time; flushing whole chunks keeps between 0 and R values in fp16 instead of
-exactly R, and lets every codec of the package share one policy.) Nothing here needs calibration. Codes are
-bit-packed (4 codes per byte at 2 bits, 2 at 4 bits) and `nbytes` counts every stored byte: packed codes,
-fp16 scales and zero points, fp16 sinks and buffer.
+exactly R, and lets every codec of the package share one policy.) Nothing here needs calibration. The min/max
+quantizer is the package's one (`aquakv.uniform`, shared with RTN weights); codes are bit-packed by
+`torch.ops.aquakv.pack_bits` (4 codes per byte at 2 bits, 2 at 4 bits) and `nbytes` counts every stored byte:
+packed codes, fp16 scales and zero points, fp16 sinks and buffer.
 """
 from __future__ import annotations
 
@@ -25,71 +26,9 @@ import torch
 
 from aquakv.kv.codec import KVCodec
 from aquakv.kv.policy import ChunkedKVCache
+from aquakv.uniform import UniformQuantized, dequantize_uniform, quantize_uniform
 
 _SUPPORTED_BITS = (1, 2, 4, 8)
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes: uint8 [..., n] with values < 2**bits -> uint8 [..., ceil(n * bits / 8)].
-
-    Code i of a row sits in byte i // (8 // bits) at bit offset (i % (8 // bits)) * bits.
-    """
-    per_byte = 8 // bits
-    pad = -codes.shape[-1] % per_byte
-    if pad:
-        codes = torch.nn.functional.pad(codes, (0, pad))
-    codes = codes.reshape(*codes.shape[:-1], -1, per_byte)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    return (codes << shifts).sum(-1, dtype=torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: uint8 [..., bytes] -> uint8 [..., count]."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.flatten(-2)[..., :count]
-
-
-@dataclass
-class UniformQuantized:
-    """Asymmetric uniform quantization of x along its last dim (one scale/zero per row of `last` values).
-
-    codes: uint8 [..., ceil(last * bits / 8)] packed; scale, zero: fp16 [..., 1]; shape: x's shape.
-    """
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    shape: torch.Size
-    bits: int
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "UniformQuantized":
-        """Apply a batch-dim operation (reorder, select, repeat) to every stored tensor."""
-        codes, scale, zero = fn(self.codes), fn(self.scale), fn(self.zero)
-        return UniformQuantized(codes, scale, zero, torch.Size((codes.shape[0], *self.shape[1:])), self.bits)
-
-
-def quantize_uniform(x: torch.Tensor, bits: int) -> UniformQuantized:
-    """x: [..., g] float -> codes per row of g values with that row's min/max (asymmetric, fp16 scale/zero)."""
-    levels = (1 << bits) - 1
-    xf = x.float()
-    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
-    # Quantize against the fp16-rounded scale and zero: exactly what dequantization will use.
-    zero = lo.half()
-    scale = ((hi - zero.float()) / levels).half()
-    safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
-    codes = torch.round((xf - zero.float()) / safe).clamp_(0, levels).to(torch.uint8)
-    return UniformQuantized(pack_codes(codes, bits), scale, zero, x.shape, bits)
-
-
-def dequantize_uniform(q: UniformQuantized, dtype: torch.dtype) -> torch.Tensor:
-    """UniformQuantized -> tensor of q.shape in `dtype`."""
-    codes = unpack_codes(q.codes, q.bits, q.shape[-1]).float()
-    return (codes * q.scale.float() + q.zero.float()).to(dtype)
 
 
 @dataclass

@@ -8,69 +8,31 @@ Per layer the policy keeps
           encoded once as a chunk. The forward that flushes still attends to the exact states; the quantized
           ones are used from the next forward on.
 Every layer holds the same token layout, so layer l's chunk can be predicted from layer l-1's reconstruction of
-the same tokens, which the cache keeps transiently from the previous `update` call of the same forward.
+the same tokens, which the cache keeps transiently from the previous `update` call of the same forward (dropped
+after the last layer). An update completes or leaves its layer as it was; a forward that fails half-way leaves a
+cache that refuses every call until `reset()`. More in docs/kv_cache.md (in this repository).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
-from aquakv.kv.codec import KV, KVCodec
+from aquakv.kv.codec import (
+    KV,
+    ChunkedLayer,
+    KVCodec,
+    _cat,
+    checked_batch_index,
+    compact,
+)
 from aquakv.kv.rope import RotaryTracker, rotate, unrotate
-
-
-class _ChunkedLayer(CacheLayerMixin):
-    """State of one layer; the cache drives it (`ChunkedKVCache.update`), the layer answers length queries."""
-
-    is_compileable = False
-    is_croppable = True
-    is_sliding = False
-    supports_early_init = False
-
-    def __init__(self):
-        super().__init__()
-        self.clear()
-
-    def clear(self) -> None:
-        self.sink_k = self.sink_v = None  # [B, H, S, D] post-RoPE, storage dtype
-        self.buf_k = self.buf_v = None  # [B, H, Tb, D] post-RoPE, storage dtype
-        self.store = None  # codec store of the quantized tokens
-        self.num_sinks = self.num_quantized = self.num_buffered = 0
-        self.is_initialized = False
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.batch, self.num_heads, _, self.head_dim = key_states.shape
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError("a _ChunkedLayer is updated through its ChunkedKVCache")
-
-    def get_seq_length(self) -> int:
-        return self.num_sinks + self.num_quantized + self.num_buffered
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.clear()
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.sink_k, self.sink_v, self.buf_k, self.buf_v) if t is not None]
 
 
 def _on(pair: KV | None, device: torch.device) -> KV | None:
     """A pair of tensors on `device` (no copy when already there)."""
     return None if pair is None else (pair[0].to(device), pair[1].to(device))
-
-
-def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    return b if a is None else torch.cat([a, b], dim=-2)
 
 
 class ChunkedKVCache(Cache):
@@ -90,7 +52,7 @@ class ChunkedKVCache(Cache):
         if buffer < 1:
             raise ValueError(f"buffer must be >= 1, got {buffer}")
         cfg = model.config.get_text_config(decoder=True)
-        super().__init__(layers=[_ChunkedLayer() for _ in range(cfg.num_hidden_layers)])
+        super().__init__(layers=[ChunkedLayer() for _ in range(cfg.num_hidden_layers)])
         self.codec = codec
         self.sinks = sinks
         self.buffer = buffer
@@ -100,6 +62,8 @@ class ChunkedKVCache(Cache):
         self.positions: torch.Tensor | None = None  # [B, T] int32, every cached token's rotary position
         self._prev: tuple[int, KV] | None = None  # (layer, reconstruction of its quantized tokens) in this forward
         self._rope: tuple[tuple[int, int], KV] | None = None  # cos/sin of the quantized tokens in this forward
+        self._forward_changed = False  # some layer took the tokens of the forward in progress
+        self._broken: str | None = None  # why the layers disagree after a failure; reset() clears it
 
     # ---- lifetime ------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -115,54 +79,94 @@ class ChunkedKVCache(Cache):
 
     # ---- the update ----------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> KV:
-        """key_states (post-RoPE), value_states: [B, H, T, D] -> all keys and values [B, H, T_total, D]."""
-        layer = self.layers[layer_idx]
-        batch, _, length, _ = key_states.shape
+        """key_states (post-RoPE), value_states: [B, H, T, D] -> all keys and values [B, H, T_total, D].
+
+        Everything that can fail (checks, decoding, encoding the flushed chunk) runs before the layer changes, so a
+        failing update leaves its layer as it was; if an earlier layer of the same forward already took the new
+        tokens, the cache is marked unusable (layers disagree) and every later call says to reset() it.
+        """
         who = f"{type(self).__name__}.update(layer {layer_idx})"
-        if not layer.is_initialized:
-            layer.lazy_initialization(key_states, value_states)
-        elif batch != layer.batch:
-            raise ValueError(f"{who}: batch size {batch} but the cache holds batch {layer.batch}; reset() it first")
+        self._check_usable(who)
         if layer_idx == 0:
+            self._forward_changed = False
+        try:
+            return self._update(key_states, value_states, layer_idx, who)
+        except BaseException as error:
+            if self._forward_changed:
+                self._broken = (f"{who} failed after this forward had already changed earlier layers "
+                                f"({type(error).__name__}: {error})")
+            raise
+
+    def _check_usable(self, who: str) -> None:
+        if self._broken is not None:
+            raise RuntimeError(f"{who}: this cache is unusable: {self._broken}. Call reset() to use it again")
+
+    def _update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, who: str) -> KV:
+        layer = self.layers[layer_idx]
+        batch, heads, length, head_dim = key_states.shape
+        if layer.is_initialized and batch != layer.batch:
+            raise ValueError(f"{who}: batch size {batch} but the cache holds batch {layer.batch}; reset() it first")
+        positions = self.positions
+        if layer_idx == 0:
+            lengths = [lay.get_seq_length() for lay in self.layers]
+            if len(set(lengths)) > 1:
+                self._broken = f"an earlier forward did not update every layer (layer lengths {lengths})"
+                self._check_usable(who)
             self._prev = self._rope = None
             if self.tracker is not None:
                 new_pos = self.tracker.take(batch, length, who).to(torch.int32)
-                self.positions = new_pos if self.positions is None else torch.cat([self.positions, new_pos], dim=1)
-        if self.tracker is not None and self.positions.shape[1] != layer.get_seq_length() + length:
-            raise RuntimeError(f"{who}: {layer.get_seq_length()} cached + {length} new tokens but positions for "
-                               f"{self.positions.shape[1]}: layers must be updated in order 0..L-1 in every forward")
+                positions = new_pos if positions is None else torch.cat([positions, new_pos], dim=1)
+        elif layer.get_seq_length() + length != self.layers[0].get_seq_length():
+            raise RuntimeError(f"{who}: {layer.get_seq_length()} cached + {length} new tokens but layer 0 holds "
+                               f"{self.layers[0].get_seq_length()}: layers must be updated in order 0..L-1 in every "
+                               f"forward")
 
-        k_new = key_states.to(self.storage_dtype)
-        v_new = value_states.to(self.storage_dtype)
-        take = min(self.sinks - layer.num_sinks, length)
-        if take > 0:
-            layer.sink_k, layer.sink_v = _cat(layer.sink_k, k_new[:, :, :take]), _cat(layer.sink_v, v_new[:, :, :take])
-            layer.num_sinks += take
-            k_new, v_new = k_new[:, :, take:], v_new[:, :, take:]
-        if k_new.shape[2]:
-            layer.buf_k, layer.buf_v = _cat(layer.buf_k, k_new), _cat(layer.buf_v, v_new)
-            layer.num_buffered += k_new.shape[2]
+        # The layer's next state, built aside: nothing below changes the layer until every step has succeeded.
+        k_new, v_new = key_states.to(self.storage_dtype), value_states.to(self.storage_dtype)
+        take = max(min(self.sinks - layer.num_sinks, length), 0)
+        sink_k, sink_v, buf_k, buf_v = layer.sink_k, layer.sink_v, layer.buf_k, layer.buf_v
+        if take:
+            sink_k, sink_v = _cat(sink_k, k_new[:, :, :take]), _cat(sink_v, v_new[:, :, :take])
+        if length > take:
+            buf_k, buf_v = _cat(buf_k, k_new[:, :, take:]), _cat(buf_v, v_new[:, :, take:])
+        sinks, old, buffered = layer.num_sinks + take, layer.num_quantized, layer.num_buffered + length - take
 
-        # What attention reads, assembled in place: sinks | quantized tokens as decoded before this call's flush |
-        # the buffer (the tokens this call flushes are returned exact).
-        sinks, old, buffered = layer.num_sinks, layer.num_quantized, layer.num_buffered
-        keys = key_states.new_empty((batch, layer.num_heads, sinks + old + buffered, layer.head_dim))
+        # What attention reads: sinks | quantized tokens as decoded before this call's flush | the buffer (the
+        # tokens this call flushes are returned exact).
+        keys = key_states.new_empty((batch, heads, sinks + old + buffered, head_dim))
         values = value_states.new_empty(keys.shape)
         if sinks:
-            keys[:, :, :sinks], values[:, :, :sinks] = layer.sink_k, layer.sink_v
+            keys[:, :, :sinks], values[:, :, :sinks] = sink_k, sink_v
         if buffered:
-            keys[:, :, sinks + old:], values[:, :, sinks + old:] = layer.buf_k, layer.buf_v
+            keys[:, :, sinks + old:], values[:, :, sinks + old:] = buf_k, buf_v
         flush = buffered >= self.buffer
+        store, prev = layer.store, None
         if old or flush:
-            self._update_quantized(layer_idx, layer, flush, keys[:, :, sinks:sinks + old],
-                                   values[:, :, sinks:sinks + old])
+            store, prev = self._update_quantized(layer_idx, layer.store, positions, sinks, old, buffered if flush else 0,
+                                                 buf_k, buf_v, keys[:, :, sinks:sinks + old],
+                                                 values[:, :, sinks:sinks + old])
+
+        # Commit.
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        self._forward_changed = True
+        layer.sink_k, layer.sink_v, layer.num_sinks = sink_k, sink_v, sinks
+        if flush:
+            layer.store, layer.num_quantized, buf_k, buf_v, buffered = store, old + buffered, None, None, 0
+        layer.buf_k, layer.buf_v, layer.num_buffered = buf_k, buf_v, buffered
+        self.positions = positions
+        # The previous layer's reconstruction and the cos/sin serve only the forward in progress.
+        last = layer_idx == len(self.layers) - 1
+        self._prev = None if last or prev is None else (layer_idx, prev)
+        self._rope = None if last else self._rope
+        self._forward_changed = not last  # a complete forward leaves nothing half-done
         return keys, values
 
-    def _cos_sin(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cos_sin(self, positions: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, stop - start, D] of cached tokens; every layer of a forward asks for the same range, so the
-        first answer is kept until the next forward (transient, like the previous layer's reconstruction)."""
+        first answer is kept until the end of the forward (transient, like the previous layer's reconstruction)."""
         if self._rope is None or self._rope[0] != (start, stop):
-            self._rope = ((start, stop), self.tracker.cos_sin(self.positions[:, start:stop]))
+            self._rope = ((start, stop), self.tracker.cos_sin(positions[:, start:stop]))
         return self._rope[1]
 
     def _previous(self, layer_idx: int, num_tokens: int) -> KV | None:
@@ -174,48 +178,46 @@ class ChunkedKVCache(Cache):
                                f"of {num_tokens} tokens from this forward, found {got}")
         return self._prev[1]
 
-    def _update_quantized(self, layer_idx: int, layer: _ChunkedLayer, flush: bool, out_k: torch.Tensor,
-                          out_v: torch.Tensor) -> None:
-        """Decode the layer's store into out_k / out_v ([B, H, num_quantized, D] views of what attention reads; keys
-        re-rotated), encode the buffer as a new chunk if `flush`, and keep this layer's reconstruction of all its
-        quantized tokens for the next layer."""
+    def _update_quantized(self, layer_idx: int, store, positions: torch.Tensor | None, start: int, n_old: int,
+                          n_new: int, buf_k: torch.Tensor | None, buf_v: torch.Tensor | None, out_k: torch.Tensor,
+                          out_v: torch.Tensor) -> tuple[object, KV | None]:
+        """Decode the layer's store into out_k / out_v ([B, H, n_old, D] views of what attention reads; keys
+        re-rotated) and, if n_new, encode the buffer as a new chunk. Changes nothing of the layer.
+
+        Returns (the store with the new chunk, this layer's reconstruction of all its quantized tokens for the next
+        layer or None when the codec does not need it).
+        """
         codec = self.codec
-        start = layer.num_sinks
-        n_old, n_new = layer.num_quantized, layer.num_buffered if flush else 0
-        prev = _on(self._previous(layer_idx, n_old + n_new), layer.device)  # layers may sit on several GPUs
+        device = out_k.device
+        prev = _on(self._previous(layer_idx, n_old + n_new), device)  # layers may sit on several GPUs
         cos = sin = None
         if codec.pre_rope:
-            cos, sin = _on(self._cos_sin(start, start + n_old + n_new), layer.device)
+            cos, sin = _on(self._cos_sin(positions, start, start + n_old + n_new), device)
         hat_k, hat_v = [], []
         if n_old:
             pk = None if prev is None else (prev[0][:, :, :n_old], prev[1][:, :, :n_old])
-            k_hat, v_hat = codec.decode(layer_idx, layer.store, pk)
+            k_hat, v_hat = codec.decode(layer_idx, store, pk)
+            if codec.pre_rope:
+                rotate(k_hat, cos[:, :n_old], sin[:, :n_old], out=out_k)
+            else:
+                out_k.copy_(k_hat)
+            out_v.copy_(v_hat)
             hat_k.append(k_hat)
             hat_v.append(v_hat)
-        if flush:
+        if n_new:
             pk = None if prev is None else (prev[0][:, :, n_old:], prev[1][:, :, n_old:])
-            k_in = layer.buf_k.float()
+            k_in = buf_k.float()
             if codec.pre_rope:
                 k_in = unrotate(k_in, cos[:, n_old:], sin[:, n_old:])
-            chunk, k_hat_new, v_hat_new = codec.encode(layer_idx, k_in, layer.buf_v.float(), pk)
-            layer.store = codec.append(layer.store, chunk)
+            chunk, k_hat_new, v_hat_new = codec.encode(layer_idx, k_in, buf_v.float(), pk)
+            store = codec.append(store, chunk)
             hat_k.append(k_hat_new)
             hat_v.append(v_hat_new)
-        if codec.needs_previous_layer:
-            cat_k = hat_k[0] if len(hat_k) == 1 else torch.cat(hat_k, dim=2)
-            cat_v = hat_v[0] if len(hat_v) == 1 else torch.cat(hat_v, dim=2)
-            self._prev = (layer_idx, (cat_k, cat_v))
-        if flush:
-            layer.num_quantized += n_new
-            layer.buf_k = layer.buf_v = None
-            layer.num_buffered = 0
-        if not n_old:
-            return
-        if codec.pre_rope:
-            rotate(hat_k[0], cos[:, :n_old], sin[:, :n_old], out=out_k)
-        else:
-            out_k.copy_(hat_k[0])
-        out_v.copy_(hat_v[0])
+        if not codec.needs_previous_layer:
+            return store, None
+        if len(hat_k) == 1:
+            return store, (hat_k[0], hat_v[0])
+        return store, (torch.cat(hat_k, dim=2), torch.cat(hat_v, dim=2))
 
     @torch.no_grad()
     def materialize(self, dtype: torch.dtype = torch.float32) -> list[KV]:
@@ -224,7 +226,8 @@ class ChunkedKVCache(Cache):
         For inspection and error measurements (e.g. against a DynamicCache): it holds all layers at once, which
         the cache itself never does.
         """
-        out, prev = [], None
+        self._check_usable(f"{type(self).__name__}.materialize")
+        out, prev, cos_sin = [], None, None
         for layer_idx, layer in enumerate(self.layers):
             parts = []
             if layer.num_sinks:
@@ -233,8 +236,10 @@ class ChunkedKVCache(Cache):
                 k_hat, v_hat = self.codec.decode(layer_idx, layer.store, _on(prev, layer.device) if layer_idx else None)
                 prev = (k_hat, v_hat)
                 if self.codec.pre_rope:
-                    start = layer.num_sinks
-                    k_hat = rotate(k_hat, *_on(self._cos_sin(start, start + layer.num_quantized), layer.device))
+                    if cos_sin is None:  # every layer holds the same token layout: one range of positions
+                        start = layer.num_sinks
+                        cos_sin = self.tracker.cos_sin(self.positions[:, start:start + layer.num_quantized])
+                    k_hat = rotate(k_hat, *_on(cos_sin, layer.device))
                 parts.append((k_hat, v_hat))
             if layer.num_buffered:
                 parts.append((layer.buf_k, layer.buf_v))
@@ -246,60 +251,72 @@ class ChunkedKVCache(Cache):
         return out
 
     # ---- batch and length edits (beam search, assisted decoding, reuse) -----------------------------------
-    def _select_batch(self, index: torch.Tensor) -> None:
+    def _edit(self, who: str, edit) -> None:
+        """Run `edit` (arguments already checked); a failure half-way leaves layers that disagree: mark it."""
+        self._check_usable(who)
         self._prev = self._rope = None
+        try:
+            edit()
+        except BaseException as error:
+            self._broken = f"{who} failed half-way ({type(error).__name__}: {error})"
+            raise
+
+    def _batch(self) -> int | None:
+        if self.layers[0].is_initialized:
+            return self.layers[0].batch
+        return None if self.positions is None else self.positions.shape[0]
+
+    def _select_batch(self, index, who: str) -> None:
+        self._check_usable(who)
+        index = checked_batch_index(index, self._batch(), who)
+        self._edit(who, lambda: self._apply_select(index))
+
+    def _apply_select(self, index: torch.Tensor) -> None:
         for layer in self.layers:
-            if not layer.is_initialized:
-                continue
-            idx = index.to(layer.device)
-            layer.batch = idx.shape[0]
-            for name in ("sink_k", "sink_v", "buf_k", "buf_v"):
-                t = getattr(layer, name)
-                if t is not None:
-                    setattr(layer, name, t.index_select(0, idx))
-            if layer.store is not None:
-                layer.store = self.codec.select_batch(layer.store, idx)
+            if layer.is_initialized:
+                layer.select_rows(index.to(layer.device), self.codec)
         if self.positions is not None:
             self.positions = self.positions.index_select(0, index.to(self.positions.device))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: batch row i becomes old row beam_idx[i] (codes are reordered, never re-quantized)."""
-        self._select_batch(beam_idx)
+        """Beam search: batch row i becomes old row beam_idx[i] (codes are reordered, never re-quantized).
+        A bad index (not 1-D integers within the batch) raises before anything changes."""
+        self._select_batch(beam_idx, f"{type(self).__name__}.reorder_cache")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_batch(indices)
+        self._select_batch(indices, f"{type(self).__name__}.batch_select_indices")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        batch = self.layers[0].batch if self.layers[0].is_initialized else 0
+        who = f"{type(self).__name__}.batch_repeat_interleave"
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"{who}: repeats must be a positive integer, got {repeats!r}")
+        batch = self._batch()
         if batch:
-            self._select_batch(torch.arange(batch).repeat_interleave(repeats))
+            self._select_batch(torch.arange(batch).repeat_interleave(repeats), who)
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last -tokens_to_remove tokens (a negative count, like DynamicCache); exact for every part."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
-        self._prev = self._rope = None
+        """Remove the last -tokens_to_remove tokens (a negative count, like DynamicCache); exact for every part.
+        What is kept is copied, so the cropped tokens' bytes are freed."""
+        who = f"{type(self).__name__}.crop"
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+            raise ValueError(f"{who}: pass a negative number of tokens to remove, got {tokens_to_remove!r}")
+        self._check_usable(who)
         total = self.get_seq_length()
-        keep = max(total + tokens_to_remove, 0)
         if tokens_to_remove == 0 or total == 0:
             return
+        self._edit(who, lambda: self._apply_crop(max(total + tokens_to_remove, 0)))
+
+    def _apply_crop(self, keep: int) -> None:
         for layer in self.layers:
-            if not layer.is_initialized:
-                continue
-            n_sink = min(keep, layer.num_sinks)
-            n_quant = min(keep - n_sink, layer.num_quantized)
-            n_buf = keep - n_sink - n_quant
-            layer.sink_k, layer.sink_v = _keep(layer.sink_k, n_sink), _keep(layer.sink_v, n_sink)
-            layer.buf_k, layer.buf_v = _keep(layer.buf_k, n_buf), _keep(layer.buf_v, n_buf)
-            if n_quant < layer.num_quantized:
-                layer.store = self.codec.truncate(layer.store, n_quant) if n_quant else None
-            layer.num_sinks, layer.num_quantized, layer.num_buffered = n_sink, n_quant, n_buf
+            if layer.is_initialized:
+                layer.keep_first(keep, self.codec)
         if self.positions is not None:
-            self.positions = self.positions[:, :keep] if keep else None
+            self.positions = compact(self.positions[:, :keep]) if keep else None
 
     def reset(self) -> None:
-        """Drop every cached token (the hook stays: the cache can be reused)."""
+        """Drop every cached token (the hook stays: the cache can be reused); also makes an unusable cache usable."""
         self._prev = self._rope = None
+        self._broken = None
         self.positions = None
         for layer in self.layers:
             layer.reset()
@@ -334,6 +351,3 @@ class ChunkedKVCache(Cache):
         return (f"{type(self).__name__}({len(self.layers)} layers, {n} tokens, codec={type(self.codec).__name__}, "
                 f"sinks={self.sinks}, buffer={self.buffer}, {self.nbytes()} bytes)")
 
-
-def _keep(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    return t[:, :, :n] if t is not None and n else None

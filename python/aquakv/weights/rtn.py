@@ -1,8 +1,9 @@
 """Round-to-nearest uniform quantization: the baseline every user knows.
 
 Asymmetric min/max per group of `group_size` consecutive weights (the same flattened row-major groups as
-HiggsLinear, so both methods see identical groups): scale = (max - min) / (2**bits - 1) and the minimum,
-both stored in fp16 (32 bits per group), codes q = round((w - min) / scale) in [0, 2**bits - 1].
+HiggsLinear, so both methods see identical groups), with the package's one uniform quantizer
+(`aquakv.uniform`): scale = (max - min) / (2**bits - 1) and the minimum, both stored in fp16 (32 bits per
+group), codes q = round((w - min) / scale) in [0, 2**bits - 1].
 Cost: bits + 32 / group_size bits per weight.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from aquakv.uniform import uniform_codes, uniform_decode
 from aquakv.weights.linear import DEFAULT_GROUP_SIZE, _flat_groups
 from aquakv.weights.quantize import quantizable_linears
 
@@ -32,12 +34,8 @@ def rtn_quantize_dequantize(weight: torch.Tensor, bits: int, group_size: int = D
     if pad:
         groups = groups.clone()
         groups[-1, group_size - pad:] = groups[-1, 0]
-    levels = (1 << bits) - 1
-    low = groups.amin(dim=1, keepdim=True).half().float()
-    scale = ((groups.amax(dim=1, keepdim=True) - low) / levels).half().float()
-    # A constant group (scale 0) decodes exactly to its minimum.
-    codes = torch.where(scale > 0, torch.round((groups - low) / scale.clamp_min(1e-30)), torch.zeros_like(groups))
-    w_hat = low + codes.clamp(0, levels) * scale
+    codes, scale, minimum = uniform_codes(groups, bits)  # a constant group decodes exactly to its fp16 minimum
+    w_hat = uniform_decode(codes, scale, minimum)
     return w_hat.reshape(-1)[: weight.numel()].view(weight.shape).to(weight.dtype)
 
 
