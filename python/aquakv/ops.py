@@ -12,7 +12,7 @@ code_bits / d bits per value). pack_bits / unpack_bits take `bits`, the width of
 HIGGS packs its codes with bits = code_bits.
 
 The fake kernels apply the very checks of csrc/checks.h (same order, same messages), so a bad
-call fails the same way on meta / FakeTensors as on a real device.
+call fails the same way on meta / FakeTensors as on a real device. Gradients: see docs/ops.md.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def higgs_quantize(
     (code_bits in 1..8 or 16: bits per d-dim code); signs: float32 [G]; G = group_size as
     `check_group_size` states it. Returns (codes uint8 [..., C/d*code_bits/8], scales float16
     [..., C/G]). A group holding NaN/Inf gets a non-finite scale, and so does one whose norm exceeds
-    the float16 range (65504).
+    the float16 range (65504). Not differentiable (backward through it raises).
     """
     return torch.ops.aquakv.higgs_quantize(x, grid, signs, group_size)
 
@@ -55,7 +55,10 @@ def higgs_dequantize(
     group_size: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Inverse of `higgs_quantize`: codes uint8 [..., C/d*code_bits/8], scales float16 [..., C/G] -> [..., C] in dtype."""
+    """Inverse of `higgs_quantize`: codes uint8 [..., C/d*code_bits/8], scales float16 [..., C/G] -> [..., C] in dtype.
+
+    Differentiable w.r.t. scales only (the output is linear in them).
+    """
     return torch.ops.aquakv.higgs_dequantize(codes, scales, grid, signs, group_size, dtype)
 
 
@@ -280,3 +283,62 @@ def _unpack_bits_fake(packed: torch.Tensor, bits: int, count: int) -> torch.Tens
     _check_unpack_args(packed, bits, count)
     return packed.new_empty((*packed.shape[:-1], count), dtype=torch.int32)
 
+
+# ---- autograd: backward formulas where the op has a derivative, a clear refusal where not -----
+
+
+def _hadamard_setup(ctx, inputs, output) -> None:
+    x, signs, scale = inputs
+    ctx.scale = scale
+    ctx.has_signs = signs is not None
+    wants_signs_grad = signs is not None and signs.requires_grad
+    ctx.save_for_backward(signs, x if wants_signs_grad else None)
+
+
+def _hadamard_backward(ctx, grad: torch.Tensor):
+    # y = scale * H D x is linear in x with H symmetric, so x_grad = D (scale * H g);
+    # as a function of the signs, y = scale * H diag(x) s, so signs_grad = sum over rows of x * (scale * H g).
+    signs, x = ctx.saved_tensors
+    hg = hadamard(grad, None, ctx.scale)  # fp32 math, rounded once to grad's dtype
+    grad_x = hg * signs.to(hg.dtype) if ctx.has_signs else hg  # times +-1: exact
+    grad_signs = None
+    if x is not None:
+        grad_signs = (x.float() * hg.float()).reshape(-1, x.shape[-1]).sum(0)
+    return grad_x, grad_signs, None
+
+
+def _dequantize_setup(ctx, inputs, output) -> None:
+    codes, scales, grid, signs, group_size, _dtype = inputs
+    ctx.group_size = group_size
+    ctx.constant_needing_grad = [name for name, t in (("grid", grid), ("signs", signs)) if t.requires_grad]
+    ctx.save_for_backward(codes, scales, grid, signs)
+
+
+def _dequantize_backward(ctx, grad: torch.Tensor):
+    # x_g = s_g * u_g with u_g the group dequantized at scale 1, so d<grad, x>/d s_g = <u_g, grad_g>.
+    if ctx.constant_needing_grad:
+        names = " and ".join(ctx.constant_needing_grad)
+        raise RuntimeError(f"higgs_dequantize: no gradient w.r.t. {names} (only scales are differentiable); "
+                           f"pass {names} detached (.detach()) or with requires_grad=False")
+    codes, scales, grid, signs = ctx.saved_tensors
+    unit = higgs_dequantize(codes, torch.ones_like(scales), grid, signs, ctx.group_size, torch.float32)
+    per_group = (unit * grad.float()).reshape(*scales.shape, ctx.group_size).sum(-1)
+    return None, per_group.to(scales.dtype), None, None, None, None
+
+
+def _refuse_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{op}: not differentiable (it produces integer codes; no backward is defined); "
+                           "detach its inputs (.detach()) before calling it")
+
+    return backward
+
+
+def _no_setup(ctx, inputs, output) -> None:
+    pass
+
+
+torch.library.register_autograd("aquakv::hadamard", _hadamard_backward, setup_context=_hadamard_setup)
+torch.library.register_autograd("aquakv::higgs_dequantize", _dequantize_backward, setup_context=_dequantize_setup)
+for _op in ("higgs_quantize", "pack_bits", "unpack_bits"):
+    torch.library.register_autograd(f"aquakv::{_op}", _refuse_backward(_op), setup_context=_no_setup)
