@@ -13,6 +13,7 @@
 
 #include "aquakv/bitpack.h"
 
+#include <cctype>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -61,10 +62,15 @@ inline std::string dtype_name(at::ScalarType t) {
     case at::kInt: return "torch.int32";
     case at::kLong: return "torch.int64";
     case at::kBool: return "torch.bool";
+    case at::kComplexHalf: return "torch.complex32";
     case at::kComplexFloat: return "torch.complex64";
     case at::kComplexDouble: return "torch.complex128";
-    default: return c10::toString(t);
+    default: break;
   }
+  // The rest are spelled like c10's name in lower case: UInt16 -> torch.uint16, Float8_e5m2 -> torch.float8_e5m2.
+  std::string name = c10::toString(t);
+  for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return "torch." + name;
 }
 
 inline void check_at_least_1d(const char* op, const char* name, const at::Tensor& t) {

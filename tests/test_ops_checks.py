@@ -168,6 +168,29 @@ def test_fake_kernel_refuses_like_the_real_one(op, kwargs: dict) -> None:
     assert str(fake.value) == str(real.value)
 
 
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("dtype", sorted({str(t) for t in vars(torch).values() if isinstance(t, torch.dtype)}))
+def test_dtype_names_match_torch_spelling(dtype: str) -> None:
+    # Messages spell a dtype the way Python does (torch.uint16, torch.float8_e5m2), on both sides.
+    t = getattr(torch, dtype.split(".")[1])
+    if t in (torch.quint8, torch.qint8, torch.qint32, torch.quint4x2, torch.quint2x4):
+        pytest.skip("quantized tensors have their own backend")
+    try:
+        x = torch.empty(2, 8, dtype=t)
+    except (RuntimeError, TypeError):
+        pytest.skip(f"cannot allocate {dtype} on cpu")
+    messages = []
+    for device in ("cpu", "meta"):
+        try:
+            ops.hadamard(x.to(device))
+            messages.append(None)
+        except RuntimeError as e:
+            messages.append(str(e))
+    assert messages[0] == messages[1]
+    if messages[0] is not None:
+        assert messages[0].endswith(f"got {t}")
+
+
 def mixed_device_calls() -> list[tuple[str, object, dict]]:
     """(argument put on meta, op, kwargs): valid CPU calls with one tensor moved to meta."""
     q = dict(x=X, grid=GRID, signs=SIGNS, group_size=128)

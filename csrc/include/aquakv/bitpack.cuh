@@ -6,7 +6,7 @@
 // (the last block of a row may be shorter). Loads and stores of neighbouring threads are adjacent.
 #pragma once
 
-#include "aquakv/bitpack.h"  // packed_row_bytes (constexpr: callable here with --expt-relaxed-constexpr)
+#include "aquakv/bitpack.h"  // packed_row_bytes, the row size shared with the host packer
 #include "aquakv/cuda_common.cuh"
 
 namespace aquakv::cuda {
