@@ -28,6 +28,7 @@ def hadamard(x: torch.Tensor, signs: torch.Tensor | None = None, scale: float = 
 
     x: [..., n] float32/float16/bfloat16, n a power of two in 2..32768; signs: float32 [n] or None.
     scale = n ** -0.5 makes the transform orthonormal (and its own inverse).
+    Differentiable in x and in signs (both enter linearly).
     Returns [..., n] in x's dtype, computed in float32.
     """
     return torch.ops.aquakv.hadamard(x, signs, scale)
@@ -177,13 +178,13 @@ def _check_hadamard_args(x: torch.Tensor, signs: torch.Tensor | None) -> None:
         _check_same_device(op, ("x", x), ("signs", signs))
 
 
-def _check_higgs_common(op: str, grid: torch.Tensor, signs: torch.Tensor, group_size: int) -> tuple[int, int]:
-    """Returns (d, bytes of codes per group)."""
+def _check_higgs_common(op: str, grid: torch.Tensor, signs: torch.Tensor, group_size: int) -> tuple[int, int, int]:
+    """Returns (d, code_bits, bytes of codes per group)."""
     code_bits = _check_grid(op, grid)
     d = grid.shape[1]
     check_group_size(group_size, d, code_bits, op=op)
     _check_signs(op, signs, group_size, "group_size")
-    return d, group_size // d * code_bits // 8
+    return d, code_bits, group_size // d * code_bits // 8
 
 
 def _check_higgs_quantize_args(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, group_size: int) -> int:
@@ -191,7 +192,7 @@ def _check_higgs_quantize_args(x: torch.Tensor, grid: torch.Tensor, signs: torch
     op = "higgs_quantize"
     _check_at_least_1d(op, "x", x)
     _check_float_dtype(op, "x", x.dtype)
-    _, group_bytes = _check_higgs_common(op, grid, signs, group_size)
+    _, _, group_bytes = _check_higgs_common(op, grid, signs, group_size)
     channels = x.shape[-1]
     _require(channels % group_size == 0, lambda: f"{op}: last dim {channels} is not a multiple of group_size "
              f"{group_size} (pad x with zeros to a multiple and trim after dequantize)")
@@ -206,11 +207,10 @@ def _check_higgs_dequantize_args(codes, scales, grid, signs, group_size: int, dt
     _check_dtype(op, "codes", codes, torch.uint8)
     _check_dtype(op, "scales", scales, torch.float16)
     _check_float_dtype(op, "dtype", dtype)
-    d, group_bytes = _check_higgs_common(op, grid, signs, group_size)
+    d, code_bits, group_bytes = _check_higgs_common(op, grid, signs, group_size)
     _require(codes.dim() == scales.dim() and codes.shape[:-1] == scales.shape[:-1],
              lambda: f"{op}: codes {_sizes(codes)} and scales {_sizes(scales)} must have the same leading dims")
     groups = scales.shape[-1]
-    code_bits = group_bytes * 8 * d // group_size
     _require(codes.shape[-1] == groups * group_bytes,
              lambda: f"{op}: codes last dim {codes.shape[-1]} does not match {groups} groups (scales last dim) * "
              f"{group_bytes} bytes per group (group_size {group_size} / d {d} * code_bits {code_bits} / 8)")
