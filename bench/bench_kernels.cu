@@ -191,9 +191,9 @@ void bench_hadamard(const Device& dev, const Options& opt, int log_n) {
 // T tokens x C = 1024 fp16 values, groups of G, grid (d, n): quantize, then dequantize its output.
 void bench_higgs(const Device& dev, const Options& opt, int64_t tokens, int log_g, int d, int n_points) {
   const int64_t channels = 1024, g = int64_t{1} << log_g;
-  const int bits = log2_points(n_points);
+  const int code_bits = log2_pow2(n_points);
   const int64_t values = tokens * channels, groups = values / g;
-  const int64_t code_bytes = groups * group_code_bytes(log_g, d, bits);
+  const int64_t code_bytes = groups * group_code_bytes(log_g, d, code_bits);
   const size_t x_bytes = 2 * static_cast<size_t>(values);
   const size_t set_bytes = 2 * x_bytes + code_bytes + 2 * groups;
   const int nbuf = buffers_for(dev, set_bytes);
@@ -237,7 +237,7 @@ void bench_higgs(const Device& dev, const Options& opt, int64_t tokens, int log_
     a.groups = groups;
     a.n_points = n_points;
     a.d = d;
-    a.bits = bits;
+    a.code_bits = code_bits;
     return a;
   };
   const int batch = tokens >= 32768 ? 3 : 10;

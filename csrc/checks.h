@@ -11,6 +11,9 @@
 
 #include <ATen/ATen.h>
 
+#include "aquakv/bitpack.h"
+
+#include <cctype>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -23,7 +26,10 @@ constexpr int64_t kMaxHadamard = 32768;
 
 inline bool is_power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
-inline int log2_exact(int64_t v) {
+// log2 of a power of two. Callers pass sizes the checks below already validated; anything else is a
+// bug in aquakv, not bad user input, hence an internal assert rather than a message.
+inline int log2_of_power_of_two(int64_t v) {
+  TORCH_INTERNAL_ASSERT(is_power_of_two(v), "log2_of_power_of_two: ", v, " is not a power of two");
   int b = 0;
   while ((int64_t{1} << b) < v) ++b;
   return b;
@@ -56,8 +62,15 @@ inline std::string dtype_name(at::ScalarType t) {
     case at::kInt: return "torch.int32";
     case at::kLong: return "torch.int64";
     case at::kBool: return "torch.bool";
-    default: return c10::toString(t);
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: break;
   }
+  // The rest are spelled like c10's name in lower case: UInt16 -> torch.uint16, Float8_e5m2 -> torch.float8_e5m2.
+  std::string name = c10::toString(t);
+  for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return "torch." + name;
 }
 
 inline void check_at_least_1d(const char* op, const char* name, const at::Tensor& t) {
@@ -83,13 +96,20 @@ inline void check_same_device(const char* op, std::initializer_list<std::pair<co
   }
 }
 
-// Packed-code widths the ops support: 1..8 or 16.
+// Field widths pack_bits / unpack_bits support: 1..8 or 16. (Their `bits` is the width of one packed
+// field; for HIGGS that field is a whole d-dim code, code_bits = log2(n_points), not bits per value.)
 inline void check_bits(const char* op, int64_t bits) {
   TORCH_CHECK((bits >= 1 && bits <= 8) || bits == 16, op, ": bits must be in 1..8 or 16, got ", bits);
 }
 
-// Bytes of a row of `count` codes of `bits` bits each, densely packed.
-inline int64_t packed_bytes(int64_t count, int64_t bits) { return (count * bits + 7) / 8; }
+// Largest count of packed fields per row: count * 16 must not overflow int64 in packed_row_bytes.
+// (No real tensor gets near it; an expanded view or a bad `count` argument can.)
+constexpr int64_t kMaxCount = int64_t{1} << 58;
+
+inline void check_count(const char* op, int64_t count) {
+  TORCH_CHECK(count >= 0, op, ": count must be >= 0, got ", count);
+  TORCH_CHECK(count <= kMaxCount, op, ": count ", count, " is too large (at most 2**58 codes per row)");
+}
 
 inline void check_hadamard_size(const char* op, const char* what, int64_t n) {
   TORCH_CHECK(is_power_of_two(n) && n >= 2 && n <= kMaxHadamard, op, ": ", what, " ", n,
@@ -103,25 +123,31 @@ inline void check_signs(const char* op, const at::Tensor& signs, int64_t n, cons
               ", got shape ", signs.sizes());
 }
 
-// grid: float32 [n_points, d] with n_points = 2**bits, bits in 1..8 or 16. Returns bits.
+// grid: float32 [n_points, d] with n_points = 2**code_bits, code_bits in 1..8 or 16 (bits per d-dim
+// code, not per value). Returns code_bits.
 inline int check_grid(const char* op, const at::Tensor& grid) {
   check_dtype(op, "grid", grid, at::kFloat);
   TORCH_CHECK(grid.dim() == 2 && grid.size(1) >= 1, op, ": grid must be 2-D [n_points, d] with d >= 1, got shape ",
               grid.sizes());
   const int64_t n = grid.size(0);
   const bool ok = is_power_of_two(n) && ((n >= 2 && n <= 256) || n == 65536);
-  TORCH_CHECK(ok, op, ": grid has ", n, " points; it must have 2**bits points with bits in 1..8 or 16");
-  return log2_exact(n);
+  TORCH_CHECK(ok, op, ": grid has ", n, " points; it must have 2**code_bits points with code_bits in 1..8 or 16");
+  return log2_of_power_of_two(n);
 }
 
-// group_size: a power of two in 2..32768 (the Hadamard range), a multiple of the grid dim d, and
-// holding a whole number of bytes of codes (so every group's codes start on a byte boundary).
-inline void check_group_size(const char* op, int64_t group_size, int64_t d, int bits) {
+// The one group-size rule (mirrored, message for message, by aquakv.ops.check_group_size):
+// group_size is a power of two in 2..32768 (the Hadamard range), a multiple of the grid dim d, and
+// its G/d codes of code_bits each fill whole bytes, so every group's codes start on a byte boundary.
+inline void check_group_size(const char* op, int64_t group_size, int64_t d, int64_t code_bits) {
+  // d and code_bits come from a checked grid here; the guards matter to direct callers of the rule.
+  TORCH_CHECK(d >= 1, op, ": grid dim d must be >= 1, got ", d);
+  TORCH_CHECK((code_bits >= 1 && code_bits <= 8) || code_bits == 16, op,
+              ": code_bits must be in 1..8 or 16, got ", code_bits);
   check_hadamard_size(op, "group_size", group_size);
   TORCH_CHECK(group_size % d == 0, op, ": group_size ", group_size, " is not a multiple of the grid dim d = ", d);
-  TORCH_CHECK((group_size / d * bits) % 8 == 0, op, ": group_size ", group_size, " / d ", d, " * bits ", bits, " = ",
-              group_size / d * bits, " code bits per group is not a multiple of 8; each group's codes must fill whole "
-              "bytes so groups stay byte-aligned");
+  TORCH_CHECK((group_size / d * code_bits) % 8 == 0, op, ": group_size ", group_size, " / d ", d, " * code_bits ",
+              code_bits, " = ", group_size / d * code_bits, " bits of codes per group is not a multiple of 8; each "
+              "group's codes must fill whole bytes so groups stay byte-aligned");
 }
 
 // ---- whole-op checks: one call per launcher, identical on every backend ---------------------
@@ -144,17 +170,17 @@ struct HiggsShape {
   int64_t channels;     // C, a multiple of group_size
   int64_t groups;       // C / group_size per row
   int64_t d;            // grid dim
-  int bits;             // log2(n_points)
-  int64_t group_bytes;  // group_size / d * bits / 8 packed code bytes per group
+  int code_bits;        // log2(n_points): bits of one d-dim code (not bits per value)
+  int64_t group_bytes;  // group_size / d * code_bits / 8 packed code bytes per group
 };
 
 inline HiggsShape check_higgs_common(const char* op, const at::Tensor& grid, const at::Tensor& signs, int64_t group_size) {
   HiggsShape s{};
-  s.bits = check_grid(op, grid);
+  s.code_bits = check_grid(op, grid);
   s.d = grid.size(1);
-  check_group_size(op, group_size, s.d, s.bits);
+  check_group_size(op, group_size, s.d, s.code_bits);
   check_signs(op, signs, group_size, "group_size");
-  s.group_bytes = group_size / s.d * s.bits / 8;
+  s.group_bytes = group_size / s.d * s.code_bits / 8;
   return s;
 }
 
@@ -191,7 +217,7 @@ inline HiggsShape check_higgs_dequantize_args(const at::Tensor& codes, const at:
   s.groups = scales.size(-1);
   TORCH_CHECK(codes.size(-1) == s.groups * s.group_bytes, op, ": codes last dim ", codes.size(-1), " does not match ",
               s.groups, " groups (scales last dim) * ", s.group_bytes, " bytes per group (group_size ", group_size,
-              " / d ", s.d, " * bits ", s.bits, " / 8)");
+              " / d ", s.d, " * code_bits ", s.code_bits, " / 8)");
   check_same_device(op, {{"codes", &codes}, {"scales", &scales}, {"grid", &grid}, {"signs", &signs}});
   s.rows = num_rows(scales);
   s.channels = s.groups * group_size;
@@ -204,6 +230,8 @@ inline void check_pack_args(const at::Tensor& codes, int64_t bits) {
   check_at_least_1d(op, "codes", codes);
   check_dtype(op, "codes", codes, at::kInt);
   check_bits(op, bits);
+  TORCH_CHECK(codes.size(-1) <= kMaxCount, op, ": codes last dim ", codes.size(-1),
+              " is too large (at most 2**58 codes per row)");
 }
 
 // unpack_bits(packed, bits, count): packed uint8 [..., ceil(count*bits/8)].
@@ -212,9 +240,10 @@ inline void check_unpack_args(const at::Tensor& packed, int64_t bits, int64_t co
   check_at_least_1d(op, "packed", packed);
   check_dtype(op, "packed", packed, at::kByte);
   check_bits(op, bits);
-  TORCH_CHECK(count >= 0, op, ": count must be >= 0, got ", count);
-  TORCH_CHECK(packed.size(-1) == packed_bytes(count, bits), op, ": packed last dim ", packed.size(-1),
-              " must equal ceil(count * bits / 8) = ceil(", count, " * ", bits, " / 8) = ", packed_bytes(count, bits));
+  check_count(op, count);  // before packed_row_bytes, whose count * bits must not overflow
+  const int64_t want = packed_row_bytes(count, bits);
+  TORCH_CHECK(packed.size(-1) == want, op, ": packed last dim ", packed.size(-1),
+              " must equal ceil(count * bits / 8) = ceil(", count, " * ", bits, " / 8) = ", want);
 }
 
 }  // namespace aquakv

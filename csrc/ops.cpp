@@ -5,9 +5,12 @@
 // Conventions shared by every op (the NumPy reference in python/aquakv/reference/ is the truth):
 //  * "rows" are all leading dims flattened; ops work on the last dim.
 //  * signs: float32 [n] of +-1, the diagonal D of the random Hadamard transform.
-//  * grid: float32 [n_points, d], n_points = 2**bits with bits in 1..8 or 16.
+//  * grid: float32 [n_points, d], n_points = 2**code_bits with code_bits in 1..8 or 16. code_bits is
+//    the width of one code, which stands for d values (so code_bits / d bits per value).
 //  * packed codes: uint8, LSB-first bitstream per row: code i fills bits [i*b, (i+1)*b) of the row,
 //    bit k of the row lives in bit (k % 8) of byte k / 8; a row takes ceil(count * b / 8) bytes.
+//    b is `bits` of pack_bits / unpack_bits (the field width), code_bits for HIGGS codes.
+//  See docs/ops.md for the catalogue, the refusals and the gradients.
 #include <torch/library.h>
 
 TORCH_LIBRARY(aquakv, m) {
@@ -19,7 +22,7 @@ TORCH_LIBRARY(aquakv, m) {
   // HIGGS quantize, fused: per group g of group_size values
   //   s = ||x_g||_2;  y = sqrt(G)/s * H_orth(signs * x_g)  (y = 0 when s == 0);
   //   code_i = argmin_j ||y_i - grid_j||^2 over the G/d sub-vectors (lowest j on exact ties).
-  // x: [..., C], C % group_size == 0. Returns (codes uint8 [..., C/d*b/8], scales fp16 [..., C/G]).
+  // x: [..., C], C % group_size == 0. Returns (codes uint8 [..., C/d*code_bits/8], scales fp16 [..., C/G]).
   // A group holding NaN/Inf gets a non-finite scale (callers check scales, which is cheap).
   m.def("higgs_quantize(Tensor x, Tensor grid, Tensor signs, int group_size) -> (Tensor, Tensor)");
 
@@ -27,9 +30,10 @@ TORCH_LIBRARY(aquakv, m) {
   m.def("higgs_dequantize(Tensor codes, Tensor scales, Tensor grid, Tensor signs, int group_size, "
         "ScalarType dtype) -> Tensor");
 
-  // Dense bit packing. codes: int32 [..., count] (only the low `bits` bits are kept);
+  // Dense bit packing. `bits` is the width of one packed field (for HIGGS codes: code_bits), not
+  // bits per value. codes: int32 [..., count] (only the low `bits` bits are kept);
   // returns uint8 [..., ceil(count*bits/8)]. bits in 1..8 or 16.
   m.def("pack_bits(Tensor codes, int bits) -> Tensor");
-  // packed: uint8 [..., nbytes] -> int32 [..., count]; nbytes must equal ceil(count*bits/8).
+  // packed: uint8 [..., nbytes] -> int32 [..., count]; nbytes must equal ceil(count*bits/8), count <= 2**58.
   m.def("unpack_bits(Tensor packed, int bits, int count) -> Tensor");
 }

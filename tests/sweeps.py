@@ -78,7 +78,8 @@ class HiggsCase:
     seed: int
 
     @property
-    def bits(self) -> int:
+    def code_bits(self) -> int:
+        """log2(n): bits of one d-dim code (code_bits / d bits per value)."""
         return self.n.bit_length() - 1
 
     def __str__(self) -> str:  # readable test ids
@@ -94,8 +95,8 @@ class HiggsCase:
 
 
 def valid_group_sizes(d: int, n: int, lo: int = 16, hi: int = 4096) -> list[int]:
-    bits = n.bit_length() - 1
-    return [g for g in (2**k for k in range(1, 16)) if lo <= g <= hi and g % d == 0 and (g // d * bits) % 8 == 0]
+    code_bits = n.bit_length() - 1
+    return [g for g in (2**k for k in range(1, 16)) if lo <= g <= hi and g % d == 0 and (g // d * code_bits) % 8 == 0]
 
 
 def higgs_cases(count: int, seed: int = 0, max_values: int = 1 << 14) -> list[HiggsCase]:
@@ -131,11 +132,11 @@ def check_codes(codes: torch.Tensor, x: torch.Tensor, grid: torch.Tensor, signs:
     """
     grid64 = to_f64(grid)
     n, d = grid64.shape
-    bits = n.bit_length() - 1
+    code_bits = n.bit_length() - 1
     y, _ = ref.higgs.rotated_normalised(to_f64(x), to_f64(signs), group_size)
     y = y.reshape(-1, d)
     want, _ = ref.nearest_grid_codes(y, grid64)
-    got = ref.unpack_bits(codes.cpu().numpy(), bits, x.shape[-1] // d).reshape(-1).astype(np.int64)
+    got = ref.unpack_bits(codes.cpu().numpy(), code_bits, x.shape[-1] // d).reshape(-1).astype(np.int64)
     assert got.shape == want.shape, (got.shape, want.shape)
     differ = np.flatnonzero(got != want)
     if differ.size:

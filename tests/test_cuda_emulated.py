@@ -98,13 +98,13 @@ def emu_quantize(emulator: Path, tmp: Path, x: torch.Tensor, grid: torch.Tensor,
     c = x.shape[-1]
     rows = x.numel() // c
     n, d = grid.shape
-    bits = n.bit_length() - 1
+    code_bits = n.bit_length() - 1
     raw(x).tofile(tmp / "x.bin")
     grid.numpy().tofile(tmp / "grid.bin")
     signs.numpy().tofile(tmp / "signs.bin")
     run(emulator, tmp, "quantize", DTYPE_ARG[x.dtype], rows, c, g.bit_length() - 1, n, d, "x.bin", "grid.bin",
         "signs.bin", "codes.bin", "scales.bin", max_blocks)
-    codes = from_raw(tmp / "codes.bin", torch.uint8, (*x.shape[:-1], c // d * bits // 8))
+    codes = from_raw(tmp / "codes.bin", torch.uint8, (*x.shape[:-1], c // d * code_bits // 8))
     scales = from_raw(tmp / "scales.bin", torch.float16, (*x.shape[:-1], c // g))
     return codes, scales
 

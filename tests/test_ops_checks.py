@@ -29,7 +29,7 @@ BAD_QUANTIZE = [
     (dict(x=X.double()), "higgs_quantize: x must be float32, float16 or bfloat16, got torch.float64"),
     (dict(x=torch.tensor(1.0)), "higgs_quantize: x must have at least 1 dim"),
     (dict(grid=GRID.half()), "higgs_quantize: grid must be torch.float32, got torch.float16"),
-    (dict(grid=GRID[:12]), "higgs_quantize: grid has 12 points; it must have 2\\*\\*bits points"),
+    (dict(grid=GRID[:12]), "higgs_quantize: grid has 12 points; it must have 2\\*\\*code_bits points"),
     (dict(grid=random_grid(512, 1, 0)), "grid has 512 points"),
     (dict(grid=GRID.reshape(-1)), "higgs_quantize: grid must be 2-D"),
     (dict(signs=SIGNS[:64]), "higgs_quantize: signs must be 1-D of length group_size = 128"),
@@ -37,7 +37,7 @@ BAD_QUANTIZE = [
     (dict(group_size=96, signs=SIGNS[:96]), "higgs_quantize: group_size 96 must be a power of two"),
     (dict(group_size=65536), "group_size 65536 must be a power of two in 2..32768"),
     (dict(grid=random_grid(4, 8, 0), x=X[:, :16], signs=SIGNS[:16], group_size=16),
-     "higgs_quantize: group_size 16 / d 8 \\* bits 2 = 4 code bits per group is not a multiple of 8"),
+     "higgs_quantize: group_size 16 / d 8 \\* code_bits 2 = 4 bits of codes per group is not a multiple of 8"),
     (dict(grid=random_grid(16, 3, 0)), "higgs_quantize: group_size 128 is not a multiple of the grid dim d = 3"),
 ]
 
@@ -65,8 +65,7 @@ BAD_DEQUANTIZE = [
 ]
 
 
-@pytest.mark.parametrize("override,message", BAD_DEQUANTIZE, ids=lambda v: v if isinstance(v, str) else None)
-def test_dequantize_bad_inputs(override: dict, message: str) -> None:
+def bad_dequantize_args(override: dict) -> dict:
     args = dequantize_args()
     for key, value in override.items():
         if value == "int32":
@@ -79,41 +78,167 @@ def test_dequantize_bad_inputs(override: dict, message: str) -> None:
             args[key] = args[key][:-1]
         else:
             args[key] = value
+    return args
+
+
+@pytest.mark.parametrize("override,message", BAD_DEQUANTIZE, ids=lambda v: v if isinstance(v, str) else None)
+def test_dequantize_bad_inputs(override: dict, message: str) -> None:
     with pytest.raises(RuntimeError, match=message):
-        ops.higgs_dequantize(**args)
+        ops.higgs_dequantize(**bad_dequantize_args(override))
 
 
-@pytest.mark.parametrize(
-    "x,signs,message",
-    [
-        (torch.ones(3, 12), None, "hadamard: last dim of x 12 must be a power of two in 2..32768"),
-        (torch.ones(1, 65536), None, "hadamard: last dim of x 65536 must be a power of two"),
-        (torch.ones(3, 1), None, "hadamard: last dim of x 1 must be a power of two in 2..32768"),
-        (torch.ones(3, 8, dtype=torch.int32), None, "hadamard: x must be float32, float16 or bfloat16"),
-        (torch.ones(3, 8), torch.ones(4), "hadamard: signs must be 1-D of length x.size\\(-1\\) = 8"),
-        (torch.ones(3, 8), torch.ones(8, dtype=torch.float16), "hadamard: signs must be torch.float32, got torch.float16"),
-    ],
-)
+BAD_HADAMARD = [
+    (torch.ones(3, 12), None, "hadamard: last dim of x 12 must be a power of two in 2..32768"),
+    (torch.ones(1, 65536), None, "hadamard: last dim of x 65536 must be a power of two"),
+    (torch.ones(3, 1), None, "hadamard: last dim of x 1 must be a power of two in 2..32768"),
+    (torch.ones(3, 8, dtype=torch.int32), None, "hadamard: x must be float32, float16 or bfloat16"),
+    (torch.ones(3, 8), torch.ones(4), "hadamard: signs must be 1-D of length x.size\\(-1\\) = 8"),
+    (torch.ones(3, 8), torch.ones(8, dtype=torch.float16), "hadamard: signs must be torch.float32, got torch.float16"),
+]
+
+
+@pytest.mark.parametrize("x,signs,message", BAD_HADAMARD)
 def test_hadamard_bad_inputs(x: torch.Tensor, signs: torch.Tensor | None, message: str) -> None:
     with pytest.raises(RuntimeError, match=message):
         ops.hadamard(x, signs, 1.0)
 
 
-@pytest.mark.parametrize(
-    "call,message",
-    [
-        (lambda: ops.pack_bits(torch.zeros(4, dtype=torch.int64), 4), "pack_bits: codes must be torch.int32, got torch.int64"),
-        (lambda: ops.pack_bits(torch.zeros(4, dtype=torch.int32), 9), "pack_bits: bits must be in 1..8 or 16, got 9"),
-        (lambda: ops.pack_bits(torch.zeros(4, dtype=torch.int32), 0), "pack_bits: bits must be in 1..8 or 16, got 0"),
-        (lambda: ops.unpack_bits(torch.zeros(4, dtype=torch.uint8), 3, 11),
-         "unpack_bits: packed last dim 4 must equal ceil\\(count \\* bits / 8\\) = ceil\\(11 \\* 3 / 8\\) = 5"),
-        (lambda: ops.unpack_bits(torch.zeros(4, dtype=torch.int8), 8, 4), "unpack_bits: packed must be torch.uint8, got torch.int8"),
-        (lambda: ops.unpack_bits(torch.zeros(0, dtype=torch.uint8), 8, -1), "unpack_bits: count must be >= 0"),
-    ],
-)
-def test_bitpack_bad_inputs(call, message: str) -> None:
+BAD_BITPACK = [
+    # (op, args, message fragment)
+    (ops.pack_bits, (torch.zeros(4, dtype=torch.int64), 4), "pack_bits: codes must be torch.int32, got torch.int64"),
+    (ops.pack_bits, (torch.zeros(4, dtype=torch.int32), 9), "pack_bits: bits must be in 1..8 or 16, got 9"),
+    (ops.pack_bits, (torch.zeros(4, dtype=torch.int32), 0), "pack_bits: bits must be in 1..8 or 16, got 0"),
+    (ops.unpack_bits, (torch.zeros(4, dtype=torch.uint8), 3, 11),
+     "unpack_bits: packed last dim 4 must equal ceil\\(count \\* bits / 8\\) = ceil\\(11 \\* 3 / 8\\) = 5"),
+    (ops.unpack_bits, (torch.zeros(4, dtype=torch.int8), 8, 4), "unpack_bits: packed must be torch.uint8, got torch.int8"),
+    (ops.unpack_bits, (torch.zeros(0, dtype=torch.uint8), 8, -1), "unpack_bits: count must be >= 0"),
+    # count * bits used to overflow int64 here (2**61 * 8 = 2**64 wraps to 0, so an empty row "matched")
+    (ops.unpack_bits, (torch.zeros(1, 0, dtype=torch.uint8), 8, 2**61),
+     "unpack_bits: count 2305843009213693952 is too large \\(at most 2\\*\\*58 codes per row\\)"),
+    (ops.unpack_bits, (torch.zeros(0, 0, dtype=torch.uint8), 16, 2**62 + 1), "unpack_bits: count .* is too large"),
+    (ops.unpack_bits, (torch.zeros(3, dtype=torch.uint8), 16, 2**63 - 1), "unpack_bits: count .* is too large"),
+]
+
+
+@pytest.mark.parametrize("op,args,message", BAD_BITPACK, ids=lambda v: v if isinstance(v, str) else None)
+def test_bitpack_bad_inputs(op, args: tuple, message: str) -> None:
     with pytest.raises(RuntimeError, match=message):
-        call()
+        op(*args)
+
+
+def test_pack_rejects_a_huge_expanded_row() -> None:
+    # An expanded view is a real CPU tensor of any length; its count * bits must not overflow either.
+    codes = torch.zeros(1, dtype=torch.int32).expand(2**59)
+    with pytest.raises(RuntimeError, match="pack_bits: codes last dim 576460752303423488 is too large"):
+        ops.pack_bits(codes, 16)
+
+
+# ---- fake (meta) kernels check exactly what the real ones check -----------------------------
+
+
+def to_meta(value):
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+def bad_calls() -> list[tuple[str, object, dict]]:
+    """(id, op, kwargs) of every bad call above, on CPU tensors."""
+    calls = []
+    for override, message in BAD_QUANTIZE:
+        calls.append((message, ops.higgs_quantize, dict(x=X, grid=GRID, signs=SIGNS, group_size=128) | override))
+    for override, message in BAD_DEQUANTIZE:
+        calls.append((message, ops.higgs_dequantize, bad_dequantize_args(override)))
+    for x, signs, message in BAD_HADAMARD:
+        calls.append((message, ops.hadamard, dict(x=x, signs=signs, scale=1.0)))
+    for op, args, message in BAD_BITPACK:
+        names = ("codes", "bits") if op is ops.pack_bits else ("packed", "bits", "count")
+        calls.append((message, op, dict(zip(names, args))))
+    return calls
+
+
+BAD_CALLS = bad_calls()
+
+
+@pytest.mark.parametrize("op,kwargs", [c[1:] for c in BAD_CALLS], ids=[c[0][:60] for c in BAD_CALLS])
+def test_fake_kernel_refuses_like_the_real_one(op, kwargs: dict) -> None:
+    with pytest.raises(RuntimeError) as real:
+        op(**kwargs)
+    with pytest.raises(RuntimeError) as fake:
+        op(**{k: to_meta(v) for k, v in kwargs.items()})
+    assert str(fake.value) == str(real.value)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("dtype", sorted({str(t) for t in vars(torch).values() if isinstance(t, torch.dtype)}))
+def test_dtype_names_match_torch_spelling(dtype: str) -> None:
+    # Messages spell a dtype the way Python does (torch.uint16, torch.float8_e5m2), on both sides.
+    t = getattr(torch, dtype.split(".")[1])
+    if t in (torch.quint8, torch.qint8, torch.qint32, torch.quint4x2, torch.quint2x4):
+        pytest.skip("quantized tensors have their own backend")
+    try:
+        x = torch.empty(2, 8, dtype=t)
+    except (RuntimeError, TypeError):
+        pytest.skip(f"cannot allocate {dtype} on cpu")
+    messages = []
+    for device in ("cpu", "meta"):
+        try:
+            ops.hadamard(x.to(device))
+            messages.append(None)
+        except RuntimeError as e:
+            messages.append(str(e))
+    assert messages[0] == messages[1]
+    if messages[0] is not None:
+        assert messages[0].endswith(f"got {t}")
+
+
+def mixed_device_calls() -> list[tuple[str, object, dict]]:
+    """(argument put on meta, op, kwargs): valid CPU calls with one tensor moved to meta."""
+    q = dict(x=X, grid=GRID, signs=SIGNS, group_size=128)
+    dq = dequantize_args()
+    calls = [(name, ops.higgs_quantize, q | {name: q[name].to("meta")}) for name in ("x", "grid", "signs")]
+    calls += [(name, ops.higgs_dequantize, dq | {name: dq[name].to("meta")}) for name in ("codes", "scales", "grid",
+                                                                                           "signs")]
+    calls += [("signs", ops.hadamard, dict(x=X, signs=SIGNS.repeat(2).to("meta"), scale=1.0)),
+              ("x", ops.hadamard, dict(x=X.to("meta"), signs=SIGNS.repeat(2), scale=1.0))]
+    return calls
+
+
+@pytest.mark.parametrize("name,op,kwargs", mixed_device_calls(), ids=lambda v: v if isinstance(v, str) else None)
+def test_meta_mixed_with_cpu_raises_instead_of_returning_garbage(name: str, op, kwargs: dict) -> None:
+    # Meta outranks CPU in dispatch, so the fake kernel runs: it used to return uninitialised CPU memory.
+    with pytest.raises(RuntimeError, match=f"^{op.__name__}: .* is on (meta|cpu) but .* is on (cpu|meta); all "
+                                            "tensors must be on the same device$") as failure:
+        op(**kwargs)
+    assert f"{name} is on meta" in str(failure.value) or f"but {name} is on meta" in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    "group_size,d,code_bits",
+    [(128, 2, 4), (96, 2, 4), (0, 1, 8), (1, 1, 8), (65536, 1, 8), (16, 8, 2), (128, 3, 4), (64, 4, 16), (8, 1, 1)],
+)
+def test_check_group_size_is_the_cpp_rule(group_size: int, d: int, code_bits: int) -> None:
+    # The pure-Python rule (for callers that validate before any op runs) agrees with the C++ check.
+    grid = random_grid(2**code_bits, d, seed=0)
+    x = torch.zeros(1, 2 * max(group_size, 1))
+    signs = torch.ones(max(group_size, 0))
+    try:
+        ops.higgs_quantize(x, grid, signs, group_size)
+        real = None
+    except RuntimeError as e:
+        real = str(e)
+    try:
+        ops.check_group_size(group_size, d, code_bits, op="higgs_quantize")
+        mine = None
+    except RuntimeError as e:
+        mine = str(e)
+    assert mine == real
+
+
+def test_check_group_size_default_names_itself() -> None:
+    with pytest.raises(RuntimeError, match="^check_group_size: group_size 96 must be a power of two in 2..32768$"):
+        ops.check_group_size(96, 2, 4)
+    with pytest.raises(RuntimeError, match="^check_group_size: code_bits must be in 1..8 or 16, got 9$"):
+        ops.check_group_size(128, 2, 9)
+    ops.check_group_size(1024, 4, 16)  # valid: returns None
 
 
 # ---- non-finite inputs ------------------------------------------------------------------------

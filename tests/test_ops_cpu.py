@@ -89,7 +89,7 @@ def test_half_conversions_are_exact(device: str, dtype: torch.dtype, scale: floa
 def test_quantize_codes_match_reference_except_ties(device: str, case: HiggsCase) -> None:
     x, grid, signs = case.inputs()
     codes, scales = ops.higgs_quantize(x.to(device), grid.to(device), signs.to(device), case.group_size)
-    assert codes.dtype == torch.uint8 and codes.shape == (*case.lead, case.channels // case.d * case.bits // 8)
+    assert codes.dtype == torch.uint8 and codes.shape == (*case.lead, case.channels // case.d * case.code_bits // 8)
     assert scales.shape == (*case.lead, case.channels // case.group_size)
     ties = check_codes(codes, x, grid, signs, case.group_size)
     # Random grids put some points close together, which makes near-ties common for n = 256, d = 1

@@ -114,8 +114,8 @@ def test_cuda_and_cpu_kernels_agree(case: HiggsCase) -> None:
     # Codes: both within the near-tie rule of the reference (they may pick different sides of a tie,
     # since the GPU sums squares in another order and fuses multiply-adds in the grid scores).
     check_codes(cuda_codes, x, grid, signs, g)
-    differ = (ops.unpack_bits(cuda_codes.cpu(), case.bits, x.shape[-1] // case.d)
-              != ops.unpack_bits(cpu_codes, case.bits, x.shape[-1] // case.d)).sum()
+    differ = (ops.unpack_bits(cuda_codes.cpu(), case.code_bits, x.shape[-1] // case.d)
+              != ops.unpack_bits(cpu_codes, case.code_bits, x.shape[-1] // case.d)).sum()
     assert int(differ) <= max(2, x.numel() // case.d // 100)
     # Scales: fp16 of float32 norms summed in different orders, so at most one fp16 ulp apart.
     ulp = np.spacing(np.abs(cpu_scales.numpy())).astype(np.float64)

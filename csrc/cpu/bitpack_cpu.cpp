@@ -13,7 +13,7 @@ at::Tensor pack_bits_cpu(const at::Tensor& codes_in, int64_t bits) {
   check_pack_args(codes_in, bits);
   const at::Tensor codes = codes_in.contiguous();
   const int64_t count = codes.size(-1);
-  const int64_t nbytes = packed_bytes(count, bits);
+  const int64_t nbytes = packed_row_bytes(count, bits);
   at::Tensor out = at::empty(with_last_dim(codes, nbytes), codes.options().dtype(at::kByte));
   if (out.numel() == 0) return out;
   const int64_t rows = num_rows(codes);

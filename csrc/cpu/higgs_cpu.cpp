@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> higgs_quantize_cpu(const at::Tensor& x_in, co
 
   AQUAKV_DISPATCH_FLOAT(x.scalar_type(), "higgs_quantize_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    AQUAKV_DISPATCH_BITS(s.bits, B, [&] {
+    AQUAKV_DISPATCH_BITS(s.code_bits, B, [&] {
       // Work per group grows with the grid size: aim at ~2^22 multiply-adds per task.
       at::parallel_for(0, total, grain_for(G * n, int64_t{1} << 22), [&](int64_t begin, int64_t end) {
         std::vector<float> y(G), soa(d * kTile), best(kTile);
@@ -88,7 +88,7 @@ at::Tensor higgs_dequantize_cpu(const at::Tensor& codes_in, const at::Tensor& sc
 
   AQUAKV_DISPATCH_FLOAT(dtype, "higgs_dequantize_cpu", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
-    AQUAKV_DISPATCH_BITS(s.bits, B, [&] {
+    AQUAKV_DISPATCH_BITS(s.code_bits, B, [&] {
       at::parallel_for(0, total, grain_for(G), [&](int64_t begin, int64_t end) {
         std::vector<float> y(G);
         std::vector<int32_t> code(m);

@@ -13,7 +13,7 @@ at::Tensor pack_bits_cuda(const at::Tensor& codes_in, int64_t bits) {
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();
   const int64_t count = codes.size(-1);
-  at::Tensor out = at::empty(with_last_dim(codes, packed_bytes(count, bits)), codes.options().dtype(at::kByte));
+  at::Tensor out = at::empty(with_last_dim(codes, packed_row_bytes(count, bits)), codes.options().dtype(at::kByte));
   if (out.numel() == 0) return out;
   const BitpackArgs a{const_cast<int32_t*>(codes.const_data_ptr<int32_t>()), out.data_ptr<uint8_t>(), num_rows(codes), count,
                       static_cast<int>(bits)};

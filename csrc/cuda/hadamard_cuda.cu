@@ -19,7 +19,7 @@ at::Tensor hadamard_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>
   const at::Tensor signs = signs_in.has_value() ? contiguous_aligned(*signs_in) : at::Tensor();
   const HadamardArgs a{x.data_ptr(), out.data_ptr(), signs.defined() ? signs.data_ptr<float>() : nullptr,
                        static_cast<float>(scale), num_rows(x)};
-  check_launch("hadamard", hadamard(dtype_of(x.scalar_type()), log2_exact(x.size(-1)), a,
+  check_launch("hadamard", hadamard(dtype_of(x.scalar_type()), log2_of_power_of_two(x.size(-1)), a,
                                     current_stream()));
   return out;
 }

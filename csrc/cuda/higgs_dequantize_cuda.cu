@@ -23,7 +23,7 @@ at::Tensor higgs_dequantize_cuda(const at::Tensor& codes_in, const at::Tensor& s
   a.codes = const_cast<uint8_t*>(codes.const_data_ptr<uint8_t>());
   a.scales = reinterpret_cast<__half*>(const_cast<at::Half*>(scales.const_data_ptr<at::Half>()));
   check_launch("higgs_dequantize",
-               higgs_dequantize(dtype_of(dtype), log2_exact(group_size), a, current_stream()));
+               higgs_dequantize(dtype_of(dtype), log2_of_power_of_two(group_size), a, current_stream()));
   return out;
 }
 

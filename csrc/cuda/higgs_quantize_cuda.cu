@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> higgs_quantize_cuda(const at::Tensor& x_in, c
   const at::Tensor workspace =
       at::empty({static_cast<int64_t>(ws_bytes / sizeof(float))}, x.options().dtype(at::kFloat));
   check_launch("higgs_quantize",
-               higgs_quantize(dtype_of(x.scalar_type()), log2_exact(group_size), a,
+               higgs_quantize(dtype_of(x.scalar_type()), log2_of_power_of_two(group_size), a,
                               ws_bytes > 0 ? workspace.data_ptr<float>() : nullptr, current_stream()));
   return {codes, scales};
 }

@@ -47,7 +47,7 @@ inline HiggsArgs args_for(const HiggsShape& s, const at::Tensor& grid, const at:
   a.groups = s.rows * s.groups;
   a.n_points = static_cast<int>(grid.size(0));
   a.d = static_cast<int>(s.d);
-  a.bits = s.bits;
+  a.code_bits = s.code_bits;
   return a;
 }
 

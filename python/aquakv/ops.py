@@ -6,6 +6,13 @@ they are tested against lives in `aquakv.reference`.
 
 Conventions: "rows" are all leading dims; ops work on the last dim. Non-contiguous inputs are
 accepted (copied once); inputs with zero rows give empty outputs of the right shape.
+
+Vocabulary: a HIGGS grid of n points in d dims codes d values with code_bits = log2(n) bits (so
+code_bits / d bits per value). pack_bits / unpack_bits take `bits`, the width of one packed field;
+HIGGS packs its codes with bits = code_bits.
+
+The fake kernels apply the very checks of csrc/checks.h (same order, same messages), so a bad
+call fails the same way on meta / FakeTensors as on a real device. Gradients: see docs/ops.md.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import torch
 
 from aquakv import _C  # noqa: F401  (loads the library that defines torch.ops.aquakv.*)
 
-__all__ = ["hadamard", "higgs_quantize", "higgs_dequantize", "pack_bits", "unpack_bits"]
+__all__ = ["hadamard", "higgs_quantize", "higgs_dequantize", "pack_bits", "unpack_bits", "check_group_size"]
 
 
 def hadamard(x: torch.Tensor, signs: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
@@ -21,6 +28,7 @@ def hadamard(x: torch.Tensor, signs: torch.Tensor | None = None, scale: float = 
 
     x: [..., n] float32/float16/bfloat16, n a power of two in 2..32768; signs: float32 [n] or None.
     scale = n ** -0.5 makes the transform orthonormal (and its own inverse).
+    Differentiable in x and in signs (both enter linearly).
     Returns [..., n] in x's dtype, computed in float32.
     """
     return torch.ops.aquakv.hadamard(x, signs, scale)
@@ -31,10 +39,11 @@ def higgs_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused HIGGS quantize (rotate, normalise, nearest grid point, pack), per group of G values.
 
-    x: [..., C] float32/float16/bfloat16 with C % G == 0; grid: float32 [n, d] with n = 2**b
-    (b in 1..8 or 16); signs: float32 [G]; G a power of two with G % d == 0 and (G/d*b) % 8 == 0.
-    Returns (codes uint8 [..., C/d*b/8], scales float16 [..., C/G]). A group holding NaN/Inf gets a
-    non-finite scale, and so does one whose norm exceeds the float16 range (65504).
+    x: [..., C] float32/float16/bfloat16 with C % G == 0; grid: float32 [n, d] with n = 2**code_bits
+    (code_bits in 1..8 or 16: bits per d-dim code); signs: float32 [G]; G = group_size as
+    `check_group_size` states it. Returns (codes uint8 [..., C/d*code_bits/8], scales float16
+    [..., C/G]). A group holding NaN/Inf gets a non-finite scale, and so does one whose norm exceeds
+    the float16 range (65504). Not differentiable (backward through it raises).
     """
     return torch.ops.aquakv.higgs_quantize(x, grid, signs, group_size)
 
@@ -47,34 +56,193 @@ def higgs_dequantize(
     group_size: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Inverse of `higgs_quantize`: codes uint8 [..., C/d*b/8], scales float16 [..., C/G] -> [..., C] in dtype."""
+    """Inverse of `higgs_quantize`: codes uint8 [..., C/d*code_bits/8], scales float16 [..., C/G] -> [..., C] in dtype.
+
+    Differentiable w.r.t. scales only (the output is linear in them).
+    """
     return torch.ops.aquakv.higgs_dequantize(codes, scales, grid, signs, group_size, dtype)
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes: int32 [..., count] (low `bits` bits kept), bits in 1..8 or 16 -> uint8 [..., ceil(count*bits/8)].
 
+    `bits` is the width of one packed field (for HIGGS codes: code_bits), not bits per value.
     LSB-first bitstream per row: code i fills bits [i*bits, (i+1)*bits), bit k in bit k%8 of byte k//8.
     """
     return torch.ops.aquakv.pack_bits(codes, bits)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """packed: uint8 [..., ceil(count*bits/8)] -> int32 [..., count]; inverse of `pack_bits`."""
+    """packed: uint8 [..., ceil(count*bits/8)] -> int32 [..., count]; inverse of `pack_bits`. 0 <= count <= 2**58."""
     return torch.ops.aquakv.unpack_bits(packed, bits, count)
 
 
-# ---- fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing -------------
+# ---- input checks: csrc/checks.h item by item, in the same order, with the same messages ------
+# Failures raise RuntimeError like TORCH_CHECK does. torch._check keeps them usable on symbolic
+# shapes (torch.compile): a condition it cannot decide becomes a runtime assert, not a crash.
+
+_MAX_HADAMARD = 32768
+_MAX_COUNT = 2**58  # count * 16 must fit in int64 on the C++ side
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _grid_bits(grid: torch.Tensor) -> int:
+def _require(ok, message) -> None:
+    torch._check(ok, lambda: message if isinstance(message, str) else message())
+
+
+def _is_power_of_two(v) -> bool:
+    v = int(v)  # a symbolic size is specialised here: the kernels are specialised on it too
+    return v > 0 and (v & (v - 1)) == 0
+
+
+def _sizes(t: torch.Tensor) -> str:
+    return str(list(t.shape))  # "[16, 2]", how c10 prints IntArrayRef
+
+
+def _check_at_least_1d(op: str, name: str, t: torch.Tensor) -> None:
+    _require(t.dim() >= 1, lambda: f"{op}: {name} must have at least 1 dim (the last dim is the one transformed), "
+             "got a 0-dim tensor")
+
+
+def _check_float_dtype(op: str, name: str, dtype: torch.dtype) -> None:
+    _require(dtype in _FLOAT_DTYPES, lambda: f"{op}: {name} must be float32, float16 or bfloat16, got {dtype}")
+
+
+def _check_dtype(op: str, name: str, t: torch.Tensor, want: torch.dtype) -> None:
+    _require(t.dtype == want, lambda: f"{op}: {name} must be {want}, got {t.dtype}")
+
+
+def _check_same_device(op: str, *named: tuple[str, torch.Tensor]) -> None:
+    first_name, first = named[0]
+    for name, t in named:
+        _require(t.device == first.device, lambda: f"{op}: {name} is on {t.device} but {first_name} is on "
+                 f"{first.device}; all tensors must be on the same device")
+
+
+def _check_bits(op: str, bits: int) -> None:
+    _require(1 <= bits <= 8 or bits == 16, lambda: f"{op}: bits must be in 1..8 or 16, got {bits}")
+
+
+def _check_count(op: str, count: int) -> None:
+    _require(count >= 0, lambda: f"{op}: count must be >= 0, got {count}")
+    _require(count <= _MAX_COUNT, lambda: f"{op}: count {count} is too large (at most 2**58 codes per row)")
+
+
+def _check_hadamard_size(op: str, what: str, n: int) -> None:
+    _require(_is_power_of_two(n) and 2 <= n <= _MAX_HADAMARD,
+             lambda: f"{op}: {what} {n} must be a power of two in 2..{_MAX_HADAMARD}")
+
+
+def _check_signs(op: str, signs: torch.Tensor, n: int, n_name: str) -> None:
+    _check_dtype(op, "signs", signs, torch.float32)
+    _require(signs.dim() == 1 and signs.shape[0] == n,
+             lambda: f"{op}: signs must be 1-D of length {n_name} = {n}, got shape {_sizes(signs)}")
+
+
+def _check_grid(op: str, grid: torch.Tensor) -> int:
+    """Returns code_bits = log2(n_points)."""
+    _check_dtype(op, "grid", grid, torch.float32)
+    _require(grid.dim() == 2 and grid.shape[1] >= 1,
+             lambda: f"{op}: grid must be 2-D [n_points, d] with d >= 1, got shape {_sizes(grid)}")
     n = grid.shape[0]
-    torch._check(n >= 2 and (n & (n - 1)) == 0, lambda: f"grid has {n} points; it must have 2**bits points")
+    _require(_is_power_of_two(n) and (2 <= n <= 256 or n == 65536),
+             lambda: f"{op}: grid has {n} points; it must have 2**code_bits points with code_bits in 1..8 or 16")
     return int(n).bit_length() - 1
+
+
+def check_group_size(group_size: int, dim: int, code_bits: int, *, op: str = "check_group_size") -> None:
+    """The one group-size rule of HIGGS (csrc/checks.h check_group_size, same messages); raises RuntimeError.
+
+    group_size must be a power of two in 2..32768, a multiple of the grid dim `dim`, and its
+    group_size/dim codes of `code_bits` bits each (code_bits = log2(grid points)) must fill whole
+    bytes: (group_size / dim * code_bits) % 8 == 0, so every group's codes start on a byte boundary.
+    `op` names the caller in the message.
+    """
+    _require(dim >= 1, lambda: f"{op}: grid dim d must be >= 1, got {dim}")
+    _require(1 <= code_bits <= 8 or code_bits == 16, lambda: f"{op}: code_bits must be in 1..8 or 16, got {code_bits}")
+    _check_hadamard_size(op, "group_size", group_size)
+    _require(group_size % dim == 0, lambda: f"{op}: group_size {group_size} is not a multiple of the grid dim d = {dim}")
+    per_group = group_size // dim * code_bits
+    _require(per_group % 8 == 0, lambda: f"{op}: group_size {group_size} / d {dim} * code_bits {code_bits} = "
+             f"{per_group} bits of codes per group is not a multiple of 8; each group's codes must fill whole bytes "
+             "so groups stay byte-aligned")
+
+
+def _check_hadamard_args(x: torch.Tensor, signs: torch.Tensor | None) -> None:
+    op = "hadamard"
+    _check_at_least_1d(op, "x", x)
+    _check_float_dtype(op, "x", x.dtype)
+    _check_hadamard_size(op, "last dim of x", x.shape[-1])
+    if signs is not None:
+        _check_signs(op, signs, x.shape[-1], "x.size(-1)")
+        _check_same_device(op, ("x", x), ("signs", signs))
+
+
+def _check_higgs_common(op: str, grid: torch.Tensor, signs: torch.Tensor, group_size: int) -> tuple[int, int, int]:
+    """Returns (d, code_bits, bytes of codes per group)."""
+    code_bits = _check_grid(op, grid)
+    d = grid.shape[1]
+    check_group_size(group_size, d, code_bits, op=op)
+    _check_signs(op, signs, group_size, "group_size")
+    return d, code_bits, group_size // d * code_bits // 8
+
+
+def _check_higgs_quantize_args(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, group_size: int) -> int:
+    """Returns bytes of codes per group."""
+    op = "higgs_quantize"
+    _check_at_least_1d(op, "x", x)
+    _check_float_dtype(op, "x", x.dtype)
+    _, _, group_bytes = _check_higgs_common(op, grid, signs, group_size)
+    channels = x.shape[-1]
+    _require(channels % group_size == 0, lambda: f"{op}: last dim {channels} is not a multiple of group_size "
+             f"{group_size} (pad x with zeros to a multiple and trim after dequantize)")
+    _check_same_device(op, ("x", x), ("grid", grid), ("signs", signs))
+    return group_bytes
+
+
+def _check_higgs_dequantize_args(codes, scales, grid, signs, group_size: int, dtype: torch.dtype) -> None:
+    op = "higgs_dequantize"
+    _check_at_least_1d(op, "codes", codes)
+    _check_at_least_1d(op, "scales", scales)
+    _check_dtype(op, "codes", codes, torch.uint8)
+    _check_dtype(op, "scales", scales, torch.float16)
+    _check_float_dtype(op, "dtype", dtype)
+    d, code_bits, group_bytes = _check_higgs_common(op, grid, signs, group_size)
+    _require(codes.dim() == scales.dim() and codes.shape[:-1] == scales.shape[:-1],
+             lambda: f"{op}: codes {_sizes(codes)} and scales {_sizes(scales)} must have the same leading dims")
+    groups = scales.shape[-1]
+    _require(codes.shape[-1] == groups * group_bytes,
+             lambda: f"{op}: codes last dim {codes.shape[-1]} does not match {groups} groups (scales last dim) * "
+             f"{group_bytes} bytes per group (group_size {group_size} / d {d} * code_bits {code_bits} / 8)")
+    _check_same_device(op, ("codes", codes), ("scales", scales), ("grid", grid), ("signs", signs))
+
+
+def _check_pack_args(codes: torch.Tensor, bits: int) -> None:
+    op = "pack_bits"
+    _check_at_least_1d(op, "codes", codes)
+    _check_dtype(op, "codes", codes, torch.int32)
+    _check_bits(op, bits)
+    _require(codes.shape[-1] <= _MAX_COUNT,
+             lambda: f"{op}: codes last dim {codes.shape[-1]} is too large (at most 2**58 codes per row)")
+
+
+def _check_unpack_args(packed: torch.Tensor, bits: int, count: int) -> None:
+    op = "unpack_bits"
+    _check_at_least_1d(op, "packed", packed)
+    _check_dtype(op, "packed", packed, torch.uint8)
+    _check_bits(op, bits)
+    _check_count(op, count)
+    want = (count * bits + 7) // 8
+    _require(packed.shape[-1] == want, lambda: f"{op}: packed last dim {packed.shape[-1]} must equal "
+             f"ceil(count * bits / 8) = ceil({count} * {bits} / 8) = {want}")
+
+
+# ---- fake kernels: the checks above, then shapes and dtypes (torch.compile / meta tensors) ---
 
 
 @torch.library.register_fake("aquakv::hadamard")
 def _hadamard_fake(x: torch.Tensor, signs: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    _check_hadamard_args(x, signs)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -82,15 +250,11 @@ def _hadamard_fake(x: torch.Tensor, signs: torch.Tensor | None = None, scale: fl
 def _higgs_quantize_fake(
     x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    bits, d = _grid_bits(grid), grid.shape[1]
-    channels = x.shape[-1]
-    torch._check(
-        channels % group_size == 0,
-        lambda: f"higgs_quantize: last dim {channels} is not a multiple of group_size {group_size}",
-    )
+    group_bytes = _check_higgs_quantize_args(x, grid, signs, group_size)
+    groups = x.shape[-1] // group_size
     lead = x.shape[:-1]
-    codes = x.new_empty((*lead, channels // d * bits // 8), dtype=torch.uint8)
-    scales = x.new_empty((*lead, channels // group_size), dtype=torch.float16)
+    codes = x.new_empty((*lead, groups * group_bytes), dtype=torch.uint8)
+    scales = x.new_empty((*lead, groups), dtype=torch.float16)
     return codes, scales
 
 
@@ -103,15 +267,78 @@ def _higgs_dequantize_fake(
     group_size: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
+    _check_higgs_dequantize_args(codes, scales, grid, signs, group_size, dtype)
     return scales.new_empty((*scales.shape[:-1], scales.shape[-1] * group_size), dtype=dtype)
 
 
 @torch.library.register_fake("aquakv::pack_bits")
 def _pack_bits_fake(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    _check_pack_args(codes, bits)
     count = codes.shape[-1]
     return codes.new_empty((*codes.shape[:-1], (count * bits + 7) // 8), dtype=torch.uint8)
 
 
 @torch.library.register_fake("aquakv::unpack_bits")
 def _unpack_bits_fake(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    _check_unpack_args(packed, bits, count)
     return packed.new_empty((*packed.shape[:-1], count), dtype=torch.int32)
+
+
+# ---- autograd: backward formulas where the op has a derivative, a clear refusal where not -----
+
+
+def _hadamard_setup(ctx, inputs, output) -> None:
+    x, signs, scale = inputs
+    ctx.scale = scale
+    ctx.has_signs = signs is not None
+    wants_signs_grad = signs is not None and signs.requires_grad
+    ctx.save_for_backward(signs, x if wants_signs_grad else None)
+
+
+def _hadamard_backward(ctx, grad: torch.Tensor):
+    # y = scale * H D x is linear in x with H symmetric, so x_grad = D (scale * H g);
+    # as a function of the signs, y = scale * H diag(x) s, so signs_grad = sum over rows of x * (scale * H g).
+    signs, x = ctx.saved_tensors
+    hg = hadamard(grad, None, ctx.scale)  # fp32 math, rounded once to grad's dtype
+    grad_x = hg * signs.to(hg.dtype) if ctx.has_signs else hg  # times +-1: exact
+    grad_signs = None
+    if x is not None:
+        grad_signs = (x.float() * hg.float()).reshape(-1, x.shape[-1]).sum(0)
+    return grad_x, grad_signs, None
+
+
+def _dequantize_setup(ctx, inputs, output) -> None:
+    codes, scales, grid, signs, group_size, _dtype = inputs
+    ctx.group_size = group_size
+    ctx.constant_needing_grad = [name for name, t in (("grid", grid), ("signs", signs)) if t.requires_grad]
+    ctx.save_for_backward(codes, scales, grid, signs)
+
+
+def _dequantize_backward(ctx, grad: torch.Tensor):
+    # x_g = s_g * u_g with u_g the group dequantized at scale 1, so d<grad, x>/d s_g = <u_g, grad_g>.
+    if ctx.constant_needing_grad:
+        names = " and ".join(ctx.constant_needing_grad)
+        raise RuntimeError(f"higgs_dequantize: no gradient w.r.t. {names} (only scales are differentiable); "
+                           f"pass {names} detached (.detach()) or with requires_grad=False")
+    codes, scales, grid, signs = ctx.saved_tensors
+    unit = higgs_dequantize(codes, torch.ones_like(scales), grid, signs, ctx.group_size, torch.float32)
+    per_group = (unit * grad.float()).reshape(*scales.shape, ctx.group_size).sum(-1)
+    return None, per_group.to(scales.dtype), None, None, None, None
+
+
+def _refuse_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{op}: not differentiable (it produces integer codes; no backward is defined); "
+                           "detach its inputs (.detach()) before calling it")
+
+    return backward
+
+
+def _no_setup(ctx, inputs, output) -> None:
+    pass
+
+
+torch.library.register_autograd("aquakv::hadamard", _hadamard_backward, setup_context=_hadamard_setup)
+torch.library.register_autograd("aquakv::higgs_dequantize", _dequantize_backward, setup_context=_dequantize_setup)
+for _op in ("higgs_quantize", "pack_bits", "unpack_bits"):
+    torch.library.register_autograd(f"aquakv::{_op}", _refuse_backward(_op), setup_context=_no_setup)

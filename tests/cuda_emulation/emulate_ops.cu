@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "aquakv/bitpack.cuh"
+#include "aquakv/bitpack.h"
 #include "aquakv/hadamard.cuh"
 #include "aquakv/higgs.cuh"
 #include "host_simt.h"
@@ -100,9 +101,9 @@ int run_quantize(char** argv, int argc) {
   const int log_g = std::atoi(argv[5]);
   const int n_points = std::atoi(argv[6]), d = std::atoi(argv[7]);
   const int64_t max_blocks = argc > 13 ? std::atoll(argv[13]) : 3;
-  const int bits = aquakv::cuda::log2_points(n_points);
+  const int code_bits = aquakv::cuda::log2_pow2(n_points);
   const int64_t groups = rows * (channels >> log_g);
-  const int64_t code_bytes = groups * aquakv::cuda::group_code_bytes(log_g, d, bits);
+  const int64_t code_bytes = groups * aquakv::cuda::group_code_bytes(log_g, d, code_bits);
   Buffer x = read_file(argv[8], static_cast<size_t>(rows * channels) * dtype_size(dtype));
   Buffer grid = read_file(argv[9], sizeof(float) * n_points * d);
   Buffer signs = read_file(argv[10], sizeof(float) << log_g);
@@ -119,7 +120,7 @@ int run_quantize(char** argv, int argc) {
   a.groups = groups;
   a.n_points = n_points;
   a.d = d;
-  a.bits = bits;
+  a.code_bits = code_bits;
   check(aquakv::cuda::visit_tile(dtype, log_g,
                                   [&](auto tag) {
                                     using Cfg = typename decltype(tag)::type;
@@ -142,9 +143,9 @@ int run_dequantize(char** argv, int argc) {
   const int log_g = std::atoi(argv[5]);
   const int n_points = std::atoi(argv[6]), d = std::atoi(argv[7]);
   const int64_t max_blocks = argc > 13 ? std::atoll(argv[13]) : 3;
-  const int bits = aquakv::cuda::log2_points(n_points);
+  const int code_bits = aquakv::cuda::log2_pow2(n_points);
   const int64_t groups = rows * (channels >> log_g);
-  const int64_t code_bytes = groups * aquakv::cuda::group_code_bytes(log_g, d, bits);
+  const int64_t code_bytes = groups * aquakv::cuda::group_code_bytes(log_g, d, code_bits);
   const size_t out_bytes = static_cast<size_t>(rows * channels) * dtype_size(dtype);
   Buffer codes = read_file(argv[8], code_bytes), scales = read_file(argv[9], 2 * groups);
   Buffer grid = read_file(argv[10], sizeof(float) * n_points * d);
@@ -159,7 +160,7 @@ int run_dequantize(char** argv, int argc) {
   a.groups = groups;
   a.n_points = n_points;
   a.d = d;
-  a.bits = bits;
+  a.code_bits = code_bits;
   check(aquakv::cuda::visit_tile(dtype, log_g,
                                   [&](auto tag) {
                                     using Cfg = typename decltype(tag)::type;
@@ -179,7 +180,7 @@ int run_bitpack(char** argv, int argc, bool pack) {
   const int64_t rows = std::atoll(argv[2]), count = std::atoll(argv[3]);
   const int bits = std::atoi(argv[4]);
   const int64_t max_blocks = argc > 7 ? std::atoll(argv[7]) : 3;
-  const int64_t row_bytes = (count * bits + 7) / 8;
+  const int64_t row_bytes = aquakv::packed_row_bytes(count, bits);
   aquakv::cuda::BitpackArgs a{nullptr, nullptr, rows, count, bits};
   Buffer codes(sizeof(int32_t) * rows * count), packed(rows * row_bytes);
   if (pack) {

@@ -6,6 +6,7 @@
 // (the last block of a row may be shorter). Loads and stores of neighbouring threads are adjacent.
 #pragma once
 
+#include "aquakv/bitpack.h"  // packed_row_bytes, the row size shared with the host packer
 #include "aquakv/cuda_common.cuh"
 
 namespace aquakv::cuda {
@@ -31,7 +32,7 @@ template <class Simt>
 AQUAKV_HD void pack_bits_body(const Simt& simt, const BitpackArgs& a) {
   const int64_t per_row = bitpack_blocks_per_row(a);
   const int64_t work = a.rows * per_row;
-  const int64_t row_bytes = (a.count * a.bits + 7) / 8;
+  const int64_t row_bytes = packed_row_bytes(a.count, a.bits);
   const uint32_t mask = (1u << a.bits) - 1u;
   const int64_t stride = simt.blocks() * simt.threads();
   for (int64_t w = simt.block() * simt.threads() + simt.thread(); w < work; w += stride) {
@@ -59,7 +60,7 @@ template <class Simt>
 AQUAKV_HD void unpack_bits_body(const Simt& simt, const BitpackArgs& a) {
   const int64_t per_row = bitpack_blocks_per_row(a);
   const int64_t work = a.rows * per_row;
-  const int64_t row_bytes = (a.count * a.bits + 7) / 8;
+  const int64_t row_bytes = packed_row_bytes(a.count, a.bits);
   const uint64_t mask = (uint64_t{1} << a.bits) - 1u;
   const int64_t stride = simt.blocks() * simt.threads();
   for (int64_t w = simt.block() * simt.threads() + simt.thread(); w < work; w += stride) {

@@ -1,4 +1,5 @@
-// Dense LSB-first bit packing of b-bit codes (b in 1..8 or 16). Torch-free, host-only.
+// Dense LSB-first bit packing of b-bit codes (b in 1..8 or 16). Torch-free; the row kernels are host
+// code, packed_row_bytes is shared with the CUDA side (bitpack.cuh).
 //
 // A row of `count` codes is one little-endian bitstream: code i fills bits [i*b, (i+1)*b) of the
 // row, and bit k of the row lives in bit (k % 8) of byte k / 8. A row takes ceil(count*b/8) bytes;
@@ -20,7 +21,13 @@
 
 namespace aquakv {
 
-inline constexpr int64_t packed_row_bytes(int64_t count, int bits) { return (count * bits + 7) / 8; }
+// Bytes of one packed row of `count` codes of `bits` bits: ceil(count * bits / 8). The one definition of
+// the row size, for host and device code alike; callers keep count <= 2**58 (checks.h) so count * bits
+// cannot overflow.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline constexpr int64_t packed_row_bytes(int64_t count, int64_t bits) { return (count * bits + 7) / 8; }
 
 // Pack `count` codes (low B bits of each kept) into ceil(count*B/8) bytes at out.
 template <int B>

@@ -5,7 +5,7 @@
 #include <string>
 
 // AQUAKV_DISPATCH_BITS(bits, B, ...): runs the lambda body __VA_ARGS__ with `constexpr int B = bits`
-// for bits in 1..8 or 16 (the packed code widths). Callers validate bits first; an unsupported
+// for bits in 1..8 or 16 (the packed field widths: pack_bits' bits, HIGGS' code_bits). Callers validate bits first; an unsupported
 // value throws std::invalid_argument here rather than silently doing nothing.
 #define AQUAKV_DISPATCH_BITS(bits, B, ...)                                                   \
   [&] {                                                                                      \

@@ -4,12 +4,12 @@
 //   load x (16-byte runs) -> * signs -> group sum of squares (registers, shuffles, smem across warps)
 //   -> FWHT -> y = H(D x) / s (y = 0 when s == 0) -> y to shared memory -> nearest grid point of
 //   every d-vector (argmax <y, g> - ||g||^2 / 2, lowest index on exact ties; grid and half norms
-//   in shared memory) -> pack 8 codes = `bits` bytes per thread into the LSB-first stream.
+//   in shared memory) -> pack 8 codes = `code_bits` bytes per thread into the LSB-first stream.
 // dequantize: stage the tile's code bytes and scales in shared memory -> unpack + grid lookup of
 //   every d-vector into shared memory -> 16-byte loads into registers -> FWHT ->
 //   x = (s / G * sign) * H y^ -> cast -> 16-byte stores.
 // Groups of a row follow each other and so do rows, so a launch sees one flat array of groups;
-// since (G / d * bits) % 8 == 0, every group's codes start on a byte boundary.
+// since (G / d * code_bits) % 8 == 0, every group's codes start on a byte boundary.
 // The arithmetic follows the CPU kernel (csrc/cpu/higgs_cpu.cpp) operation for operation; only
 // the order of the sum of squares and fused multiply-adds in the grid scores differ, so codes can
 // differ from the CPU's only where two grid points are within rounding of a tie.
@@ -21,29 +21,30 @@ namespace aquakv::cuda {
 
 struct HiggsArgs {
   void* values;             // quantize: x [groups * G] (read); dequantize: out [groups * G] (written). 16-byte aligned
-  uint8_t* codes;           // [groups * G / d * bits / 8]; quantize writes it, dequantize reads it. 16-byte aligned
+  uint8_t* codes;           // [groups * G / d * code_bits / 8]; quantize writes it, dequantize reads it. 16-byte aligned
   __half* scales;           // [groups]: the group norms s
   const float* grid;        // [n_points, d], 16-byte aligned
   const float* half_norms;  // [n_points] = ||g_j||^2 / 2 in device memory; read only by quantize with a grid
                             // too large for shared memory (see higgs_quantize_workspace_bytes)
   const float* signs;       // [G], 16-byte aligned
   int64_t groups;           // total groups (rows * C / G)
-  int n_points;             // 2^bits
+  int n_points;             // 2^code_bits
   int d;                    // grid dim, a power of two dividing G
-  int bits;                 // 1..8 or 16
+  int code_bits;            // bits of one d-dim code = log2(n_points): 1..8 or 16 (not bits per value)
 };
 
 // Grids with at most this many floats (quantize: n * (d + 1), dequantize: n * d) live in shared
 // memory; bigger ones (the 2^16-point E8 grid) are read through the caches from device memory.
 constexpr int kGridSmemFloats = 4096;
 
-AQUAKV_HD AQUAKV_INLINE int log2_points(int n) {
+// log2 of a power of two (n_points, d: validated by csrc/checks.h before any launch).
+AQUAKV_HD AQUAKV_INLINE int log2_pow2(int n) {
   int b = 0;
   while ((1 << b) < n) ++b;
   return b;
 }
-AQUAKV_HD AQUAKV_INLINE int64_t group_code_bytes(int log_g, int d, int bits) {
-  return ((int64_t{1} << log_g) / d) * bits / 8;
+AQUAKV_HD AQUAKV_INLINE int64_t group_code_bytes(int log_g, int d, int code_bits) {
+  return ((int64_t{1} << log_g) / d) * code_bits / 8;
 }
 
 // ||g||^2 / 2 summed in index order without fused multiply-adds, as the host code does it
@@ -78,8 +79,8 @@ inline HiggsPlan higgs_plan(const HiggsArgs& a, bool quantize) {
   HiggsPlan p{};
   constexpr int kGroupsPerTile = Cfg::kTile >> Cfg::kLogG;
   p.tiles = (a.groups + kGroupsPerTile - 1) / kGroupsPerTile;
-  p.log_d = log2_points(a.d);
-  p.code_bytes_per_tile = static_cast<int>(group_code_bytes(Cfg::kLogTile, a.d, a.bits));
+  p.log_d = log2_pow2(a.d);
+  p.code_bytes_per_tile = static_cast<int>(group_code_bytes(Cfg::kLogTile, a.d, a.code_bits));
   int off = 0;
   if (quantize) {
     p.grid_in_smem = a.n_points * (a.d + 1) <= kGridSmemFloats;
@@ -202,29 +203,29 @@ AQUAKV_HD AQUAKV_INLINE void nearest_codes_any(int tid, int nthreads, float* y_s
 }
 
 // Packs the codes of sub-vectors [0, m_valid) (raw bits at y_smem[m << log_d]) into `out`, 8 codes
-// (= bits bytes) per thread, LSB first; m_valid * bits is a multiple of 8 (whole groups).
-AQUAKV_HD AQUAKV_INLINE void pack_codes(int tid, int nthreads, const float* y_smem, int log_d, int m_valid, int bits,
+// (= code_bits bytes) per thread, LSB first; m_valid * code_bits is a multiple of 8 (whole groups).
+AQUAKV_HD AQUAKV_INLINE void pack_codes(int tid, int nthreads, const float* y_smem, int log_d, int m_valid, int code_bits,
                                         uint8_t* out) {
   for (int blk = tid; blk * 8 < m_valid; blk += nthreads) {
     const int m0 = blk * 8;
     const int cnt = m_valid - m0 < 8 ? m_valid - m0 : 8;
-    uint64_t lo = 0, hi = 0;  // bit i*bits of the block lands in lo (< 64) or hi; bits | 64 when it spills
+    uint64_t lo = 0, hi = 0;  // bit i*code_bits of the block lands in lo (< 64) or hi; code_bits | 64 when it spills
     AQUAKV_UNROLL
     for (int i = 0; i < 8; ++i) {
       if (i >= cnt) break;
       const uint64_t c = float_to_bits(y_smem[(m0 + i) << log_d]);
-      const int pos = i * bits;
+      const int pos = i * code_bits;
       if (pos < 64) {
         lo |= c << pos;
       } else {
         hi |= c << (pos - 64);
       }
     }
-    uint8_t* dst = out + static_cast<int64_t>(blk) * bits;
-    const int nbytes = cnt * bits / 8;
-    const bool pow2 = (bits & (bits - 1)) == 0;
-    if (cnt == 8 && pow2 && (reinterpret_cast<uintptr_t>(dst) & (bits - 1)) == 0) {
-      switch (bits) {
+    uint8_t* dst = out + static_cast<int64_t>(blk) * code_bits;
+    const int nbytes = cnt * code_bits / 8;
+    const bool pow2 = (code_bits & (code_bits - 1)) == 0;
+    if (cnt == 8 && pow2 && (reinterpret_cast<uintptr_t>(dst) & (code_bits - 1)) == 0) {
+      switch (code_bits) {
         case 1: *dst = static_cast<uint8_t>(lo); break;
         case 2: *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(lo); break;
         case 4: *reinterpret_cast<uint32_t*>(dst) = static_cast<uint32_t>(lo); break;
@@ -373,7 +374,7 @@ AQUAKV_HD void higgs_quantize_body(const Simt& simt, const HiggsArgs& a, const H
     }
     simt.sync();  // codes complete
 
-    pack_codes(tid, Cfg::kThreads, y_smem, p.log_d, m_valid, a.bits,
+    pack_codes(tid, Cfg::kThreads, y_smem, p.log_d, m_valid, a.code_bits,
                a.codes + tile * static_cast<int64_t>(p.code_bytes_per_tile));
     simt.sync();  // shared memory free for the next tile
   }
@@ -382,8 +383,8 @@ AQUAKV_HD void higgs_quantize_body(const Simt& simt, const HiggsArgs& a, const H
 // ---- dequantize -----------------------------------------------------------------------------------
 
 // Code of sub-vector m from the tile's LSB-first code stream (32-bit words in shared memory).
-AQUAKV_HD AQUAKV_INLINE uint32_t extract_code(const uint32_t* words, int m, int bits, uint32_t mask) {
-  const int o = m * bits;
+AQUAKV_HD AQUAKV_INLINE uint32_t extract_code(const uint32_t* words, int m, int code_bits, uint32_t mask) {
+  const int o = m * code_bits;
   const uint64_t both = static_cast<uint64_t>(words[(o >> 5) + 1]) << 32 | words[o >> 5];
   return static_cast<uint32_t>(both >> (o & 31)) & mask;
 }
@@ -393,10 +394,10 @@ AQUAKV_HD AQUAKV_INLINE uint32_t extract_code(const uint32_t* words, int m, int 
 // kernel serve every d without a register array live across the switch over d.
 template <int D>
 AQUAKV_HD AQUAKV_INLINE void decode_codes(int tid, int nthreads, const uint32_t* words, float* y_smem, int m_valid,
-                                          const float* grid, int bits) {
-  const uint32_t mask = (1u << bits) - 1u;
+                                          const float* grid, int code_bits) {
+  const uint32_t mask = (1u << code_bits) - 1u;
   for (int m = tid; m < m_valid; m += nthreads) {
-    const uint32_t code = extract_code(words, m, bits, mask);
+    const uint32_t code = extract_code(words, m, code_bits, mask);
     float g[D];
     load_point<D>(grid, static_cast<int>(code), g);
     AQUAKV_UNROLL
@@ -405,10 +406,10 @@ AQUAKV_HD AQUAKV_INLINE void decode_codes(int tid, int nthreads, const uint32_t*
 }
 
 AQUAKV_HD AQUAKV_INLINE void decode_codes_any(int tid, int nthreads, const uint32_t* words, float* y_smem, int m_valid,
-                                              const float* grid, int bits, int d) {
-  const uint32_t mask = (1u << bits) - 1u;
+                                              const float* grid, int code_bits, int d) {
+  const uint32_t mask = (1u << code_bits) - 1u;
   for (int m = tid; m < m_valid; m += nthreads) {
-    const float* g = grid + static_cast<int64_t>(extract_code(words, m, bits, mask)) * d;
+    const float* g = grid + static_cast<int64_t>(extract_code(words, m, code_bits, mask)) * d;
     for (int k = 0; k < d; ++k) y_smem[static_cast<int64_t>(m) * d + k] = g[k];
   }
 }
@@ -422,7 +423,7 @@ AQUAKV_HD void higgs_dequantize_body(const Simt& simt, const HiggsArgs& a, const
   T* out = static_cast<T*>(a.values);
   const int tid = simt.thread(), lane = tid & 31, warp = tid >> 5;
   const int64_t total = a.groups << Cfg::kLogG;
-  const int64_t group_bytes = group_code_bytes(Cfg::kLogG, a.d, a.bits);
+  const int64_t group_bytes = group_code_bytes(Cfg::kLogG, a.d, a.code_bits);
   float* y_smem = smem;  // y^ of the tile, then (split groups) the exchange buffer
   uint8_t* code_smem = reinterpret_cast<uint8_t*>(smem + p.off_codes);
   const uint32_t* words = reinterpret_cast<const uint32_t*>(code_smem);
@@ -454,11 +455,11 @@ AQUAKV_HD void higgs_dequantize_body(const Simt& simt, const HiggsArgs& a, const
 
     const int m_valid = valid >> p.log_d;
     switch (a.d) {
-      case 1: decode_codes<1>(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.bits); break;
-      case 2: decode_codes<2>(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.bits); break;
-      case 4: decode_codes<4>(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.bits); break;
-      case 8: decode_codes<8>(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.bits); break;
-      default: decode_codes_any(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.bits, a.d);
+      case 1: decode_codes<1>(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.code_bits); break;
+      case 2: decode_codes<2>(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.code_bits); break;
+      case 4: decode_codes<4>(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.code_bits); break;
+      case 8: decode_codes<8>(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.code_bits); break;
+      default: decode_codes_any(tid, Cfg::kThreads, words, y_smem, m_valid, grid, a.code_bits, a.d);
     }
     simt.sync();  // y^ complete
 

@@ -4,7 +4,7 @@ Per group x_g of G values (x: [..., C], C a multiple of G):
   s = ||x_g||_2; stored as fp16(s), but y uses the unrounded s
   y = sqrt(G) / s * H_orth(D x_g)          (y = 0 when s == 0)
   code_i = argmin_j ||y_i - g_j||^2        over the G/d sub-vectors y_i (lowest j on exact ties)
-  codes packed LSB-first at b = log2(n) bits (see reference.bitpack)
+  codes packed LSB-first at code_bits = log2(n) bits per d-dim code (see reference.bitpack)
 Dequantize: x^_g = s16 / sqrt(G) * D * H_orth^T g[code], with s16 the stored fp16 scale.
 """
 from __future__ import annotations
@@ -15,10 +15,11 @@ from aquakv.reference.bitpack import pack_bits, unpack_bits
 from aquakv.reference.hadamard import hadamard
 
 
-def _bits_of(grid: np.ndarray) -> int:
+def _code_bits_of(grid: np.ndarray) -> int:
+    """code_bits = log2(n points): the bits of one d-dim code (not bits per value)."""
     n = grid.shape[0]
     if n < 2 or n & (n - 1):
-        raise ValueError(f"grid has {n} points; it must have 2**bits points")
+        raise ValueError(f"grid has {n} points; it must have 2**code_bits points")
     return n.bit_length() - 1
 
 
@@ -65,13 +66,13 @@ def rotated_normalised(x: np.ndarray, signs: np.ndarray, group_size: int) -> tup
 def higgs_quantize(
     x: np.ndarray, grid: np.ndarray, signs: np.ndarray, group_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """x: [..., C] -> (codes uint8 [..., C/d*b/8], scales float16 [..., C/G])."""
+    """x: [..., C] -> (codes uint8 [..., C/d*code_bits/8], scales float16 [..., C/G])."""
     grid = np.asarray(grid, np.float64)
-    d, bits = grid.shape[1], _bits_of(grid)
+    d, code_bits = grid.shape[1], _code_bits_of(grid)
     y, s = rotated_normalised(x, signs, group_size)
     codes, _ = nearest_grid_codes(y.reshape(*y.shape[:-1], group_size // d, d), grid)
     codes = codes.reshape(*np.shape(x)[:-1], np.shape(x)[-1] // d)  # groups of a row follow each other
-    return pack_bits(codes, bits), s.astype(np.float16)
+    return pack_bits(codes, code_bits), s.astype(np.float16)
 
 
 def higgs_dequantize(
@@ -83,15 +84,15 @@ def higgs_dequantize(
     dtype: type = np.float32,
     compute_dtype: type = np.float64,
 ) -> np.ndarray:
-    """codes uint8 [..., C/d*b/8], scales float16 [..., C/G] -> [..., C] in `dtype`.
+    """codes uint8 [..., C/d*code_bits/8], scales float16 [..., C/G] -> [..., C] in `dtype`.
 
     Math in `compute_dtype` (float64: the truth; float32: a same-precision baseline for error budgets).
     """
     grid = np.asarray(grid, compute_dtype)
-    d, bits = grid.shape[1], _bits_of(grid)
+    d, code_bits = grid.shape[1], _code_bits_of(grid)
     scales = np.asarray(scales, np.float16).astype(compute_dtype)
     groups = scales.shape[-1]
-    idx = unpack_bits(codes, bits, groups * group_size // d)
+    idx = unpack_bits(codes, code_bits, groups * group_size // d)
     y_hat = grid[idx].reshape(*scales.shape, group_size)  # [..., C/G, G]
     # x^ = s/sqrt(G) * D * H_orth^T y^ ; H_orth is symmetric, and D is applied after H.
     inv_sqrt_g = compute_dtype(1.0 / np.sqrt(group_size))
