@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import warnings
 
+import aquakv.ops as ops
 import numpy as np
 import pytest
 import torch
-
-import aquakv.ops as ops
 from aquakv import reference as ref
 from sweeps import random_grid, random_values
 

@@ -14,7 +14,6 @@ Budget: FUZZ_CALLS calls, a few seconds on one core.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import subprocess
