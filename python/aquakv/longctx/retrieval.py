@@ -40,11 +40,13 @@ class NeedleRecord:
 
 @dataclass
 class NeedleResult:
-    """Outcome of `run_needle`: every record, the grid it covers, and wall time per cache."""
+    """Outcome of `run_needle`: every record, the grid it covers, the protocol, and wall time per cache."""
 
     lengths: list[int]
     depths: list[float]
     samples: int
+    prefill_chunk: Optional[int] = None
+    max_new_tokens: int = 8
     records: list[NeedleRecord] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -71,7 +73,8 @@ class NeedleResult:
         return [[self.accuracy(cache, n, d) for n in self.lengths] for d in self.depths]
 
     def to_dict(self) -> dict:
-        return {"lengths": self.lengths, "depths": self.depths, "samples": self.samples, "seconds": self.seconds,
+        return {"lengths": self.lengths, "depths": self.depths, "samples": self.samples,
+                "prefill_chunk": self.prefill_chunk, "max_new_tokens": self.max_new_tokens, "seconds": self.seconds,
                 "accuracy": {c: self.grid(c) for c in self.caches}, "records": [vars(r) for r in self.records]}
 
 
@@ -127,7 +130,8 @@ def run_needle(model: torch.nn.Module, tokenizer, caches: Sequence[tuple[str, Ca
                          f"{limit} positions")
     if tasks is None:
         tasks = build_tasks(tokenizer, lengths, depths, samples, seed=seed, haystack=haystack)
-    result = NeedleResult(lengths=list(lengths), depths=list(depths), samples=samples)
+    result = NeedleResult(lengths=list(lengths), depths=list(depths), samples=samples,
+                          prefill_chunk=prefill_chunk or None, max_new_tokens=max_new_tokens)
 
     from tqdm.auto import tqdm
 
