@@ -2,6 +2,7 @@
 long-window perplexity protocol, heatmaps, and `aquakv longctx` end to end, all on the tiny random Llama."""
 import argparse
 import json
+import sys
 
 import pytest
 import torch
@@ -279,7 +280,7 @@ def test_heatmap_png_per_cache(model, tok, hay, monkeypatch, tmp_path):
 
 def test_heatmap_without_matplotlib_names_the_install(model, tok, hay, monkeypatch, tmp_path):
     result = _result(model, tok, hay, monkeypatch)
-    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         write_heatmaps(result, tmp_path / "plots")
     assert not (tmp_path / "plots").exists()
@@ -341,3 +342,14 @@ def test_cli_defaults_and_user_errors(capsys, tmp_path, tiny_cli, preds):
     with pytest.raises(common.UserError, match="calibrated at 2 bits"):
         cache_factories(["aquakv3"], preds)
     assert [n for n, _ in cache_factories(["aquakv2", "dynamic"], preds)] == ["aquakv2", "dynamic"]
+
+
+def test_cli_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("--help")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--task", "--context", "--depths", "--samples", "--caches", "--predictors", "--heatmap-dir",
+                   "--prefill-chunk", "--prefill", "--chunk", "--step", "--max-windows", "--json", "--text",
+                   "aquakv2", "kiviB"):
+        assert option in out

@@ -15,6 +15,7 @@ from aquakv.cli.common import (
     _model_options,
     _positive_int,
     _text_option,
+    log,
 )
 
 CACHE_KINDS = ("fp16", "dynamic", "kivi", "higgs", "aquakv")
@@ -113,7 +114,6 @@ def _check_model(model, predictors, path: Optional[str], contexts: Sequence[int]
 
 
 def _run_needle(args, model, tokenizer, caches) -> dict:
-    from aquakv.cli.common import log
     from aquakv.data import read_text_files
     from aquakv.longctx import (
         Haystack,

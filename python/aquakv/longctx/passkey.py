@@ -116,7 +116,8 @@ def build_task(tokenizer, haystack: Haystack, length: int, depth: float, *, seed
     ids, boundaries = haystack.excerpt(start, filler)
     at = min(boundaries, key=lambda b: (abs(b - depth * filler), b))
     prompt = before + ids[:at] + needle + ids[at:] + after
-    assert len(prompt) == length
+    if len(prompt) != length:  # cannot happen: every piece above is counted
+        raise RuntimeError(f"needle task: built {len(prompt)} tokens instead of {length}")
     return NeedleTask(input_ids=torch.tensor(prompt, dtype=torch.long), key=key, length=length, depth=depth,
                       sample=sample, needle_start=len(before) + at, needle_tokens=len(needle),
                       haystack_start=len(before), haystack_tokens=filler)
