@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 from aquakv import grids
-from aquakv.grids import generate
+from aquakv.grids import generate, measure, search
 
 # Published MSE per value for N(0, I) (DESIGN.md §1). d = 1 figures are Max's (1960) Lloyd-Max table.
 PUBLISHED = {
@@ -46,7 +46,7 @@ def test_shape_dtype_order_and_copy(dim, n):
 
 @pytest.mark.parametrize("dim,n", sorted(PUBLISHED), ids=lambda v: str(v))
 def test_mse_at_or_below_published(dim, n):
-    errs = generate.squared_errors(grids.get_grid(dim, n), samples=EVAL_SAMPLES, seed=EVAL_SEED)
+    errs = measure.squared_errors(grids.get_grid(dim, n), samples=EVAL_SAMPLES, seed=EVAL_SEED)
     mse, stderr = errs.mean().item(), errs.std().item() / math.sqrt(EVAL_SAMPLES)
     assert mse <= PUBLISHED[(dim, n)] + SIGMAS * stderr, f"MSE {mse:.6f} +- {stderr:.6f}"
     # grids.json reports the same quantity on other samples: the two must agree within sampling error
@@ -57,7 +57,7 @@ def test_mse_at_or_below_published(dim, n):
 
 @pytest.mark.parametrize("n", sorted(LLOYD_MAX))
 def test_scalar_grids_are_lloyd_max(n):
-    exact_grid, exact_mse = generate.lloyd_max_1d(n)
+    exact_grid, exact_mse = search.lloyd_max_1d(n)
     # float32 storage of the float64 solution: equal to float32 rounding.
     torch.testing.assert_close(grids.get_grid(1, n), exact_grid.float(), rtol=0, atol=0)
     # Max's table is rounded to 4 significant digits; his 16-level entry (0.009497) is itself 4e-6
@@ -67,25 +67,25 @@ def test_scalar_grids_are_lloyd_max(n):
 
 def test_mse_estimator_matches_closed_form():
     # grid_mse on i.i.d. samples against the closed-form Lloyd-Max MSE: validates the estimator.
-    grid, exact = generate.lloyd_max_1d(8)
-    errs = generate.squared_errors(grid.float(), samples=1 << 20, seed=5)
+    grid, exact = search.lloyd_max_1d(8)
+    errs = measure.squared_errors(grid.float(), samples=1 << 20, seed=5)
     stderr = errs.std().item() / 2**10
     assert abs(errs.mean().item() - exact) < SIGMAS * stderr
 
 
 def test_scalar_generator_is_deterministic():
-    a, mse_a = generate.lloyd_max_1d(16)
-    b, mse_b = generate.lloyd_max_1d(16)
+    a, mse_a = search.lloyd_max_1d(16)
+    b, mse_b = search.lloyd_max_1d(16)
     assert torch.equal(a, b) and mse_a == mse_b
     assert torch.equal(a, -a.flip(0)), "Lloyd-Max levels of a symmetric density are symmetric"
 
 
 def test_kmeans_generator_is_seeded():
-    small = generate.KMeansSettings(samples=4096, restarts=2, iters=5, polish_samples=8192, polish_iters=2,
+    small = search.KMeansSettings(samples=4096, restarts=2, iters=5, polish_samples=8192, polish_iters=2,
                                     eval_samples=4096)
-    a, _ = generate.kmeans_gaussian(2, 8, seed=3, settings=small)
-    b, _ = generate.kmeans_gaussian(2, 8, seed=3, settings=small)
-    c, _ = generate.kmeans_gaussian(2, 8, seed=4, settings=small)
+    a, _ = search.kmeans_gaussian(2, 8, seed=3, settings=small)
+    b, _ = search.kmeans_gaussian(2, 8, seed=3, settings=small)
+    c, _ = search.kmeans_gaussian(2, 8, seed=4, settings=small)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -100,7 +100,7 @@ def test_unknown_grid_names_available_pairs():
 def test_nearest_matches_brute_force():
     gen = torch.Generator().manual_seed(0)
     x, grid = torch.randn(5000, 3, generator=gen), torch.randn(37, 3, generator=gen)
-    codes, err = generate.nearest(x, grid)
+    codes, err = measure.nearest(x, grid)
     brute = torch.cdist(x.double(), grid.double())
     assert torch.equal(codes, brute.argmin(1))
     torch.testing.assert_close(err, brute.min(1).values ** 2)
@@ -115,6 +115,6 @@ def test_pruned_lloyd_equals_plain_lloyd():
     for _ in range(12):
         codes = torch.cdist(x.double(), plain).argmin(1)
         plain = torch.zeros_like(plain).index_add_(0, codes, x.double()) / torch.bincount(codes, minlength=24)[:, None]
-    ours = generate.lloyd(x, init, 12, tol=0.0, max_relax=1.0)
+    ours = search.lloyd(x, init, 12, tol=0.0, max_relax=1.0)
     # float32 storage of the float64 centroids; a differing assignment would move a centroid by ~1e-4.
     torch.testing.assert_close(ours.double(), plain, rtol=0, atol=1e-6)
