@@ -17,7 +17,7 @@ from aquakv.weights import (
     quantizable_linears,
     solve_allocation,
 )
-from aquakv.weights.allocate import _SuffixRunner
+from aquakv.weights.sensitivities import SuffixNLL
 from tiny_llama import make_tiny_llama, random_token_windows
 
 
@@ -117,7 +117,7 @@ def test_allocate_bits_uniform_when_sensitivities_are_equal_and_errors_identical
 def test_suffix_runner_matches_full_forward():
     model = make_tiny_llama(seed=3)
     windows = torch.stack(random_token_windows(3, 24, seed=3))
-    runner = _SuffixRunner(model, windows, batch_size=2)
+    runner = SuffixNLL(model, windows, batch_size=2)
     assert runner.enabled
     for start in range(len(model.model.layers) + 1):
         # Same ops in the same order as the model's own forward: only float reassociation could differ.
@@ -138,7 +138,7 @@ def test_sensitivities_add_up_over_layers():
     for name, w in original.items():
         z = torch.randn(w.shape, generator=gen)
         noises[name] = z * math.sqrt(noise) * w.norm() / z.norm()
-    runner = _SuffixRunner(model, windows, batch_size=8)
+    runner = SuffixNLL(model, windows, batch_size=8)
     nlls = []
     with torch.no_grad():
         for sign in (1.0, -1.0):  # antithetic, as in the measurement: removes the first-order term g.N

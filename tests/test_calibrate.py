@@ -93,7 +93,7 @@ def test_layer_by_layer_capture_equals_full_forwards_for_mixed_window_lengths(mo
 
 
 def test_capture_refuses_a_model_without_decoder_layers():
-    from aquakv.kv.capture import decoder_layers
+    from aquakv.runner import decoder_layers
 
     with pytest.raises(ValueError, match="decoder layers"):
         decoder_layers(torch.nn.Linear(2, 2))
