@@ -150,9 +150,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (python -m aquakv.cli.weights ...); `aquakv quantize-weights` is the usual one."""
+    import sys
+
     from aquakv.cli import main as aquakv_main
 
-    return aquakv_main(["quantize-weights", *(argv or [])])
+    return aquakv_main(["quantize-weights", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
