@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from aquakv.weights import (
     quantizable_linears,
     solve_allocation,
 )
-from aquakv.weights.allocate import _SuffixRunner
+from aquakv.weights.sensitivities import SuffixNLL
 from tiny_llama import make_tiny_llama, random_token_windows
 
 
@@ -117,7 +118,7 @@ def test_allocate_bits_uniform_when_sensitivities_are_equal_and_errors_identical
 def test_suffix_runner_matches_full_forward():
     model = make_tiny_llama(seed=3)
     windows = torch.stack(random_token_windows(3, 24, seed=3))
-    runner = _SuffixRunner(model, windows, batch_size=2)
+    runner = SuffixNLL(model, windows, batch_size=2)
     assert runner.enabled
     for start in range(len(model.model.layers) + 1):
         # Same ops in the same order as the model's own forward: only float reassociation could differ.
@@ -138,7 +139,7 @@ def test_sensitivities_add_up_over_layers():
     for name, w in original.items():
         z = torch.randn(w.shape, generator=gen)
         noises[name] = z * math.sqrt(noise) * w.norm() / z.norm()
-    runner = _SuffixRunner(model, windows, batch_size=8)
+    runner = SuffixNLL(model, windows, batch_size=8)
     nlls = []
     with torch.no_grad():
         for sign in (1.0, -1.0):  # antithetic, as in the measurement: removes the first-order term g.N
@@ -176,3 +177,64 @@ def test_layer_errors_decrease_with_bits_and_costs_count_scales():
     np.testing.assert_allclose(table.errors.mean(0), [0.1077, 0.0297, 0.00775], rtol=0.2)
     expected = table.numel[:, None] * np.array([2, 3, 4])[None] + table.numel[:, None] // 64 * 16
     np.testing.assert_array_equal(table.cost_bits, expected)
+
+
+def test_sensitivities_save_is_atomic_json(tmp_path):
+    sens = Sensitivities(["a"], [0.5], 2.0, 0.01, True, 1, 64, 1.0, extra={"alpha_stderr": [math.nan]})
+    path = sens.save(tmp_path / "s.json")
+    assert path == tmp_path / "s.json" and [p.name for p in tmp_path.iterdir()] == ["s.json"]  # no temp file left
+    back = Sensitivities.load(path)
+    assert back.alpha == [0.5] and math.isnan(back.extra["alpha_stderr"][0])  # NaN stderr (one window) survives
+
+
+@pytest.mark.parametrize("field,value,problem", [
+    ("alpha", [0.5], "must be a list of 2 numbers"),
+    ("alpha", [0.5, "x"], "non-finite or non-numeric"),
+    ("alpha", [0.5, math.inf], "non-finite or non-numeric"),
+    ("names", ["a", "a"], "duplicate"),
+    ("names", "ab", "non-empty list"),
+    ("base_nll", math.nan, "finite number"),
+    ("noise", 2.0, r"in \(0, 1\)"),
+    ("antithetic", "yes", "true or false"),
+    ("windows", 0, "integer >= 1"),
+    ("window_len", 1.5, "integer >= 2"),
+    ("method", "guess", "'suffix' or 'full'"),
+    ("extra", [], "JSON object"),
+    ("colour", "red", "not a Sensitivities field"),
+])
+def test_sensitivities_load_names_the_file_and_the_bad_field(tmp_path, field, value, problem):
+    """Before: any JSON object with the right keys loaded, and a wrong length or a NaN surfaced later in the DP."""
+    data = dict(names=["a", "b"], alpha=[0.5, 1.5], base_nll=2.0, noise=0.01, antithetic=True, windows=4,
+                window_len=64, seconds=1.0, method="suffix", extra={})
+    data[field] = value
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"sensitivities file {path}: field '{field}' .*{problem}"):
+        Sensitivities.load(path)
+
+
+def test_sensitivities_load_refuses_missing_fields_and_bad_json(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"names": ["a"], "alpha": [1.0]}))
+    with pytest.raises(ValueError, match="field 'base_nll' is missing"):
+        Sensitivities.load(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text("{not json")
+    with pytest.raises(ValueError, match="b.json: not valid JSON"):
+        Sensitivities.load(tmp_path / "b.json")
+
+
+def test_sensitivities_fall_back_to_full_forwards_with_the_same_numbers(monkeypatch, caplog):
+    """A model the runner cannot replay is measured with full forwards (and a warning); on one it can, both ways
+    agree up to float reassociation."""
+    import aquakv.weights.sensitivities as sensitivities
+
+    model = make_tiny_llama(seed=5, num_hidden_layers=2)
+    windows = torch.stack(random_token_windows(2, 16, seed=5))
+    suffix = measure_sensitivities(model, windows, noise=0.01, progress=False)
+    # a replay that skips every block: its NLL differs from the model's, so the check on construction must fail
+    monkeypatch.setattr(sensitivities.LayerRunner, "replay",
+                        lambda self, trace, start: self.head(self.norm(trace.blocks[0].hidden)))
+    with caplog.at_level("WARNING"):
+        full = measure_sensitivities(model, windows, noise=0.01, progress=False)
+    assert "using full forwards" in caplog.text
+    assert (suffix.method, full.method) == ("suffix", "full") and full.base_nll == suffix.base_nll
+    np.testing.assert_allclose(full.alpha, suffix.alpha, rtol=1e-3, atol=1e-3)

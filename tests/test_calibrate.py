@@ -93,7 +93,7 @@ def test_layer_by_layer_capture_equals_full_forwards_for_mixed_window_lengths(mo
 
 
 def test_capture_refuses_a_model_without_decoder_layers():
-    from aquakv.kv.capture import decoder_layers
+    from aquakv.runner import decoder_layers
 
     with pytest.raises(ValueError, match="decoder layers"):
         decoder_layers(torch.nn.Linear(2, 2))
@@ -208,3 +208,20 @@ def test_package_level_calibrate_is_the_function_after_submodule_import(model, d
     assert callable(aquakv.calibrate) and not isinstance(aquakv.calibrate, type(aquakv))
     preds = aquakv.calibrate(model, data[:3], window=100, progress=False)
     assert preds.num_layers == 4 and preds.has_adapters
+
+
+@pytest.mark.parametrize("option,value", [
+    ("damping", -1.0), ("damping", float("nan")), ("damping", float("inf")),
+    ("sinks", -1), ("held_out", 1.0), ("held_out", -0.1), ("held_out", float("nan")),
+    ("bits", float("inf")), ("bits", float("nan")), ("layer0_bits", float("nan")),
+])
+def test_calibrate_refuses_bad_option_values_naming_them(model, data, option, value):
+    """Before: damping=-1, sinks=-1 and held_out=1 were accepted (a negative ridge, a negative sink count, every
+    window held out); non-finite bits failed deep inside with "cannot convert float NaN to integer"."""
+    with pytest.raises(ValueError, match=f"calibrate: {option} must be"):
+        calibrate(model, data, window=100, progress=False, **{option: value})
+
+
+def test_calibrate_accepts_the_edges_of_its_ranges(model, data):
+    preds = calibrate(model, data[:2], window=100, damping=0.0, sinks=0, held_out=0.0, progress=False)
+    assert preds.calibration["held_out_tokens"] > 0  # held_out=0 still keeps one window for the report

@@ -1,24 +1,20 @@
-"""HiggsLinear, quantize_model, save/load, RTN baseline, perplexity helper and the quantize-weights command."""
+"""HiggsLinear, quantize_model, save/load and the RTN baseline (quantize-weights: tests/test_weights_cli.py)."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from aquakv.quantizer import HiggsQuantizer
 from aquakv.weights import (
     HiggsLinear,
     average_bits,
     default_grid,
     load_quantized,
-    perplexity,
     quantize_model,
     rtn_bits_per_weight,
     rtn_quantize_dequantize,
     save_quantized,
-    split_windows,
 )
 from tiny_llama import make_tiny_llama, random_token_windows
 from torch import nn
@@ -213,63 +209,3 @@ def test_rtn_handles_constant_groups_and_padding():
     # The tail group spans [0.5, 1]: 3 steps of 1/6, error <= 1/12 (+ fp16 rounding of min and step).
     # Zero padding would stretch its range to [0, 1] and allow errors up to 1/6.
     assert float((w_hat[2, 28:] - w[2, 28:]).abs().max()) <= 1 / 12 + 1e-3
-
-
-def test_perplexity_matches_manual_cross_entropy():
-    model = make_tiny_llama(seed=0)
-    ids = torch.cat(random_token_windows(1, 100, seed=9))
-    res = perplexity(model, ids, window=32, progress=False)
-    windows = split_windows(ids, 32)
-    assert windows.shape == (3, 32) and res.tokens == 3 * 31
-    with torch.no_grad():
-        logits = model(windows).logits
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
-    assert res.nll == pytest.approx(float(nll), rel=1e-6)  # same logits, sum vs mean order only
-
-
-class _CharTokenizer:
-    eos_token_id = 2
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + ord(c) % 253 for c in text[:2000]]}
-
-
-def _cli(argv):
-    from aquakv.cli.weights import add_parser
-
-    parser = argparse.ArgumentParser(prog="aquakv")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
-
-
-def test_cli_help_and_missing_files(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        _cli(["quantize-weights", "--help"])
-    assert "--budget" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # --bits or --budget is required
-        _cli(["quantize-weights", "--out", str(tmp_path)])
-    args = _cli(["quantize-weights", "--model", str(tmp_path / "nope"), "--bits", "4", "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="--model directory not found"):
-        args.func(args)
-    args = _cli(["quantize-weights", "--bits", "4", "--sensitivities", str(tmp_path / "s.json"), "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--sensitivities file not found"):
-        args.func(args)
-
-
-def test_cli_budget_end_to_end_on_tiny_model(tmp_path, monkeypatch, capsys):
-    import aquakv.models
-
-    monkeypatch.setattr(aquakv.models, "load_model", lambda *a, **k: (make_tiny_llama(seed=6), _CharTokenizer()))
-    args = _cli(["quantize-weights", "--budget", "3.0625", "--out", str(tmp_path), "--eval", "--group-size", "64",
-                 "--calib-windows", "2", "--calib-len", "32", "--eval-window", "64", "--eval-windows", "2"])
-    from aquakv.cli.weights import quantize_weights
-
-    results = quantize_weights(args)
-    methods = [r["method"] for r in results["rows"]]
-    assert methods[0] == "unquantized (fp32)" and methods[1] == "RTN 2-bit" and methods[-1].startswith("HIGGS + DP")
-    assert results["rows"][-1]["bits_per_weight"] <= 3.0625
-    assert "| HIGGS + DP" in capsys.readouterr().out
-    for f in ("higgs_weights.safetensors", "higgs_weights.json", "sensitivities.json", "allocation.json", "results.json"):
-        assert (tmp_path / f).is_file()
-    fresh = load_quantized(make_tiny_llama(seed=6), tmp_path)
-    assert average_bits(fresh) == pytest.approx(results["rows"][-1]["bits_per_weight"])

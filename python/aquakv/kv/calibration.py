@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from typing import Sequence
 
@@ -60,6 +61,26 @@ def _split(windows: list[torch.Tensor], sinks: int, held_out: float) -> tuple[in
     return total - held, held
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_options(*, bits, layer0_bits, damping, sinks, held_out) -> None:
+    """Refuse option values the fit would silently misuse (a negative ridge, a negative sink count, holding out
+    every window) or fail on deep inside (non-finite bits), naming the argument."""
+    for name, value in (("bits", bits), ("layer0_bits", layer0_bits)):
+        if name == "layer0_bits" and isinstance(value, str):
+            continue  # "fp16" (anything else is refused with the settings)
+        if not _is_real(value) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"calibrate: {name} must be a finite positive number, got {value!r}")
+    if not _is_real(damping) or not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"calibrate: damping must be a finite number >= 0, got {damping!r}")
+    if isinstance(sinks, bool) or not isinstance(sinks, numbers.Integral) or sinks < 0:
+        raise ValueError(f"calibrate: sinks must be an integer >= 0, got {sinks!r}")
+    if not _is_real(held_out) or not 0 <= held_out < 1:
+        raise ValueError(f"calibrate: held_out must be a share in [0, 1), got {held_out!r}")
+
+
 @torch.no_grad()
 def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 1024, max_windows: int | None = None,
               rank: int | None = None, group_size: int | None = None, grid_dim: int = 2,
@@ -83,6 +104,7 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
     relative MSE of the predictions, of the final reconstruction, and of HIGGS alone at the same bits.
     """
     t0 = time.perf_counter()
+    _check_options(bits=bits, layer0_bits=layer0_bits, damping=damping, sinks=sinks, held_out=held_out)
     info = AquaKVPredictors.model_info_of(model)
     settings = AquaKVSettings(bits=bits, grid_dim=grid_dim, seed=seed, layer0_bits=_layer0_bits(layer0_bits),
                               group_size=group_size or AquaKVPredictors.default_group_size(info["head_dim"]))

@@ -4,7 +4,7 @@ The decoder runs layer by layer over all windows, as sequential (GPTQ-style) cal
 states entering the current layer are kept, so memory grows with tokens x hidden size, not with tokens x layers x
 2C. For Llama-3-8B on 128 windows of 4096 tokens that is ~4 GB (bf16 hidden states) instead of ~69 GB of fp16
 states of all 32 layers at once. Each layer is called with exactly the arguments the model's own forward passed
-to it, so the states are the ones a full forward computes.
+to it (captured by aquakv.runner.LayerRunner), so the states are the ones a full forward computes.
 
     for layer, keys, values in iter_layer_states(model, windows, sinks=4):   # keys, values: fp16 [N, C]
         ...
@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache
 from aquakv.hf_compat import cache_kwargs
 from aquakv.kv.predictors import AquaKVPredictors
 from aquakv.kv.rope import RotaryTracker, unrotate
+from aquakv.runner import LayerRunner
 
 
 class _LayerCapture(DynamicCache):
@@ -41,10 +42,6 @@ class _LayerCapture(DynamicCache):
         return key_states, value_states
 
 
-class _ReachedFirstLayer(Exception):
-    """Raised by the hook on the first decoder layer once it has seen that layer's inputs."""
-
-
 @dataclass
 class _LayerInputs:
     """What the model's forward hands its decoder layers for one window length: the keyword arguments (causal
@@ -55,46 +52,23 @@ class _LayerInputs:
     cos_sin: tuple[torch.Tensor, torch.Tensor]
 
 
-def _decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack without the LM head (whose [T, vocab] logits calibration does not need)."""
-    return model.get_decoder() if hasattr(model, "get_decoder") else model
+def _runner(model: nn.Module) -> LayerRunner:
+    try:
+        return LayerRunner(model)
+    except ValueError as e:
+        raise ValueError(f"aquakv.calibrate: {e}") from None
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder layers (`model.model.layers` for the Llama family)."""
-    layers = getattr(_decoder(model), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"aquakv.calibrate: cannot find the decoder layers of {type(model).__name__} (expected a "
-                         f"ModuleList `layers` on its decoder, as in Llama-family models)")
-    return layers
-
-
-def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, window: torch.Tensor, tracker: RotaryTracker
+def _first_layer_inputs(model: nn.Module, runner: LayerRunner, window: torch.Tensor, tracker: RotaryTracker
                         ) -> tuple[torch.Tensor, _LayerInputs]:
     """Run the model on one window up to its first decoder layer: (hidden states [1, T, H], the layer inputs)."""
-    body = _decoder(model)
-    seen = {}
-
-    def hook(module, args, kwargs):
-        seen["args"], seen["kwargs"] = args, kwargs
-        raise _ReachedFirstLayer
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        body(input_ids=window[None], use_cache=True, **cache_kwargs(body, DynamicCache(config=model.config)))
-    except _ReachedFirstLayer:
-        pass
-    finally:
-        handle.remove()
-    if "kwargs" not in seen:
-        raise RuntimeError("aquakv.calibrate: the model's forward never reached its first decoder layer")
-    if len(seen["args"]) > 1:
-        raise ValueError("aquakv.calibrate: the decoder layers take positional arguments beyond the hidden states; "
-                         "layer-by-layer capture needs keyword arguments (Llama-family models)")
-    kwargs = dict(seen["kwargs"])
-    hidden = seen["args"][0] if seen["args"] else kwargs.pop("hidden_states")
+        inputs = runner.first_block_inputs(window[None], use_cache=True,
+                                           **cache_kwargs(runner.decoder, DynamicCache(config=model.config)))
+    except (ValueError, RuntimeError) as e:
+        raise type(e)(f"aquakv.calibrate: {e}") from None
     cos_sin = tracker.cos_sin(tracker.take(1, window.numel(), "aquakv.calibrate"))
-    return hidden, _LayerInputs(kwargs, cos_sin)
+    return inputs.hidden, _LayerInputs(inputs.kwargs, cos_sin)
 
 
 def _with_cache(kwargs: dict, cache: Cache) -> dict:
@@ -117,7 +91,8 @@ def iter_layer_states(model: nn.Module, windows: list[torch.Tensor], sinks: int 
     info = AquaKVPredictors.model_info_of(model)
     device = next(model.parameters()).device
     store = torch.device("cpu") if offload else device
-    layers = decoder_layers(model)
+    runner = _runner(model)
+    layers = runner.layers
     if len(layers) != info["num_layers"]:
         raise ValueError(f"aquakv.calibrate: {len(layers)} decoder layers but the config says {info['num_layers']}")
     counts = [max(w.numel() - sinks, 0) for w in windows]
@@ -127,13 +102,13 @@ def iter_layer_states(model: nn.Module, windows: list[torch.Tensor], sinks: int 
     try:
         hidden, inputs = [], {}
         for w in windows:
-            h, layer_inputs = _first_layer_inputs(model, layers, w.to(device), tracker)
+            h, layer_inputs = _first_layer_inputs(model, runner, w.to(device), tracker)
             hidden.append(h.to(store))
             inputs.setdefault(w.numel(), layer_inputs)
     finally:
         tracker.close()
 
-    for layer_idx, layer in enumerate(layers):
+    for layer_idx in range(len(layers)):
         keys = torch.empty(total, info["kv_width"], dtype=torch.float16, device=store)
         values = torch.empty_like(keys)
         start = 0
@@ -141,12 +116,12 @@ def iter_layer_states(model: nn.Module, windows: list[torch.Tensor], sinks: int 
         for i, (h, n) in enumerate(zip(hidden, counts)):
             length = h.shape[1]
             capture = _LayerCapture(model.config, inputs[length].cos_sin, sinks, store)
-            out = layer(h.to(device), **_with_cache(inputs[length].kwargs, capture))
+            out = runner.run_block(layer_idx, h.to(device), _with_cache(inputs[length].kwargs, capture))
             if capture.rows is None:
                 raise RuntimeError(f"aquakv.calibrate: decoder layer {layer_idx} did not update the cache")
             keys[start:start + n], values[start:start + n] = capture.rows
             start += n
-            hidden[i] = None if last else (out[0] if isinstance(out, tuple) else out).to(store)
+            hidden[i] = None if last else out.to(store)
         if progress is not None:
             progress.update(1)
         yield layer_idx, keys, values

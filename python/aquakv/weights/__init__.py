@@ -9,19 +9,23 @@
     sens = measure_sensitivities(model, windows)        # alpha_i, noise injection on calibration windows
     alloc = allocate_bits(table, sens, average_bits=3.0625)
     quantize_model(model, grid_per_layer=alloc.grid_per_layer)
+
+    from aquakv.weights.pipeline import quantize_weights   # all of the above + evaluation + files, as the CLI does
+    report = quantize_weights(model, tokenizer, budget=3.0625, out=Path("q3"), evaluate=True)
+
+Perplexity of weight-quantized models: aquakv.evaluation.evaluate_perplexity(model, ids, window=..., step=None).
 """
 from aquakv.weights.allocate import (
                                      Allocation,
                                      InfeasibleBudget,
                                      LayerTable,
-                                     Sensitivities,
                                      allocate_bits,
+                                     check_budget,
+                                     layer_costs,
                                      measure_layer_errors,
-                                     measure_sensitivities,
                                      predicted_delta_nll,
                                      solve_allocation,
 )
-from aquakv.weights.evaluate import PerplexityResult, perplexity, split_windows
 from aquakv.weights.linear import (
                                      DEFAULT_GROUP_SIZE,
                                      HiggsLinear,
@@ -42,11 +46,12 @@ from aquakv.weights.rtn import (
                                      rtn_quantize_dequantize,
                                      rtn_quantize_model,
 )
+from aquakv.weights.sensitivities import Sensitivities, measure_sensitivities
 
 __all__ = [
-    "Allocation", "DEFAULT_GROUP_SIZE", "HiggsLinear", "InfeasibleBudget", "LayerTable", "PerplexityResult",
-    "Sensitivities", "allocate_bits", "average_bits", "candidate_grids", "default_grid", "higgs_quantize_dequantize_weight",
-    "higgs_weight_cost", "load_quantized", "measure_layer_errors", "measure_sensitivities", "perplexity",
-    "predicted_delta_nll", "quantizable_linears", "quantize_model", "rtn_bits_per_weight", "rtn_quantize_dequantize",
-    "rtn_quantize_model", "save_quantized", "solve_allocation", "split_windows",
+    "Allocation", "DEFAULT_GROUP_SIZE", "HiggsLinear", "InfeasibleBudget", "LayerTable", "Sensitivities",
+    "allocate_bits", "average_bits", "candidate_grids", "check_budget", "default_grid",
+    "higgs_quantize_dequantize_weight", "higgs_weight_cost", "layer_costs", "load_quantized", "measure_layer_errors",
+    "measure_sensitivities", "predicted_delta_nll", "quantizable_linears", "quantize_model", "rtn_bits_per_weight",
+    "rtn_quantize_dequantize", "rtn_quantize_model", "save_quantized", "solve_allocation",
 ]

@@ -5,18 +5,14 @@ For layer i quantized with grid j, the loss increase is modelled as alpha_i * e_
   alpha_i = d NLL / d (relative MSE of layer i), measured once per layer by adding Gaussian noise of a
             known relative size t^2 to that layer alone and watching the calibration NLL.
 The model's NLL increase is predicted as sum_i alpha_i e_ij, and an exact dynamic programme picks one
-grid per layer minimising it under a total bit budget.
+grid per layer minimising it under a total bit budget. The alphas come from aquakv.weights.sensitivities.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import reduce
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -24,7 +20,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from aquakv.evaluation.nll import token_nll
 from aquakv.weights.linear import (
     DEFAULT_GROUP_SIZE,
     grid_bits,
@@ -32,6 +27,7 @@ from aquakv.weights.linear import (
     higgs_weight_cost,
 )
 from aquakv.weights.quantize import Grid, candidate_grids, quantizable_linears
+from aquakv.weights.sensitivities import Sensitivities
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +57,34 @@ class LayerTable:
         return float(self.cost_bits[np.arange(len(self.names)), choice].sum() / self.numel.sum())
 
 
+def layer_costs(model: nn.Module, grids: Sequence[Grid], *, group_size: int = DEFAULT_GROUP_SIZE,
+                include_lm_head: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(names [L], numel int64 [L], cost_bits int64 [L, J]) of every quantizable linear under every grid: what the
+    budget is checked against. Needs only the layers' sizes, no quantization."""
+    layers = quantizable_linears(model, include_lm_head)
+    if not layers:
+        raise ValueError("the model has no nn.Linear layer to quantize")
+    numel = np.array([m.weight.numel() for m in layers.values()], dtype=np.int64)
+    cost = np.array([[higgs_weight_cost(int(n), dim, points, group_size) for dim, points in grids] for n in numel],
+                    dtype=np.int64).reshape(len(layers), len(grids))
+    return list(layers), numel, cost
+
+
+def check_budget(numel: np.ndarray, cost_bits: np.ndarray, average_bits: float, grids: Sequence[Grid]) -> None:
+    """Raise InfeasibleBudget when `average_bits` per weight (codes + scales) is below the cheapest configuration
+    or above the most expensive one (it could not be spent) of layers with these sizes and costs [L, J]."""
+    total = int(numel.sum())
+    budget_bits = int(math.floor(average_bits * total + 1e-6))
+    low, high = cost_bits.min(1).sum() / total, cost_bits.max(1).sum() / total
+    if budget_bits < cost_bits.min(1).sum():
+        raise InfeasibleBudget(f"average_bits={average_bits} is below the cheapest configuration, {low:.4f} bits/weight "
+                               f"(every layer at the smallest candidate grid of {list(grids)})")
+    if budget_bits > cost_bits.max(1).sum():
+        raise InfeasibleBudget(f"average_bits={average_bits} is above the most expensive configuration, {high:.4f} "
+                               f"bits/weight (every layer at the largest candidate grid of {list(grids)}); lower it or "
+                               f"add larger grids")
+
+
 @torch.no_grad()
 def measure_layer_errors(model: nn.Module, grids: Sequence[Grid] | None = None, *, group_size: int = DEFAULT_GROUP_SIZE,
                          seed: int = 0, include_lm_head: bool = False, progress: bool = True) -> LayerTable:
@@ -84,180 +108,6 @@ def measure_layer_errors(model: nn.Module, grids: Sequence[Grid] | None = None, 
             bar.update()
     bar.close()
     return LayerTable(list(layers), numel, grids, group_size, errors, cost)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sensitivities
-# ---------------------------------------------------------------------------------------------------
-@dataclass
-class Sensitivities:
-    """alpha[i]: NLL increase (nats/token) per unit relative MSE of layer i, measured with noise t^2 = noise."""
-
-    names: list[str]
-    alpha: list[float]
-    base_nll: float  # calibration NLL of the unperturbed model
-    noise: float  # t^2, the relative MSE of the injected noise
-    antithetic: bool
-    windows: int
-    window_len: int
-    seconds: float
-    method: str = "suffix"  # "suffix" (re-run only the blocks after the layer) or "full"
-    extra: dict = field(default_factory=dict)  # alpha_stderr: [L] standard error over calibration windows
-
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Sensitivities":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"sensitivities file not found: {path}")
-        return cls(**json.loads(path.read_text()))
-
-    def for_layers(self, names: Sequence[str]) -> np.ndarray:
-        """alpha in the order of `names`; a missing layer raises (the file was measured on another model)."""
-        index = dict(zip(self.names, self.alpha))
-        missing = [n for n in names if n not in index]
-        if missing:
-            raise ValueError(f"sensitivities: no measurement for {len(missing)} layers, e.g. {missing[:3]} "
-                             f"(measured on a different model or with different include_lm_head?)")
-        return np.array([index[n] for n in names], dtype=np.float64)
-
-
-class _SuffixRunner:
-    """Computes the calibration NLL re-running only the decoder blocks from a given one onwards.
-
-    A clean pass records each block's inputs (hidden states and the keyword arguments the model passes:
-    mask, rotary embeddings, positions); noise in block k leaves blocks < k unchanged, so the NLL
-    with noise there needs blocks k.. only: on average half the model. Works for the Llama family
-    (model.model.layers, model.model.norm, output head); verified against a full forward on construction,
-    falling back to full forwards otherwise.
-    """
-
-    @torch.no_grad()
-    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int):
-        self.model, self.device = model, next(model.parameters()).device
-        self.batches = windows.to(self.device).split(batch_size)
-        inner = getattr(model, "model", None)
-        self.blocks = getattr(inner, "layers", None)
-        self.norm = getattr(inner, "norm", None)
-        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self.enabled = isinstance(self.blocks, nn.ModuleList) and self.norm is not None and self.head is not None
-        self.base_window_nll = self._full_window_nll()
-        self.base_nll = float(self.base_window_nll.mean())
-        if self.enabled:
-            self._capture()
-            suffix = self.nll(0)
-            if abs(suffix - self.base_nll) > 1e-4 * max(1.0, abs(self.base_nll)):
-                log.warning("sensitivities: re-running blocks gives NLL %.6f but the model gives %.6f; "
-                            "using full forwards (slower)", suffix, self.base_nll)
-                self.enabled = False
-                self.inputs = None
-
-    @torch.no_grad()
-    def _full_window_nll(self) -> np.ndarray:
-        return np.concatenate([_window_nll(self.model(input_ids=batch, use_cache=False).logits, batch)
-                               for batch in self.batches])
-
-    @torch.no_grad()
-    def _capture(self) -> None:
-        self.inputs: list[list[tuple[torch.Tensor, dict]]] = [[] for _ in range(len(self.blocks) + 1)]
-
-        def hook(index):
-            def record(module, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                self.inputs[index].append((hidden, rest))
-            return record
-
-        handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
-        handles.append(self.norm.register_forward_pre_hook(hook(len(self.blocks)), with_kwargs=True))
-        try:
-            for batch in self.batches:
-                self.model(input_ids=batch, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-
-    def block_of(self, module: nn.Module) -> int:
-        """Index of the first block whose output the module changes (len(blocks) for the head)."""
-        if self.enabled:
-            for i, block in enumerate(self.blocks):
-                if any(m is module for m in block.modules()):
-                    return i
-            if any(m is module for m in self.head.modules()):
-                return len(self.blocks)
-        return 0
-
-    def nll(self, start: int) -> float:
-        """Mean NLL per predicted token (windows have equal length)."""
-        return float(self.window_nll(start).mean())
-
-    @torch.no_grad()
-    def window_nll(self, start: int) -> np.ndarray:
-        """[windows] mean NLL per predicted token of each window, re-running blocks start.."""
-        if not self.enabled:
-            return self._full_window_nll()
-        per_window = []
-        for b, batch in enumerate(self.batches):
-            hidden = self.inputs[start][b][0]
-            for i in range(start, len(self.blocks)):
-                out = self.blocks[i](hidden, **self.inputs[i][b][1])
-                hidden = out[0] if isinstance(out, tuple) else out
-            logits = self.head(self.norm(hidden, **self.inputs[-1][b][1]))
-            per_window.append(_window_nll(logits, batch))
-        return np.concatenate(per_window)
-
-
-def _window_nll(logits: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
-    """logits [B, T, V], ids [B, T] -> float64 [B] mean next-token NLL of each window."""
-    return token_nll(logits[:, :-1], ids[:, 1:]).double().mean(dim=1).cpu().numpy()
-
-
-@torch.no_grad()
-def measure_sensitivities(model: nn.Module, windows: torch.Tensor, *, noise: float = 0.01, antithetic: bool = True,
-                          seed: int = 0, include_lm_head: bool = False, layers: Sequence[str] | None = None,
-                          batch_size: int = 8, progress: bool = True) -> Sensitivities:
-    """alpha_i for every quantizable linear (or the named `layers`).
-
-    windows: [B, T] calibration token ids. noise: t^2, the relative MSE of the Gaussian noise added to one
-    layer at a time (its norm is set exactly: ||N||^2 = t^2 ||W||^2). With antithetic=True each layer is
-    measured with +N and -N and the two NLLs averaged, which cancels the first-order term g.N (the
-    calibration gradient is not zero) and leaves the curvature term the linear model is about.
-    """
-    if windows.dim() != 2 or windows.shape[1] < 2:
-        raise ValueError(f"measure_sensitivities: windows must be [count, length >= 2] token ids, got {tuple(windows.shape)}")
-    if not 0 < noise < 1:
-        raise ValueError(f"measure_sensitivities: noise (relative MSE t^2) must be in (0, 1), got {noise}")
-    all_layers = quantizable_linears(model, include_lm_head)
-    names = list(all_layers) if layers is None else list(layers)
-    unknown = [n for n in names if n not in all_layers]
-    if unknown:
-        raise ValueError(f"measure_sensitivities: not quantizable linears of this model: {unknown[:5]}")
-    start_time = time.perf_counter()
-    runner = _SuffixRunner(model, windows, batch_size)
-    gen = torch.Generator().manual_seed(seed)
-    alpha, stderr = [], []
-    for name in tqdm(names, desc="sensitivities", disable=not progress, unit="layer"):
-        weight = all_layers[name].weight
-        original = weight.detach().clone()
-        z = torch.randn(weight.shape, generator=gen, dtype=torch.float32).to(weight.device)
-        z *= math.sqrt(noise) * original.float().norm() / z.norm()
-        start = runner.block_of(all_layers[name])
-        signs = (1.0, -1.0) if antithetic else (1.0,)
-        nlls = []
-        try:
-            for sign in signs:
-                weight.copy_(original + sign * z.to(weight.dtype))
-                nlls.append(runner.window_nll(start))
-        finally:
-            weight.copy_(original)
-        per_window = (sum(nlls) / len(nlls) - runner.base_window_nll) / noise
-        alpha.append(float(per_window.mean()))
-        stderr.append(float(per_window.std(ddof=1) / math.sqrt(len(per_window))) if len(per_window) > 1 else math.nan)
-    return Sensitivities(names, alpha, runner.base_nll, noise, antithetic, windows.shape[0], windows.shape[1],
-                         time.perf_counter() - start_time, "suffix" if runner.enabled else "full",
-                         extra={"alpha_stderr": stderr})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,16 +202,8 @@ def allocate_bits(table: LayerTable, sensitivities: Sensitivities | np.ndarray, 
     negative = int((alpha < 0).sum())
     if negative:
         log.info("allocate_bits: %d layers have a negative measured sensitivity (noise); counted as 0", negative)
-    total = int(table.numel.sum())
-    budget_bits = int(math.floor(average_bits * total + 1e-6))
-    low, high = table.cost_bits.min(1).sum() / total, table.cost_bits.max(1).sum() / total
-    if budget_bits < table.cost_bits.min(1).sum():
-        raise InfeasibleBudget(f"average_bits={average_bits} is below the cheapest configuration, {low:.4f} bits/weight "
-                               f"(every layer at the smallest candidate grid of {table.grids})")
-    if budget_bits > table.cost_bits.max(1).sum():
-        raise InfeasibleBudget(f"average_bits={average_bits} is above the most expensive configuration, {high:.4f} "
-                               f"bits/weight (every layer at the largest candidate grid of {table.grids}); lower it or "
-                               f"add larger grids")
+    check_budget(table.numel, table.cost_bits, average_bits, table.grids)
+    budget_bits = int(math.floor(average_bits * int(table.numel.sum()) + 1e-6))
     unit = reduce(math.gcd, table.cost_bits.ravel().tolist())
     span = (table.cost_bits.max(1) - table.cost_bits.min(1)).sum() // unit
     if span > max_steps:
