@@ -342,3 +342,19 @@ def test_eval_plot(capsys, tmp_path, tiny):
                          "--max-windows", "1", "--plot", str(tmp_path / "ppl.png"), "--device", "cpu", "-q")
     assert code == 0, err
     assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupted_save_leaves_nothing_half_written(capsys, tmp_path, tiny, monkeypatch):
+    from aquakv.kv import AquaKVPredictors
+
+    _, text = tiny
+
+    def save_then_interrupt(self, path):
+        open(path, "wb").write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AquaKVPredictors, "save", save_then_interrupt)
+    code, _, err = run(capsys, "calibrate", "--text", str(text), "--windows", "2", "--window", "128",
+                       "--out", str(tmp_path / "p.safetensors"), "--device", "cpu", "-q")
+    assert code == 130 and "interrupted" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]

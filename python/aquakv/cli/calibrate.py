@@ -50,6 +50,7 @@ def held_bits_per_value(model, preds, ids, window: int) -> float | None:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from aquakv.evaluation.table import count
+    from aquakv.files import atomic_path
     from aquakv.kv import calibrate
 
     check_model_args(args)
@@ -63,7 +64,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     preds = calibrate(model, [ids], bits=args.bits, window=args.window, max_windows=args.windows,
                       rank=args.rank, layer0_bits=layer0, seed=args.seed, progress=show_progress(args))
     seconds = time.perf_counter() - t0
-    preds.save(out)
+    with atomic_path(out) as tmp:  # an interrupt while saving leaves no half-written predictors file
+        preds.save(tmp)
     held = held_bits_per_value(model, preds, ids, args.window)
     windows = preds.calibration.get("windows")
     print(f"{preds}\ncalibrated in {seconds:.1f} s on {count(windows, 'window') if windows else '?'} "
