@@ -142,7 +142,8 @@ def test_calibrate_then_eval_on_the_tiny_model(capsys, tmp_path, tiny):
     code, out, err = run(capsys, "eval", "--predictors", str(preds), "--text", str(text), "--window", "256",
                          "--max-windows", "2", "--baselines", "kivi2", "higgs", "quanto", "--device", "cpu", "-q")
     assert code == 0, err
-    for row in ("| fp16 (unquantized) | 16.00 |", "| AQUA-KV-2 |", "| KIVI-2 |", "| HIGGS-2 |"):
+    # Row labels come from aquakv.kv.registry, the same in eval and demo (HIGGS rows say "(no predictors)").
+    for row in ("| fp16 (unquantized) | 16.00 |", "| AQUA-KV-2 |", "| KIVI-2 |", "| HIGGS-2 (no predictors) |"):
         assert row in out
     if "needs the `optimum-quanto` package" not in out:
         assert "QuantizedCache (quanto" in out
@@ -193,6 +194,7 @@ def test_quiet_draws_no_bars_and_leaves_tqdm_as_it_was(capsys, tmp_path, monkeyp
         return model, ByteTokenizer()
 
     monkeypatch.setattr(cli.common, "load", load_with_a_bar)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # bars are drawn on terminals only
     init = vars(tqdm.tqdm)["__init__"]
     code, _, err = run(capsys, "calibrate", "--text", str(text), "--windows", "4", "--window", "128",
                        "--out", str(tmp_path / "p.safetensors"), "--device", "cpu", "-q")
@@ -201,3 +203,158 @@ def test_quiet_draws_no_bars_and_leaves_tqdm_as_it_was(capsys, tmp_path, monkeyp
     code, _, err = run(capsys, "calibrate", "--text", str(text), "--windows", "4", "--window", "128",
                        "--out", str(tmp_path / "p.safetensors"), "--device", "cpu")
     assert code == 0 and "Converting GGUF tensors" in err
+
+
+# ---- startup, option types and user errors found before any slow work -------------------------------------------
+def test_help_does_not_import_torch():
+    """`aquakv --help` answers without importing torch or transformers (both take seconds to import)."""
+    import subprocess
+
+    code = ("import runpy, sys\nsys.argv = ['aquakv', '--help']\ntry:\n    runpy.run_module('aquakv', "
+            "run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)\n"
+            "print('HEAVY', heavy, file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "usage: aquakv" in r.stdout
+    assert "HEAVY []" in r.stderr, r.stderr
+
+
+def test_import_aquakv_is_light_and_names_load_on_use():
+    import subprocess
+
+    code = ("import sys, aquakv\nassert 'torch' not in sys.modules\nq = aquakv.HiggsQuantizer(bits=2, dim=2, "
+            "group_size=64)\nimport torch\nassert hasattr(torch.ops.aquakv, 'higgs_quantize')\n"
+            "assert isinstance(aquakv.__version__, str) and aquakv.__version__\nprint('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.fixture
+def no_slow_work(monkeypatch):
+    """Any model load fails the test: the error must be found before it."""
+    def load(args):
+        raise AssertionError("the model was loaded before the user error was found")
+
+    monkeypatch.setattr(cli.common, "load", load)
+
+
+@pytest.mark.parametrize("bits", ["inf", "nan", "-inf", "2.5", "0", "5", "abc"])
+def test_calibrate_bits_that_no_grid_codes_are_refused_at_parse_time(capsys, tmp_path, bits):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["calibrate", f"--bits={bits}", "--out", str(tmp_path / "p.st")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --bits:" in err and "Traceback" not in err and "_bits" not in err
+    assert ("must be one of 1, 2, 3, 4" in err) or ("must be a number of bits" in err)
+
+
+def test_calibrate_help_says_which_bits_are_accepted(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["calibrate", "--help"])
+    assert "one of 1, 2, 3, 4" in " ".join(capsys.readouterr().out.split())
+
+
+def test_type_errors_read_well(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--predictors", "p", "--window", "abc"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--window: must be a positive integer, got 'abc'" in err
+
+
+def test_unwritable_out_directory_is_found_before_the_model_load(capsys, tmp_path, monkeypatch, no_slow_work):
+    from aquakv.cli import common
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(common.tempfile, "mkstemp", refuse)  # root ignores chmod: simulate the refusal
+    code, _, err = run(capsys, "calibrate", "--out", str(tmp_path / "p.st"), "--device", "cpu", "-q")
+    assert_one_line_error(code, err, "--out: cannot write in directory", "Permission denied")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_probe_leaves_nothing_behind(tmp_path):
+    from aquakv.cli.common import check_out_file
+
+    assert check_out_file(str(tmp_path / "p.st")) == tmp_path / "p.st"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_binary_text_file_is_refused_by_name(capsys, tmp_path, no_slow_work):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    code, _, err = run(capsys, "calibrate", "--text", str(binary), "--out", str(tmp_path / "p.st"), "--device", "cpu")
+    assert_one_line_error(code, err, "aquakv calibrate: error:", str(binary), "binary")
+    assert not (tmp_path / "p.st").exists()
+
+
+def test_directory_given_as_a_file_is_called_a_directory(capsys, tmp_path, no_slow_work):
+    code, _, err = run(capsys, "calibrate", "--text", str(tmp_path), "--out", str(tmp_path / "p.st"), "--device", "cpu")
+    assert_one_line_error(code, err, f"text file {tmp_path} is a directory")
+    code, _, err = run(capsys, "eval", "--predictors", str(tmp_path), "--device", "cpu")
+    assert_one_line_error(code, err, f"--predictors file {tmp_path} is a directory")
+
+
+@pytest.mark.parametrize("content", [b"", b"just some text\n", bytes(range(256)) * 4, b"\x08\x00\x00\x00\x00\x00"])
+def test_unreadable_predictors_give_one_line(capsys, tmp_path, content, no_slow_work):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(content)
+    code, _, err = run(capsys, "eval", "--predictors", str(bad), "--device", "cpu")
+    assert_one_line_error(code, err, "aquakv eval: error:", f"--predictors {bad}")
+
+
+def test_unknown_baseline_lists_the_registry(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--predictors", "p", "--baselines", "kivi3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'kivi3'" in err and "'kivi2'" in err and "'higgs3'" in err
+
+
+def test_calibrate_names_both_bit_counts_and_eval_counts_windows_right(capsys, tmp_path, tiny):
+    _, text = tiny
+    preds = tmp_path / "p.safetensors"
+    code, out, err = run(capsys, "calibrate", "--text", str(text), "--bits", "2", "--windows", "4", "--window", "128",
+                         "--out", str(preds), "--device", "cpu", "-q")
+    assert code == 0, err
+    line = [x for x in out.splitlines() if x.startswith("compressed part")][0]
+    nominal, held = (float(x.split()[0]) for x in line.removeprefix("compressed part ").split("; all bytes held "))
+    assert held > nominal  # the fp16 sinks and buffer cost more than 2-bit codes
+    code, out, err = run(capsys, "eval", "--predictors", str(preds), "--text", str(text), "--window", "128",
+                         "--max-windows", "1", "--device", "cpu", "-q")
+    assert code == 0, err
+    assert "on 1 window of 128 tokens" in out
+    aqua = [x for x in out.splitlines() if x.startswith("| AQUA-KV-2 |")][0]
+    assert float(aqua.split("|")[2]) == pytest.approx(held, abs=0.01)  # the same cache, the same bytes
+
+
+def test_eval_plot(capsys, tmp_path, tiny):
+    pytest.importorskip("matplotlib")
+    import aquakv
+
+    model, text = tiny
+    path = tmp_path / "p.safetensors"
+    aquakv.AquaKVPredictors.zeros(model, 2).save(path)
+    code, _, err = run(capsys, "eval", "--predictors", str(path), "--text", str(text), "--window", "128",
+                       "--max-windows", "1", "--plot", str(tmp_path / "a.txt"), "--device", "cpu", "-q")
+    assert_one_line_error(code, err, "--plot", ".png")
+    code, out, err = run(capsys, "eval", "--predictors", str(path), "--text", str(text), "--window", "128",
+                         "--max-windows", "1", "--plot", str(tmp_path / "ppl.png"), "--device", "cpu", "-q")
+    assert code == 0, err
+    assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupted_save_leaves_nothing_half_written(capsys, tmp_path, tiny, monkeypatch):
+    from aquakv.kv import AquaKVPredictors
+
+    _, text = tiny
+
+    def save_then_interrupt(self, path):
+        open(path, "wb").write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AquaKVPredictors, "save", save_then_interrupt)
+    code, _, err = run(capsys, "calibrate", "--text", str(text), "--windows", "2", "--window", "128",
+                       "--out", str(tmp_path / "p.safetensors"), "--device", "cpu", "-q")
+    assert code == 130 and "interrupted" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]

@@ -125,3 +125,26 @@ def test_relative_increase_and_table():
     assert table[0].startswith("| method | bits/value | KV bytes | perplexity | vs fp16 |")
     assert table[2] == "| fp16 | 16.00 | 2.00 MiB | 10.000 | +0.00% | 3.0 s |"
     assert table[3] == "| KIVI-2 | n/a | n/a | 12.500 | +25.00% | 40 s |"
+
+
+def test_table_shows_predicted_ppl_and_names_the_bits_column():
+    from aquakv.evaluation import PerplexityResult
+
+    rows = [("fp32", PerplexityResult(10.0, math.log(10.0), 100, 1, None, 32.0, 1.0)),
+            ("HIGGS-3", PerplexityResult(10.5, math.log(10.5), 100, 1, None, 3.06, 1.0, predicted_ppl=10.4))]
+    table = format_table(rows, baseline=10.0, baseline_name="fp32", bits_name="bits/weight").splitlines()
+    assert table[0] == "| method | bits/weight | KV bytes | perplexity | predicted ppl | vs fp32 | eval time |"
+    assert table[2] == "| fp32 | 32.00 | n/a | 10.000 |  | +0.00% | 1.0 s |"
+    assert table[3] == "| HIGGS-3 | 3.06 | n/a | 10.500 | 10.400 | +5.00% | 1.0 s |"
+    assert "predicted" not in format_table(rows[:1])
+
+
+def test_evaluation_names_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom aquakv.evaluation import format_table, PerplexityResult\n"
+            "print(format_table([('a', PerplexityResult(2.0, 0.69, 1, 1))]).count('|'))\n"
+            "assert 'torch' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

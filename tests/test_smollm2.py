@@ -101,3 +101,23 @@ def test_quick_demo_from_the_command_line(smollm2, monkeypatch, capsys):
     assert all(answer.strip() for _, answer in answers)
     assert "timings:" in out
 
+
+
+def test_conversion_cache_loads_the_same_model(smollm2, tmp_path, monkeypatch):
+    """The GGUF conversion cache changes nothing: logits of the cached model equal a direct GGUF load's, bit for
+    bit, and the tokenizer splits text the same way."""
+    from aquakv.models import load_model
+
+    monkeypatch.setenv("AQUAKV_CACHE_DIR", str(tmp_path))
+    direct, direct_tok = load_model(use_cache=False)
+    cached, cached_tok = load_model()  # converts into tmp_path, then loads the saved entry
+    assert any((tmp_path / "gguf").iterdir())
+    text = "def f(x):\n    return not x  # booleans"
+    ids = direct_tok(text, return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, cached_tok(text, return_tensors="pt")["input_ids"])
+    assert direct_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+        cached_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    with torch.no_grad():
+        ref = direct(input_ids=ids).logits
+        assert torch.equal(ref, cached(input_ids=ids).logits)
+        assert torch.equal(ref, smollm2[0](input_ids=ids).logits)  # the session's model (default cache)

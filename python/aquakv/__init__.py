@@ -4,34 +4,79 @@
     q = aquakv.HiggsQuantizer(bits=2, dim=2, group_size=64)
     preds = aquakv.calibrate(model, token_ids, bits=2)
     cache = aquakv.AquaKVCache(model, preds)      # model(..., cache=cache), generate(..., cache=cache)
+
+`import aquakv` is light: it imports neither torch nor the compiled extension, so `aquakv --help` answers at
+once. Every public name is imported on first use (module __getattr__). The compiled ops torch.ops.aquakv.* are
+registered by `import aquakv.ops` (or `aquakv._C`), which happens as soon as any name that needs them is used
+(aquakv.HiggsQuantizer, aquakv.ops, aquakv.AquaKVCache, ...). Code that calls torch.ops.aquakv.* directly
+imports aquakv.ops first.
 """
 import importlib
+import importlib.abc
+import sys
 
-import torch  # noqa: F401  (must load libtorch before the extension that links against it)
-
-from aquakv import _C  # noqa: F401  (loads the compiled library: registers torch.ops.aquakv.*)
-from aquakv import grids, ops  # noqa: F401  (ops: fake kernels for torch.compile)
-from aquakv.quantizer import HiggsQuantizer, HiggsSettings, QuantizedTensor
-
-__version__ = _C.__version__
-
-# Names whose modules pull in transformers are imported on first use, so `import aquakv` stays light.
+# Public name -> module that defines it. Everything here pulls in torch (and some names transformers).
 _LAZY = {
+    "HiggsQuantizer": "aquakv.quantizer",
+    "HiggsSettings": "aquakv.quantizer",
+    "QuantizedTensor": "aquakv.quantizer",
     "calibrate": "aquakv.kv",
     "AquaKVPredictors": "aquakv.kv",
     "AquaKVCache": "aquakv.kv",
     "HiggsCache": "aquakv.kv",
     "KiviCache": "aquakv.kv",
     "evaluate_perplexity": "aquakv.evaluation",
-    "weights": "aquakv.weights",
+    "PerplexityResult": "aquakv.evaluation",
 }
+# Subpackages reachable as attributes (aquakv.grids.get_grid(...)) without an explicit import.
+_SUBMODULES = ("grids", "ops", "weights", "kv", "evaluation", "quantizer", "models", "data", "files")
+
+
+def _version() -> str:
+    """The version compiled into the extension (what was built), else the installed distribution's."""
+    try:
+        import torch  # noqa: F401  (libtorch must be loaded before the extension that links against it)
+
+        from aquakv import _C
+
+        return _C.__version__
+    except ImportError:
+        from importlib import metadata
+
+        return metadata.version("aquakv")
+
+
+class _OpsFirst(importlib.abc.MetaPathFinder):
+    """Registers torch.ops.aquakv.* before aquakv.quantizer runs, which calls the ops without importing aquakv.ops.
+
+    Transitional: remove once quantizer.py has `from aquakv import ops  # noqa: F401` itself.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "aquakv.quantizer" and "aquakv.ops" not in sys.modules:
+            importlib.import_module("aquakv.ops")
+        return None  # the ordinary finders load the module itself
+
+
+if not any(isinstance(f, _OpsFirst) for f in sys.meta_path):
+    sys.meta_path.insert(0, _OpsFirst())
 
 
 def __getattr__(name: str):
-    if name not in _LAZY:
+    if name == "__version__":
+        value = _version()
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"aquakv.{name}")
+    else:
         raise AttributeError(f"module 'aquakv' has no attribute {name!r}")
-    module = importlib.import_module(_LAZY[name])
-    return module if name == "weights" else getattr(module, name)
+    globals()[name] = value  # the next lookup is an ordinary attribute
+    return value
 
 
-__all__ = ["HiggsQuantizer", "HiggsSettings", "QuantizedTensor", "grids", "__version__", *_LAZY]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+__all__ = ["__version__", *_LAZY, *_SUBMODULES]

@@ -21,15 +21,29 @@ def default_texts(split: str) -> list[str]:
     return [topics[k] for i, k in enumerate(keys) if (i % 4 == 3) == held_out]
 
 
+# Above this share of undecodable characters a file is not text in any useful sense (a few stray bytes in a real
+# text file are replaced by U+FFFD and kept, as before).
+MAX_INVALID_UTF8 = 0.05
+
+
 def read_text_files(paths: Sequence[str | Path]) -> list[str]:
-    """Read UTF-8 text files; a missing or empty file raises with its name."""
+    """Read UTF-8 text files. A missing file, a directory, an empty file or a binary one (NUL bytes, or more than
+    5% of it not UTF-8) raises with its name; isolated invalid bytes become U+FFFD."""
     texts = []
     for p in map(Path, paths):
+        if p.is_dir():
+            raise IsADirectoryError(f"text file {p} is a directory, not a file")
         if not p.is_file():
             raise FileNotFoundError(f"text file not found: {p}")
-        text = p.read_text(encoding="utf-8", errors="replace")
+        data = p.read_bytes()
+        if b"\0" in data:
+            raise ValueError(f"text file {p} is binary (it holds NUL bytes), not UTF-8 text")
+        text = data.decode("utf-8", errors="replace")
         if not text.strip():
             raise ValueError(f"text file is empty: {p}")
+        bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+        if bad > MAX_INVALID_UTF8 * len(text):
+            raise ValueError(f"text file {p} is not UTF-8 text ({bad} of {len(text)} characters undecodable)")
         texts.append(text)
     return texts
 

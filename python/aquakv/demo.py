@@ -72,12 +72,12 @@ def run_demo(device: str = "cpu", quick: bool = False, seed: int = 0, progress: 
     config: sizes (default DemoConfig(), or QUICK with quick=True). model, tokenizer: use these instead of
     loading the bundled SmolLM2 (the tokenizer must have a chat template for the generation step).
     """
-    from aquakv.kv import AquaKVCache, HiggsCache
-    from aquakv.kv import calibrate
     from aquakv.data import default_texts, tokenize
-    from aquakv.evaluation import evaluate_perplexity, format_table
-    from aquakv.kv.baselines import fp16_cache_factory, transformers_cache_backends, transformers_quantized_factory
-    from aquakv.kv.kivi import kivi_factory
+    from aquakv.evaluation import BITS_NOTE
+    from aquakv.evaluation.compare import compare_caches
+    from aquakv.evaluation.table import count
+    from aquakv.kv import AquaKVCache, calibrate, registry
+    from aquakv.kv.baselines import Fp16Cache
     from aquakv.models import load_model
 
     cfg = config or (QUICK if quick else DemoConfig())
@@ -104,48 +104,35 @@ def run_demo(device: str = "cpu", quick: bool = False, seed: int = 0, progress: 
 
     preds = {}
     for bits in (2, 3):
-        say(f"calibrating AQUA-KV-{bits} on {cfg.calib_windows} windows of {cfg.calib_window} tokens ...")
+        say(f"calibrating AQUA-KV-{bits} on {count(cfg.calib_windows, 'window')} of {cfg.calib_window} tokens ...")
         preds[bits] = timed(f"calibrate {bits}-bit", lambda: calibrate(
             model, [calib], bits=bits, window=cfg.calib_window, max_windows=cfg.calib_windows, seed=seed,
             progress=progress))
-        say(f"  {preds[bits].bits_per_value():.3f} bits/value nominal, {res.seconds[f'calibrate {bits}-bit']:.1f} s")
+        say(f"  compressed part {preds[bits].bits_per_value():.2f} bits/value (all bytes held: the table's "
+            f"bits/value), {res.seconds[f'calibrate {bits}-bit']:.1f} s")
 
-    rows: list[tuple[str, Optional[Callable], Optional[str]]] = [
-        ("fp16 (unquantized)", fp16_cache_factory, None),
-        ("KIVI-4", kivi_factory(4), None),
-        ("KIVI-2", kivi_factory(2), None),
-        ("HIGGS-2 (no predictors)", lambda m: HiggsCache(m, 2, seed=seed), None),
-        ("AQUA-KV-3", lambda m: AquaKVCache(m, preds[3]), None),
-        ("AQUA-KV-2", lambda m: AquaKVCache(m, preds[2]), None),
-    ]
-    for backend, why_not in transformers_cache_backends().items():
-        label = f"transformers QuantizedCache ({backend}{'' if backend == 'fp8' else ', 2-bit'})"
-        rows.append((label, None if why_not else transformers_quantized_factory(backend, bits=2), why_not))
+    aquakv = registry.get("aquakv")
+    rows = registry.rows(["fp16", "kivi4", "kivi2", "higgs2"], seed=seed)
+    rows += [registry.Row("aquakv", aquakv.label(preds[b]), aquakv.factory(preds[b])) for b in (3, 2)]
+    rows += registry.rows(["fp8", "quanto", "hqq"])
 
     n_windows = min(cfg.eval_windows, held_out.numel() // cfg.window)
-    say(f"perplexity on {n_windows} held-out windows of {cfg.window} tokens, fed {cfg.step} at a time ...")
-    for name, factory, why_not in rows:
-        if factory is None:
-            res.skipped.append((name, why_not))
-            continue
-        # All windows side by side: on a CPU one forward of B x 32 tokens costs far less than B forwards.
-        r = evaluate_perplexity(model, held_out, factory, window=cfg.window, step=cfg.step, max_windows=n_windows,
-                                batch_size=n_windows, progress=progress, desc=name)
-        res.rows.append((name, r))
-        say(f"  {name}: {r.ppl:.3f} ({r.seconds:.0f} s)")
+    say(f"perplexity on {count(n_windows, 'held-out window')} of {cfg.window} tokens, fed {cfg.step} at a time ...")
+    # All windows side by side: on a CPU one forward of B x 32 tokens costs far less than B forwards.
+    comparison = compare_caches(model, held_out, rows, window=cfg.window, step=cfg.step, max_windows=n_windows,
+                                batch_size=n_windows, progress=progress)
+    res.rows, res.skipped = comparison.rows, comparison.skipped
 
     say()
-    say(format_table(res.rows, baseline=res.rows[0][1].ppl))
-    say("\nbits/value and KV bytes: everything stored for one window (codes, scales, zero points, and the fp16 "
-        "attention sinks\nand recent-token buffer every quantized cache keeps); KIVI uses groups of 32 with fp16 "
-        "scale and zero point.")
+    say(comparison.table())
+    say(f"\n{BITS_NOTE}; KIVI uses groups of 32 with fp16 scale and zero point.")
     for name, why_not in res.skipped:
         say(f"{name}: skipped, {why_not}")
 
     say(f"\nQ: {QUESTION} (about the {PASSAGE_TOPIC!r} section of the Python reference, {cfg.max_new_tokens} "
         f"new tokens, greedy)")
-    for name, factory in (("AQUA-KV-2", lambda: AquaKVCache(model, preds[2])),
-                          ("fp16 (unquantized)", lambda: fp16_cache_factory(model))):
+    for name, factory in ((aquakv.label(preds[2]), lambda: AquaKVCache(model, preds[2])),
+                          ("fp16 (unquantized)", lambda: Fp16Cache(model))):
         cache = factory()
         with torch.no_grad():
             answer = timed(f"generate {name}", lambda: _generate(model, tokenizer, cache, cfg.max_new_tokens))

@@ -1,9 +1,14 @@
-"""The `aquakv` command: demo, calibrate, eval (and quantize-weights when aquakv.weights is installed).
+"""The `aquakv` command: demo, calibrate, eval, quantize-weights.
 
-User mistakes (a missing file, a model that cannot be loaded or served, predictors calibrated for another model,
-a bad option value) end with one line on stderr, `aquakv <command>: error: ...`, and exit status 2; anything
-else is a bug and keeps its traceback. Library code reports bad inputs as ValueError with a message naming
-them, so a ValueError is shown the same way; AQUAKV_DEBUG=1 shows its traceback instead.
+One convention for every subcommand: --device (auto by default), --seed, -q/-v; user mistakes (a missing file, a
+directory where a file belongs, an option value that cannot work, a model that cannot be loaded or served,
+predictors of another model) end with one line on stderr, `aquakv <command>: error: ...`, and exit status 2,
+found before any slow work starts; Ctrl-C ends with status 130. Library code reports bad inputs as ValueError
+with a message naming them, and files that cannot be read as OSError, so both are shown the same way;
+AQUAKV_DEBUG=1 shows their traceback instead. Anything else is a bug and keeps its traceback.
+
+Startup is fast: this package and its subcommand modules import torch and transformers only inside the
+functions that run a command, so parsing arguments and --help never load them.
 """
 from __future__ import annotations
 
@@ -13,34 +18,46 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from aquakv.cli import weights as weights_cli
 from aquakv.cli.calibrate import add_calibrate
-from aquakv.cli.common import UserError, _bars_off, _setup
+from aquakv.cli.common import UserError, bars_off, setup, show_progress
 from aquakv.cli.demo import add_demo
 from aquakv.cli.eval import add_eval
 
 log = logging.getLogger("aquakv")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from aquakv import __version__
+class _VersionAction(argparse.Action):
+    """--version, resolved only when asked for (the version lives in the compiled extension, which needs torch)."""
 
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from aquakv import __version__
+
+        parser.exit(message=f"aquakv {__version__}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aquakv",
         description="AQUA-KV: compress a language model's KV cache by predicting each layer's keys and values "
                     "from the previous layer and quantizing only the residual with HIGGS.",
-        epilog="start with `aquakv demo`; `aquakv COMMAND --help` explains each command.")
-    parser.add_argument("--version", action="version", version=f"aquakv {__version__}")
+        epilog="start with `aquakv demo`; `aquakv COMMAND --help` explains each command. Exit status: 0 done, "
+               "2 a usage or input error (one line on stderr), 130 interrupted.")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_demo(sub)
     add_calibrate(sub)
     add_eval(sub)
-    try:
-        from aquakv.cli import weights as weights_cli
-    except ImportError as e:  # the weights subpackage is optional
-        log.debug("quantize-weights unavailable: %s", e)
-    else:
-        weights_cli.add_parser(sub)
+    weights_cli.add_parser(sub)
     return parser
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -49,16 +66,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prog = f"aquakv {args.command}"
     try:
         if hasattr(args, "quiet"):
-            _setup(args)
-        else:  # a subcommand with its own options (quantize-weights)
+            setup(args)
+        else:  # a subcommand with its own options (quantize-weights, until it takes the common ones)
             logging.basicConfig(format="%(message)s")
             logging.getLogger("aquakv").setLevel(logging.INFO)
-        with _bars_off(getattr(args, "quiet", False)):
+        with bars_off(not show_progress(args)):
             return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        if os.environ.get("AQUAKV_DEBUG") and not isinstance(e, UserError):
+            raise
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except SystemExit as e:  # subcommands from other modules report user errors as SystemExit("message")
+    except SystemExit as e:
+        # TRANSITIONAL (remove at merge once cli/weights.py raises UserError): quantize-weights reports user
+        # errors as SystemExit("quantize-weights: message").
         if isinstance(e.code, str):
             print(f"{prog}: error: {e.code.removeprefix(args.command + ': ')}", file=sys.stderr)
             return 2
@@ -70,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Library functions raise ValueError with a message naming the bad input (bits, window, text too short...)
         if os.environ.get("AQUAKV_DEBUG"):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

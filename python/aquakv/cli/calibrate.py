@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from aquakv.cli import common
 from aquakv.cli.common import (
-    UserError,
-    _check_files,
-    _check_model_args,
-    _common,
-    _model_options,
-    _positive_int,
-    _text_option,
+    add_common_options,
+    add_model_options,
+    add_text_option,
+    check_files,
+    check_model_args,
+    check_out_file,
+    code_bits,
+    grid_bits_choices,
+    layer0_bits,
+    positive_int,
+    read_texts,
+    show_progress,
     token_ids,
 )
 
@@ -23,62 +27,75 @@ loop (keys of layer l are predicted from layer l-1's reconstructed keys, values 
 [keys of layer l; values of layer l-1]; only the residual is quantized with HIGGS), and
 save them in one .safetensors file for `aquakv eval` or aquakv.AquaKVCache. The file
 records the model's shape; using it with another model is refused.
+
+Printed at the end: the compressed part's bits/value (HIGGS codes and scales, layer 0
+included) and the bits/value of all bytes held, measured on one calibration window fed
+32 tokens at a time (the fp16 attention sinks and recent-token buffer included), which
+is what `aquakv eval` reports for the same window length.
 """
 
 
+def held_bits_per_value(model, preds, ids, window: int) -> float | None:
+    """bits/value of all bytes an AQUA-KV cache holds after one window of `ids` (the first), fed 32 at a time."""
+    from aquakv.evaluation import evaluate_perplexity
+    from aquakv.kv import AquaKVCache
+
+    window = min(window, ids.numel())
+    if window < 2:
+        return None
+    r = evaluate_perplexity(model, ids, lambda m: AquaKVCache(m, preds), window=window, step=32, max_windows=1,
+                            progress=False, desc="bytes held")
+    return r.bits_per_value
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
+    from aquakv.evaluation.table import count
+    from aquakv.files import atomic_path
     from aquakv.kv import calibrate
 
-    _check_model_args(args)
-    _check_files(args.text, "text file")
-    out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory; give a file name such as {out / 'predictors.safetensors'}")
-    if not out.parent.exists():
-        raise UserError(f"--out: directory {out.parent} does not exist")
+    check_model_args(args)
+    check_files(args.text, "text file")
+    out = check_out_file(args.out)
+    texts = read_texts(args.text, "calibration")
     layer0 = args.layer0_bits if args.layer0_bits == "fp16" else float(args.layer0_bits)
     model, tokenizer = common.load(args)
-    ids = token_ids(tokenizer, args.text, "calibration")
+    ids = token_ids(tokenizer, None, "calibration", texts=texts)
     t0 = time.perf_counter()
     preds = calibrate(model, [ids], bits=args.bits, window=args.window, max_windows=args.windows,
-                             rank=args.rank, layer0_bits=layer0, seed=args.seed, progress=not args.quiet)
-    preds.save(out)
-    print(f"{preds}\ncalibrated in {time.perf_counter() - t0:.1f} s on {preds.calibration.get('windows')} windows "
+                      rank=args.rank, layer0_bits=layer0, seed=args.seed, progress=show_progress(args))
+    seconds = time.perf_counter() - t0
+    with atomic_path(out) as tmp:  # an interrupt while saving leaves no half-written predictors file
+        preds.save(tmp)
+    held = held_bits_per_value(model, preds, ids, args.window)
+    windows = preds.calibration.get("windows")
+    print(f"{preds}\ncalibrated in {seconds:.1f} s on {count(windows, 'window') if windows else '?'} "
           f"of up to {args.window} tokens; saved to {out}")
+    held_text = "" if held is None else f"; all bytes held {held:.2f} (fp16 sinks and buffer included, one window)"
+    print(f"compressed part {preds.bits_per_value():.2f} bits/value{held_text}")
     return 0
 
 
-def _bits(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _layer0(text: str) -> str:
-    if text != "fp16":
-        _bits(text)
-    return text
-
-
 def add_calibrate(sub) -> None:
+    bits = ", ".join(f"{b:g}" for b in grid_bits_choices())
     p = sub.add_parser(
         "calibrate", help="fit AQUA-KV predictors on calibration text and save them",
         description=CALIBRATE_DESCRIPTION,
         epilog="example:\n  aquakv calibrate --text corpus.txt --bits 2 --out smollm2-2bit.safetensors\n"
                "  aquakv calibrate --model DIR --gguf m.gguf --text a.txt b.txt --bits 3 --rank 64 --out p.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    _model_options(p)
-    _text_option(p, "calibration")
-    p.add_argument("--bits", type=_bits, default=2.0, metavar="B",
-                   help="code bits per value of the quantized residuals, layers >= 1 (2, 3, 4; default 2)")
-    p.add_argument("--out", required=True, metavar="P", help="output .safetensors file")
-    p.add_argument("--rank", type=_positive_int, metavar="R", help="reduced-rank predictors of rank R (default: full rank)")
-    p.add_argument("--windows", type=_positive_int, default=32, metavar="N",
+    add_model_options(p)
+    add_text_option(p, "calibration")
+    p.add_argument("--bits", type=code_bits, default=2.0, metavar="B",
+                   help=f"code bits per value of the quantized residuals, layers >= 1: one of {bits} (a shipped "
+                        "HIGGS grid of 2**(2*B) points per pair of values; default 2)")
+    p.add_argument("--out", required=True, metavar="P",
+                   help="output .safetensors file (its directory must exist and be writable; checked first)")
+    p.add_argument("--rank", type=positive_int, metavar="R", help="reduced-rank predictors of rank R (default: full rank)")
+    p.add_argument("--windows", type=positive_int, default=32, metavar="N",
                    help="calibration windows, spread over the text (default 32)")
-    p.add_argument("--window", type=_positive_int, default=1024, metavar="W", help="tokens per calibration window (default 1024)")
-    p.add_argument("--layer0-bits", type=_layer0, default="4", metavar="B|fp16",
-                   help="bits of layer 0 (centered HIGGS; it has no predecessor to predict from) or fp16 "
-                        "(default 4)")
-    _common(p)
+    p.add_argument("--window", type=positive_int, default=1024, metavar="W", help="tokens per calibration window (default 1024)")
+    p.add_argument("--layer0-bits", type=layer0_bits, default="4", metavar="B|fp16",
+                   help=f"bits of layer 0 (centered HIGGS; it has no predecessor to predict from): one of {bits}, "
+                        "or fp16 (default 4)")
+    add_common_options(p)
     p.set_defaults(func=run_calibrate)

@@ -1,10 +1,18 @@
-"""What every `aquakv` subcommand shares: options, user errors, device choice, model and text loading, quiet mode."""
+"""What every `aquakv` subcommand shares: options, user errors, checks before slow work, device choice, model and
+text loading, quiet mode and progress bars.
+
+Nothing here imports torch or transformers at module level: `aquakv --help` must answer at once.
+"""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
 import logging
+import math
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -16,14 +24,64 @@ class UserError(Exception):
     """A problem with the command line or its inputs: reported in one line, exit status 2."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+# ---- option types: argparse names the function in "invalid <name> value: 'x'", so they carry readable names ----
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+positive_int.__name__ = "positive integer"
+
+
+def _grid_points(dim: int) -> set[int]:
+    """Point counts of the shipped HIGGS grids of `dim` dimensions, read from file names (no torch import)."""
+    data = Path(__file__).resolve().parent.parent / "grids" / "data"
+    return {int(p.stem.split("_n")[1]) for p in data.glob(f"d{dim}_n*.npy")}
+
+
+GRID_DIM = 2  # the HIGGS grid dimension calibrate uses (aquakv.kv.calibrate's default)
+
+
+def grid_bits_choices(dim: int = GRID_DIM) -> list[float]:
+    """Code bits per value the shipped grids of `dim` dimensions can do: log2(points) / dim."""
+    return sorted(math.log2(n) / dim for n in _grid_points(dim) if n > 1)
+
+
+def code_bits(text: str) -> float:
+    """--bits of calibrate: a finite number whose HIGGS grid (dim 2, 2**(2*bits) points) is shipped."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of bits, got {text!r}") from None
+    choices = grid_bits_choices()
+    if not math.isfinite(value) or value not in choices:
+        raise argparse.ArgumentTypeError(
+            f"{text} bits per value cannot be coded: HIGGS codes pairs of values on a shipped grid of 2**(2*bits) "
+            f"points, so bits must be one of {', '.join(f'{b:g}' for b in choices)}")
+    return value
+
+
+code_bits.__name__ = "bits"
+
+
+def layer0_bits(text: str) -> str:
+    """--layer0-bits: 'fp16' or a value accepted by code_bits (kept as text; the caller converts)."""
+    if text != "fp16":
+        code_bits(text)
+    return text
+
+
+layer0_bits.__name__ = "layer-0 bits"
+
+
+# ---- options ----------------------------------------------------------------------------------------------------
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --seed, -q/--quiet, -v/--verbose: the same on every subcommand."""
     parser.add_argument("--device", default="auto",
                         metavar="DEV",
                         help="torch device: cpu, cuda, cuda:N, or auto (cuda when available, else cpu; default)")
@@ -33,19 +91,22 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (per-layer calibration report)")
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR",
                         help="local transformers checkpoint directory, or a directory holding --gguf "
                              "(default: the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--gguf", metavar="FILE", help="GGUF file inside --model (dequantized to fp32 on load)")
+    parser.add_argument("--gguf", metavar="FILE",
+                        help="GGUF file inside --model (dequantized to fp32 once, then loaded from the conversion "
+                             "cache)")
 
 
-def _text_option(parser: argparse.ArgumentParser, split: str) -> None:
+def add_text_option(parser: argparse.ArgumentParser, split: str) -> None:
     parser.add_argument("--text", nargs="+", metavar="FILE",
                         help=f"UTF-8 text files, concatenated (default: the bundled {split} text, part of "
                              "Python's own reference documentation)")
 
 
+# ---- checks that run before any slow work -----------------------------------------------------------------------
 def resolve_device(name: str) -> str:
     """'auto' -> 'cuda' when available else 'cpu'; refuses a CUDA device that is not there."""
     import torch
@@ -61,22 +122,46 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def _check_files(paths: Optional[Sequence[str]], what: str) -> None:
+def check_files(paths: Optional[Sequence[str]], what: str) -> None:
+    """Each path exists and is a file (a directory is called one); UserError naming `what` and the path."""
     for p in paths or ():
-        if not Path(p).is_file():
+        path = Path(p)
+        if path.is_dir():
+            raise UserError(f"{what} {p} is a directory, not a file")
+        if not path.is_file():
             raise UserError(f"{what} not found: {p}")
 
 
-def _check_model_args(args: argparse.Namespace) -> None:
-    """Fail before the slow model load on paths that do not exist."""
-    if args.model is not None and not Path(args.model).is_dir():
-        raise UserError(f"--model directory not found: {args.model}")
-    if args.gguf is not None:
-        where = Path(args.model) / args.gguf if args.model is not None else None
-        if where is not None and not where.is_file():
-            raise UserError(f"--gguf file not found: {where}")
+def check_model_args(args: argparse.Namespace) -> None:
+    """Fail before the slow model load on paths that do not exist or have the wrong kind."""
+    if args.model is not None:
+        if Path(args.model).is_file():
+            raise UserError(f"--model {args.model} is a file; give the directory that holds it "
+                            "(and the file name with --gguf)")
+        if not Path(args.model).is_dir():
+            raise UserError(f"--model directory not found: {args.model}")
+    if args.gguf is not None and args.model is not None:
+        check_files([str(Path(args.model) / args.gguf)], "--gguf file")
 
 
+def check_out_file(path: str, option: str = "--out") -> Path:
+    """The output file can be written: its directory exists and takes a new file (tried with a temporary file,
+    removed at once), and it is not itself a directory. Nothing is left behind."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{option} {out} is a directory; give a file name such as {out / 'predictors.safetensors'}")
+    if not out.parent.is_dir():
+        raise UserError(f"{option}: directory {out.parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
+    except OSError as e:
+        raise UserError(f"{option}: cannot write in directory {out.parent} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return out
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
 def load(args: argparse.Namespace):
     """(model, tokenizer) from --model/--gguf on --device; loading failures become UserError."""
     from aquakv.models import load_model
@@ -95,22 +180,34 @@ def load(args: argparse.Namespace):
     return model, tokenizer
 
 
-def token_ids(tokenizer, files: Optional[Sequence[str]], split: str):
-    """1-D LongTensor of the --text files (or the bundled text of `split`)."""
-    from aquakv.data import default_texts, read_text_files, tokenize
+def read_texts(files: Optional[Sequence[str]], split: str) -> list[str]:
+    """The --text files (or the bundled text of `split`), checked: missing, directory, empty or binary -> UserError."""
+    from aquakv.data import default_texts, read_text_files
 
     try:
-        texts = read_text_files(files) if files else default_texts(split)
-    except (FileNotFoundError, ValueError) as e:
+        return read_text_files(files) if files else default_texts(split)
+    except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
-    return tokenize(tokenizer, texts)
+
+
+def token_ids(tokenizer, files: Optional[Sequence[str]], split: str, texts: Optional[list[str]] = None):
+    """1-D LongTensor of the --text files (or the bundled text of `split`); `texts`: already read by read_texts."""
+    from aquakv.data import tokenize
+
+    return tokenize(tokenizer, texts if texts is not None else read_texts(files, split))
+
+
+# ---- output -------------------------------------------------------------------------------------------------------
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars only when asked for (no -q) and stderr is a terminal: redirected logs get none."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
 
 @contextlib.contextmanager
-def _bars_off(quiet: bool):
-    """With -q, every tqdm bar defaults to disabled while the command runs: transformers' GGUF loader draws a plain
-    tqdm bar that transformers' own switch does not reach."""
-    if not quiet:
+def bars_off(off: bool):
+    """While the command runs, every tqdm bar defaults to disabled (off=True): transformers' GGUF loader draws a
+    plain tqdm bar that transformers' own switch does not reach."""
+    if not off:
         yield
         return
     import tqdm
@@ -123,15 +220,28 @@ def _bars_off(quiet: bool):
         tqdm.tqdm.__init__ = init
 
 
-def _setup(args: argparse.Namespace) -> None:
+def setup(args: argparse.Namespace) -> None:
+    """Logging level from -q/-v, transformers' bars and warnings off without progress, --device resolved, seeded."""
     import torch
 
     logging.basicConfig(format="%(message)s")
     logging.getLogger("aquakv").setLevel(logging.WARNING if args.quiet and not args.verbose else logging.INFO)
-    if args.quiet:
+    if args.quiet or not show_progress(args):
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
+        if args.quiet:
+            transformers.utils.logging.set_verbosity_error()
     args.device = resolve_device(args.device)
     torch.manual_seed(args.seed)
+
+
+# Transitional aliases: cli/weights.py imports the old private names until it switches to the public ones.
+_common = add_common_options
+_model_options = add_model_options
+_text_option = add_text_option
+_positive_int = positive_int
+_check_files = check_files
+_check_model_args = check_model_args
+_bars_off = bars_off
+_setup = setup

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from aquakv.cli.common import _common
+from aquakv.cli.common import add_common_options, show_progress
 
 DEMO_DESCRIPTION = """\
 The whole pipeline on the bundled SmolLM2-135M-Instruct and bundled text (Python's
@@ -11,14 +11,16 @@ reference documentation): calibrate AQUA-KV at 2 and 3 bits on one part of the t
 measure perplexity on the held-out part with an unquantized cache, KIVI-2/4, HIGGS-2
 without predictors, AQUA-KV-2/3 and transformers' own quantized cache, then answer a
 question about a held-out passage through the AQUA-KV cache. No arguments needed.
-"""
 
+The table goes to stdout; progress (one log line per measured row, bars on a terminal)
+goes to stderr.
+"""
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
     from aquakv.demo import run_demo
 
-    run_demo(device=args.device, quick=args.quick, seed=args.seed, progress=not args.quiet)
+    run_demo(device=args.device, quick=args.quick, seed=args.seed, progress=show_progress(args))
     return 0
 
 
@@ -29,5 +31,5 @@ def add_demo(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="fewer calibration and evaluation windows, shorter windows (a smoke test; noisier numbers)")
-    _common(p)
+    add_common_options(p)
     p.set_defaults(func=run_demo_command)

@@ -1,9 +1,27 @@
-"""Quality measurements: perplexity under a KV cache (DESIGN.md section 3) and the tables that report it."""
-from aquakv.evaluation.perplexity import (
-    PerplexityResult,
-    evaluate_perplexity,
-    format_table,
-    relative_increase,
-)
+"""Quality measurements: perplexity under a KV cache (docs/evaluation.md), the table and plot that report it.
 
-__all__ = ["PerplexityResult", "evaluate_perplexity", "format_table", "relative_increase"]
+    cut_windows (windows.py)           the one window cutter
+    token_nll, window_nll (nll.py)     the one next-token NLL
+    evaluate_perplexity (perplexity.py) the protocol; PerplexityResult (result.py) its outcome
+    format_table (table.py), plot_perplexity_vs_bits (plot.py)
+    kv_values, cache_nbytes, relative_increase (accounting.py)
+
+Names are imported on first use: the table and result type need neither torch nor transformers.
+"""
+import importlib
+
+_LAZY = {
+    "PerplexityResult": "result", "format_table": "table", "BITS_NOTE": "table",
+    "plot_perplexity_vs_bits": "plot", "relative_increase": "accounting", "kv_values": "accounting",
+    "cache_nbytes": "accounting", "evaluate_perplexity": "perplexity", "default_cache_factory": "perplexity",
+    "cut_windows": "windows", "token_nll": "nll", "window_nll": "nll",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'aquakv.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"aquakv.evaluation.{_LAZY[name]}"), name)
+
+
+__all__ = sorted(_LAZY)

@@ -1,4 +1,4 @@
-"""Perplexity under a KV cache: the evaluation protocol of DESIGN.md section 3.
+"""Perplexity under a KV cache: the evaluation protocol (docs/evaluation.md, DESIGN.md section 3).
 
 The token stream is cut into non-overlapping windows of `window` tokens. Each window starts from a fresh
 cache and is fed through the model `step` tokens at a time, so every token after the first step attends
@@ -10,106 +10,29 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 from transformers.cache_utils import DynamicCache
 
-from aquakv.evaluation.nll import window_nll
+from aquakv.evaluation.accounting import cache_nbytes, kv_values, relative_increase
+from aquakv.evaluation.nll import token_nll, window_nll
+from aquakv.evaluation.result import PerplexityResult
+from aquakv.evaluation.table import count, format_table
 from aquakv.evaluation.windows import cut_windows
 
 log = logging.getLogger(__name__)
 
+# Re-exported: code written against the single-module layout imports them from here.
+__all__ = ["CacheFactory", "PerplexityResult", "cache_nbytes", "default_cache_factory", "evaluate_perplexity",
+           "format_table", "kv_values", "relative_increase", "token_nll", "window_nll"]
+
 CacheFactory = Callable[[torch.nn.Module], object]
-
-
-@dataclass
-class PerplexityResult:
-    """Outcome of `evaluate_perplexity`.
-
-    ppl:            exp(nll).
-    nll:            mean negative log-likelihood per predicted token, in nats.
-    n_tokens:       number of scored predictions (n_windows * (window - 1)).
-    n_windows:      number of windows evaluated.
-    kv_bytes:       bytes the cache held after a full window (per window), or None when the cache does not
-                    report it.
-    bits_per_value: 8 * kv_bytes / (key and value elements of a full window): storage bits per cached value,
-                    everything included (codes, scales, zero points, fp16 sinks and buffers); None likewise.
-    seconds:        wall time of the evaluation.
-    """
-
-    ppl: float
-    nll: float
-    n_tokens: int
-    n_windows: int
-    kv_bytes: Optional[float] = None
-    bits_per_value: Optional[float] = None
-    seconds: float = 0.0
-
-
-def relative_increase(ppl: float, base: float) -> float:
-    """Relative perplexity increase over a baseline: ppl / base - 1 (0.05 means +5%)."""
-    if not base > 0:
-        raise ValueError(f"relative_increase: base perplexity must be positive, got {base}")
-    return ppl / base - 1.0
-
-
-def kv_values(config, batch: int, tokens: int) -> int:
-    """Key and value elements a cache of `tokens` tokens holds for a model: 2 * layers * B * T * kv_heads * head_dim."""
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return 2 * cfg.num_hidden_layers * batch * tokens * kv_heads * head_dim
-
-
-def cache_nbytes(cache) -> Optional[int]:
-    """Bytes a cache holds, or None when it cannot tell.
-
-    Caches of this package report `nbytes()` themselves (codes, scales, zero points, fp16 sinks and buffers).
-    A plain transformers DynamicCache is measured from the tensors it holds (an fp32 model's cache is fp32).
-    """
-    nbytes = getattr(cache, "nbytes", None)
-    if nbytes is not None:
-        return nbytes() if callable(nbytes) else nbytes
-    if not isinstance(cache, DynamicCache):
-        return None
-    return sum(t.numel() * t.element_size() for layer in cache.layers
-               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
 
 
 def default_cache_factory(model: torch.nn.Module) -> DynamicCache:
     """An unquantized transformers DynamicCache for `model` (states kept in the model's dtype)."""
     return DynamicCache(config=model.config)
-
-
-def _size(nbytes: Optional[float]) -> str:
-    if nbytes is None:
-        return "n/a"
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes:.0f} B"
-
-
-def _seconds(s: float) -> str:
-    return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
-
-
-def format_table(rows: Sequence[tuple[str, PerplexityResult]], baseline: Optional[float] = None,
-                 baseline_name: str = "fp16") -> str:
-    """A Markdown table: method | bits/value | KV bytes | perplexity | vs <baseline_name> | seconds.
-
-    KV bytes are per window (one sequence of `window` tokens). baseline: perplexity the last column is relative to.
-    """
-    lines = [f"| method | bits/value | KV bytes | perplexity | vs {baseline_name} | eval time |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for name, r in rows:
-        bits = "n/a" if r.bits_per_value is None else f"{r.bits_per_value:.2f}"
-        rel = "" if baseline is None else f"{100 * relative_increase(r.ppl, baseline):+.2f}%"
-        lines.append(f"| {name} | {bits} | {_size(r.kv_bytes)} | {r.ppl:.3f} | {rel} | {_seconds(r.seconds)} |")
-    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -166,6 +89,6 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor,
         ppl=math.exp(nll), nll=nll, n_tokens=n_tokens, n_windows=len(windows), kv_bytes=kv_bytes,
         bits_per_value=None if kv_bytes is None else 8.0 * kv_bytes / kv_values(model.config, 1, window),
         seconds=time.perf_counter() - t0)
-    log.info("%s: ppl %.4f over %d tokens (%d windows of %d, step %d) in %.1f s", desc, result.ppl, n_tokens,
-             len(windows), window, step, result.seconds)
+    log.info("%s: ppl %.4f over %d predictions (%s of %d tokens, step %s) in %.1f s", desc, result.ppl, n_tokens,
+             count(len(windows), "window"), window, "none (one pass)" if step is None else step, result.seconds)
     return result
