@@ -7,7 +7,7 @@ import torch
 from aquakv import cli
 from tiny_llama import make_tiny_llama
 
-COMMANDS = ["demo", "calibrate", "eval"]
+COMMANDS = ["demo", "calibrate", "eval", "quantize-weights", "longctx"]
 
 
 def run(capsys, *argv):

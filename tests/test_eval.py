@@ -133,10 +133,12 @@ def test_table_shows_predicted_ppl_and_names_the_bits_column():
     rows = [("fp32", PerplexityResult(10.0, math.log(10.0), 100, 1, None, 32.0, 1.0)),
             ("HIGGS-3", PerplexityResult(10.5, math.log(10.5), 100, 1, None, 3.06, 1.0, predicted_ppl=10.4))]
     table = format_table(rows, baseline=10.0, baseline_name="fp32", bits_name="bits/weight").splitlines()
-    assert table[0] == "| method | bits/weight | KV bytes | perplexity | predicted ppl | vs fp32 | eval time |"
-    assert table[2] == "| fp32 | 32.00 | n/a | 10.000 |  | +0.00% | 1.0 s |"
-    assert table[3] == "| HIGGS-3 | 3.06 | n/a | 10.500 | 10.400 | +5.00% | 1.0 s |"
+    # No row holds a KV cache, so there is no KV bytes column
+    assert table[0] == "| method | bits/weight | perplexity | predicted ppl | vs fp32 | eval time |"
+    assert table[2] == "| fp32 | 32.00 | 10.000 |  | +0.00% | 1.0 s |"
+    assert table[3] == "| HIGGS-3 | 3.06 | 10.500 | 10.400 | +5.00% | 1.0 s |"
     assert "predicted" not in format_table(rows[:1])
+    assert format_table(rows[1:], bits_digits=4).splitlines()[2].startswith("| HIGGS-3 | 3.0600 |")
 
 
 def test_evaluation_names_import_without_torch():

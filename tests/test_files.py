@@ -2,7 +2,6 @@
 import os
 
 import pytest
-
 from aquakv.files import atomic_path, write_json_atomic, write_text_atomic
 
 

@@ -295,7 +295,7 @@ def parse(*argv):
 
 def run_cli(capsys, *argv):
     args = parse(*argv, "--device", "cpu", "-q")
-    common._setup(args)
+    common.setup(args)
     code = args.func(args)
     return code, capsys.readouterr().out
 
@@ -351,5 +351,5 @@ def test_cli_help_explains_every_option(capsys):
     out = capsys.readouterr().out
     for option in ("--task", "--context", "--depths", "--samples", "--caches", "--predictors", "--heatmap-dir",
                    "--prefill-chunk", "--prefill", "--chunk", "--step", "--max-windows", "--json", "--text",
-                   "aquakv2", "kiviB"):
+                   "aquakv2", "aquakvB", "kivi2", "dynamic"):
         assert option in out

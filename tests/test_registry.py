@@ -12,8 +12,8 @@ def model():
 
 
 def test_names_and_labels(model):
-    assert registry.names() == ("fp16", "kivi4", "kivi2", "higgs2", "higgs3", "higgs", "aquakv", "fp8", "quanto",
-                                "hqq")
+    assert registry.names() == ("fp16", "dynamic", "kivi4", "kivi2", "higgs2", "higgs3", "higgs", "aquakv", "fp8",
+                                "quanto", "hqq")
     preds = AquaKVPredictors.zeros(model, 3)
     labels = {n: registry.get(n).label(preds) for n in registry.names()}
     assert labels["fp16"] == "fp16 (unquantized)" and labels["kivi2"] == "KIVI-2"
@@ -52,7 +52,7 @@ def test_every_available_factory_builds_a_cache_that_serves_the_model(model, nam
 def test_higgs_follows_the_predictors_settings(model):
     preds = AquaKVPredictors.zeros(model, 3, grid_dim=2, seed=7)
     cache = registry.get("higgs").factory(preds)(model)
-    assert cache.predictors.settings.bits == 3 and cache.predictors.settings.seed == 7
+    assert cache.settings.bits == 3 and cache.settings.seed == 7
     cache.close()
 
 

@@ -1,4 +1,4 @@
-"""The `aquakv` command: demo, calibrate, eval, quantize-weights.
+"""The `aquakv` command: demo, calibrate, eval, quantize-weights, longctx.
 
 One convention for every subcommand: --device (auto by default), --seed, -q/-v; user mistakes (a missing file, a
 directory where a file belongs, an option value that cannot work, a model that cannot be loaded or served,
@@ -23,6 +23,7 @@ from aquakv.cli.calibrate import add_calibrate
 from aquakv.cli.common import UserError, bars_off, setup, show_progress
 from aquakv.cli.demo import add_demo
 from aquakv.cli.eval import add_eval
+from aquakv.cli.longctx import add_longctx
 
 log = logging.getLogger("aquakv")
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo(sub)
     add_calibrate(sub)
     add_eval(sub)
+    add_longctx(sub)
     weights_cli.add_parser(sub)
     return parser
 
@@ -65,11 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     prog = f"aquakv {args.command}"
     try:
-        if hasattr(args, "quiet"):
-            setup(args)
-        else:  # a subcommand with its own options (quantize-weights, until it takes the common ones)
-            logging.basicConfig(format="%(message)s")
-            logging.getLogger("aquakv").setLevel(logging.INFO)
+        setup(args)
         with bars_off(not show_progress(args)):
             return int(args.func(args) or 0)
     except (UserError, OSError) as e:
@@ -77,13 +75,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except SystemExit as e:
-        # TRANSITIONAL (remove at merge once cli/weights.py raises UserError): quantize-weights reports user
-        # errors as SystemExit("quantize-weights: message").
-        if isinstance(e.code, str):
-            print(f"{prog}: error: {e.code.removeprefix(args.command + ': ')}", file=sys.stderr)
-            return 2
-        raise
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -38,18 +38,14 @@ def positive_int(text: str) -> int:
 positive_int.__name__ = "positive integer"
 
 
-def _grid_points(dim: int) -> set[int]:
-    """Point counts of the shipped HIGGS grids of `dim` dimensions, read from file names (no torch import)."""
-    data = Path(__file__).resolve().parent.parent / "grids" / "data"
-    return {int(p.stem.split("_n")[1]) for p in data.glob(f"d{dim}_n*.npy")}
-
-
 GRID_DIM = 2  # the HIGGS grid dimension calibrate uses (aquakv.kv.calibrate's default)
 
 
 def grid_bits_choices(dim: int = GRID_DIM) -> list[float]:
     """Code bits per value the shipped grids of `dim` dimensions can do: log2(points) / dim."""
-    return sorted(math.log2(n) / dim for n in _grid_points(dim) if n > 1)
+    from aquakv.grids import bits_per_value_choices
+
+    return bits_per_value_choices(dim)
 
 
 def code_bits(text: str) -> float:
@@ -234,14 +230,3 @@ def setup(args: argparse.Namespace) -> None:
             transformers.utils.logging.set_verbosity_error()
     args.device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-
-
-# Transitional aliases: cli/weights.py imports the old private names until it switches to the public ones.
-_common = add_common_options
-_model_options = add_model_options
-_text_option = add_text_option
-_positive_int = positive_int
-_check_files = check_files
-_check_model_args = check_model_args
-_bars_off = bars_off
-_setup = setup

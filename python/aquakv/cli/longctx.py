@@ -9,16 +9,14 @@ from typing import Callable, Optional, Sequence
 from aquakv.cli import common
 from aquakv.cli.common import (
     UserError,
-    _check_files,
-    _check_model_args,
-    _common,
-    _model_options,
-    _positive_int,
-    _text_option,
+    add_common_options,
+    add_model_options,
+    add_text_option,
+    check_files,
+    check_model_args,
     log,
+    positive_int,
 )
-
-CACHE_KINDS = ("fp16", "dynamic", "kivi", "higgs", "aquakv")
 
 LONGCTX_DESCRIPTION = """\
 Long-context quality of KV caches. --task needle: a five-digit pass key hidden in real text at several depths,
@@ -29,12 +27,9 @@ alone (docs/long_context.md states both protocols).
 """
 
 LONGCTX_EPILOG = """\
-caches (--caches, any of):
-  fp16          unquantized, fp16 storage (the baseline every row is compared with)
-  dynamic       transformers' DynamicCache in the model's dtype
-  kiviB         KIVI-style uniform B-bit quantization (B in 1, 2, 4, 8), e.g. kivi2
-  higgsB        HIGGS without predictors at B bits, e.g. higgs2
-  aquakv        AQUA-KV with the --predictors file (aquakvB checks that the file was calibrated at B bits)
+caches (--caches): the names of the cache registry that `aquakv eval --help` describes (fp16, dynamic, kivi4,
+  kivi2, higgs2, higgs3, higgs, aquakv, fp8, quanto, hqq), plus aquakvB: AQUA-KV with the --predictors file, checking
+  that it was calibrated at B bits. The first cache is the baseline every row is compared with.
 
 examples:
   aquakv longctx --task needle --context 1024 2048 4096 8192 --samples 3 --caches fp16 kivi2 higgs2 aquakv2 \\
@@ -44,33 +39,25 @@ examples:
 
 
 def cache_factories(names: Sequence[str], predictors=None) -> list[tuple[str, Callable]]:
-    """(name, factory) for each cache name of --caches (see the epilog); a bad name raises UserError."""
-    from transformers.cache_utils import DynamicCache
-
-    from aquakv.kv import AquaKVCache, Fp16Cache, HiggsCache, KiviCache
+    """(name, factory) for each --caches name: a name of aquakv.kv.registry, or aquakvB (AQUA-KV, checking that the
+    --predictors file was calibrated at B bits). A bad name raises UserError."""
+    from aquakv.kv import registry
 
     out: list[tuple[str, Callable]] = []
     for name in names:
-        m = re.fullmatch(r"(fp16|dynamic|kivi|higgs|aquakv)(\d+(?:\.\d+)?)?", name)
-        kind, bits = (m.group(1), m.group(2)) if m else (None, None)
-        if kind == "fp16" and bits is None:
-            out.append((name, Fp16Cache))
-        elif kind == "dynamic" and bits is None:
-            out.append((name, lambda model: DynamicCache(config=model.config)))
-        elif kind == "kivi" and bits in ("1", "2", "4", "8"):
-            out.append((name, lambda model, b=int(bits): KiviCache(model, b)))
-        elif kind == "higgs" and bits is not None:
-            out.append((name, lambda model, b=float(bits): HiggsCache(model, b)))
-        elif kind == "aquakv":
-            if predictors is None:
-                raise UserError(f"--caches {name} needs --predictors (a file from `aquakv calibrate`)")
-            if bits is not None and float(bits) != predictors.settings.bits:
-                raise UserError(f"--caches {name}: the --predictors file was calibrated at "
-                                f"{predictors.settings.bits:g} bits")
-            out.append((name, lambda model: AquaKVCache(model, predictors)))
-        else:
-            raise UserError(f"--caches {name!r} is not a cache name: fp16, dynamic, kiviB (B = 1, 2, 4, 8), "
-                            "higgsB, aquakv or aquakvB")
+        m = re.fullmatch(r"aquakv(\d+(?:\.\d+)?)", name)
+        entry_name = "aquakv" if m else name
+        if entry_name not in registry.names():
+            raise UserError(f"--caches {name!r} is not a cache name: {', '.join(registry.names())} or aquakvB")
+        entry = registry.get(entry_name)
+        if entry.needs_predictors and predictors is None:
+            raise UserError(f"--caches {name} needs --predictors (a file from `aquakv calibrate`)")
+        if m and float(m.group(1)) != predictors.settings.bits:
+            raise UserError(f"--caches {name}: the --predictors file was calibrated at {predictors.settings.bits:g} bits")
+        why = entry.unavailable()
+        if why is not None:
+            raise UserError(f"--caches {name} is unavailable here: {why}")
+        out.append((name, entry.factory(predictors)))
     if len({n for n, _ in out}) != len(out):
         raise UserError(f"--caches names a cache twice: {' '.join(names)}")
     return out
@@ -95,7 +82,7 @@ def _load_predictors(path: Optional[str]):
         return None
     import aquakv
 
-    _check_files([path], "--predictors file")
+    check_files([path], "--predictors file")
     try:
         return aquakv.AquaKVPredictors.load(path)
     except (ValueError, OSError) as e:
@@ -166,8 +153,8 @@ def _run_ppl(args, model, tokenizer, caches) -> dict:
 
 
 def run_longctx(args: argparse.Namespace) -> int:
-    _check_model_args(args)
-    _check_files(args.text, "text file")
+    check_model_args(args)
+    check_files(args.text, "text file")
     predictors = _load_predictors(args.predictors)
     names = args.caches or (["fp16", "kivi2", "higgs2"] + (["aquakv"] if predictors is not None else []))
     caches = cache_factories(names, predictors)
@@ -205,34 +192,34 @@ def add_longctx(sub) -> None:
     p = sub.add_parser("longctx", help="long-context quality: passkey retrieval and long-window perplexity",
                        description=LONGCTX_DESCRIPTION, epilog=LONGCTX_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _model_options(p)
+    add_model_options(p)
     p.add_argument("--task", choices=("needle", "ppl"), default="needle", help="what to measure (default needle)")
-    p.add_argument("--context", type=_positive_int, nargs="+", default=[1024, 2048, 4096, 8192], metavar="T",
+    p.add_argument("--context", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192], metavar="T",
                    help="context lengths in tokens: prompt length (needle) or window (ppl) (default 1024 2048 4096 "
                         "8192)")
     p.add_argument("--caches", nargs="+", metavar="NAME",
                    help="caches to compare, first one the baseline (default fp16 kivi2 higgs2, and aquakv with "
                         "--predictors)")
     p.add_argument("--predictors", metavar="P", help="a .safetensors file from `aquakv calibrate` (for aquakv)")
-    _text_option(p, "evaluation")
+    add_text_option(p, "evaluation")
     g = p.add_argument_group("needle")
     g.add_argument("--depths", type=_depth, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D",
                    help="needle depths as fractions of the filler text (default 0 0.25 0.5 0.75 1)")
-    g.add_argument("--samples", type=_positive_int, default=3, metavar="N",
+    g.add_argument("--samples", type=positive_int, default=3, metavar="N",
                    help="prompts per (length, depth) cell, each with its own key and passage (default 3)")
     g.add_argument("--prefill-chunk", type=_nonnegative_int, default=1024, metavar="N",
                    help="prompt tokens per prefill forward, so the question attends to compressed states; 0: the "
                         "whole prompt in one forward (default 1024)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=8, metavar="N",
+    g.add_argument("--max-new-tokens", type=positive_int, default=8, metavar="N",
                    help="greedy tokens generated per answer (default 8)")
     g.add_argument("--heatmap-dir", metavar="DIR", help="write a depth x length heatmap PNG per cache here")
     g = p.add_argument_group("ppl")
     g.add_argument("--prefill", type=_nonnegative_int, metavar="N",
                    help="window tokens fed --chunk at a time (default: all but the last 1024, whole chunks)")
-    g.add_argument("--chunk", type=_positive_int, default=512, metavar="N", help="tokens per prefill forward (512)")
-    g.add_argument("--step", type=_positive_int, default=32, metavar="S",
+    g.add_argument("--chunk", type=positive_int, default=512, metavar="N", help="tokens per prefill forward (512)")
+    g.add_argument("--step", type=positive_int, default=32, metavar="S",
                    help="tokens per forward after the prefill (default 32)")
-    g.add_argument("--max-windows", type=_positive_int, metavar="N", help="at most this many windows per context")
+    g.add_argument("--max-windows", type=positive_int, metavar="N", help="at most this many windows per context")
     p.add_argument("--json", metavar="FILE", help="also save every number (and every answer) as JSON")
-    _common(p)
+    add_common_options(p)
     p.set_defaults(func=run_longctx)

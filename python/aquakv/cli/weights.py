@@ -9,17 +9,17 @@ from pathlib import Path
 from aquakv.cli import common
 from aquakv.cli.common import (
     UserError,
-    _check_files,
-    _check_model_args,
-    _common,
-    _model_options,
-    _positive_int,
+    add_common_options,
+    add_model_options,
+    check_files,
+    check_model_args,
+    positive_int,
 )
 
 DESCRIPTION = """\
 Quantize a model's linear layers with HIGGS (data-free: random Hadamard rotation + MSE-optimal Gaussian grid,
 one fp16 scale per group), either at the same bit width everywhere (--bits) or with a per-layer bit width chosen
-by dynamic programming under an average budget (--budget, DESIGN §4): every layer's sensitivity is measured by
+by dynamic programming under an average budget (--budget, docs/weights.md): every layer's sensitivity is measured by
 adding Gaussian noise to it alone on calibration text, and the DP minimises the predicted loss increase.
 Embeddings and the output head stay in full precision unless --include-lm-head.
 
@@ -38,9 +38,9 @@ examples:
 
 
 def _widths() -> str:
-    from aquakv.weights.pipeline import shipped_widths
+    from aquakv.grids import bits_per_value_choices
 
-    return ", ".join(f"{w:g}" for w in shipped_widths())
+    return ", ".join(f"{w:g}" for w in bits_per_value_choices())
 
 
 def _finite_positive(text: str) -> float:
@@ -54,16 +54,16 @@ def _finite_positive(text: str) -> float:
 
 
 def _bits(text: str) -> float:
-    from aquakv.weights.pipeline import shipped_widths
+    from aquakv.grids import bits_per_value_choices
 
     value = _finite_positive(text)
-    if not any(abs(value - w) < 1e-9 for w in shipped_widths()):
+    if not any(abs(value - w) < 1e-9 for w in bits_per_value_choices()):
         raise argparse.ArgumentTypeError(f"{text} is not a shipped HIGGS grid width (choose one of {_widths()})")
     return value
 
 
 def _power_of_two(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < 2 or value & (value - 1):
         raise argparse.ArgumentTypeError(f"must be a power of two >= 2, got {text}")
     return value
@@ -73,7 +73,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `quantize-weights` on an argparse subparsers object; the parser's default func is `run`."""
     p = subparsers.add_parser("quantize-weights", help="HIGGS weight quantization with optional DP bit allocation",
                               description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _model_options(p)
+    add_model_options(p)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--bits", type=_bits, metavar="B",
                         help=f"uniform HIGGS code bits per weight, a shipped grid width: {_widths()}")
@@ -86,13 +86,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-bits", type=_finite_positive, default=8.0, help="largest candidate grid width for the DP (default 8)")
     p.add_argument("--sensitivities", metavar="FILE", help="reuse a sensitivities.json from an earlier run instead of measuring")
     p.add_argument("--noise", type=_finite_positive, default=0.01, help="relative MSE t^2 of the noise injected per layer (default 0.01)")
-    p.add_argument("--calib-windows", type=_positive_int, default=4, help="calibration windows for sensitivities (default 4)")
-    p.add_argument("--calib-len", type=_positive_int, default=128, help="tokens per calibration window (default 128)")
+    p.add_argument("--calib-windows", type=positive_int, default=4, help="calibration windows for sensitivities (default 4)")
+    p.add_argument("--calib-len", type=positive_int, default=128, help="tokens per calibration window (default 128)")
     p.add_argument("--eval", action="store_true",
                    help="print perplexity on held-out text for: unquantized, RTN at the same bits, HIGGS uniform, HIGGS + DP")
-    p.add_argument("--eval-window", type=_positive_int, default=1024, help="tokens per evaluation window (default 1024)")
-    p.add_argument("--eval-windows", type=_positive_int, default=None, help="at most this many evaluation windows (default: all)")
-    _common(p)
+    p.add_argument("--eval-window", type=positive_int, default=1024, help="tokens per evaluation window (default 1024)")
+    p.add_argument("--eval-windows", type=positive_int, default=None, help="at most this many evaluation windows (default: all)")
+    add_common_options(p)
     p.set_defaults(func=run)
     return p
 
@@ -105,8 +105,8 @@ def _check_before_load(args: argparse.Namespace) -> None:
         check_weight_options,
     )
 
-    _check_model_args(args)
-    _check_files([args.sensitivities] if args.sensitivities else None, "--sensitivities file")
+    check_model_args(args)
+    check_files([args.sensitivities] if args.sensitivities else None, "--sensitivities file")
     try:  # the messages name the option as the library spells it (budget=, group_size=, ...)
         check_weight_options(bits=args.bits, budget=args.budget, group_size=args.group_size, min_bits=args.min_bits,
                              max_bits=args.max_bits)
@@ -118,31 +118,23 @@ def _check_before_load(args: argparse.Namespace) -> None:
     args.device = common.resolve_device(args.device)
 
 
-def format_rows(report) -> str:
-    """Markdown table of the --eval rows: method | bits/weight | perplexity | vs unquantized | predicted ppl."""
-    base = report.rows[0][1].ppl
-    lines = ["| method | bits/weight | perplexity | vs unquantized | predicted ppl |", "|---|---|---|---|---|"]
-    for name, r in report.rows:
-        predicted = f"{report.predicted_ppl[name]:.3f}" if name in report.predicted_ppl else ""
-        lines.append(f"| {name} | {r.bits_per_value:.4f} | {r.ppl:.3f} | {100 * (r.ppl / base - 1):+.2f}% | {predicted} |")
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     """Execute `quantize-weights` (the parser's func); user errors raise common.UserError."""
     from aquakv.weights.pipeline import quantize_weights
 
     _check_before_load(args)
     model, tokenizer = common.load(args)
-    quiet = getattr(args, "quiet", False)
     report = quantize_weights(
         model, tokenizer, bits=args.bits, budget=args.budget, out=Path(args.out), group_size=args.group_size,
         seed=args.seed, include_lm_head=args.include_lm_head, min_bits=args.min_bits, max_bits=args.max_bits,
         sensitivities=args.sensitivities, noise=args.noise, calib_windows=args.calib_windows, calib_len=args.calib_len,
         evaluate=args.eval, eval_window=args.eval_window, eval_windows=args.eval_windows,
-        label=args.model or "bundled SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", progress=not quiet)
+        label=args.model or "bundled SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", progress=common.show_progress(args))
     if report.rows:
-        print(format_rows(report))
+        from aquakv.evaluation import format_table
+
+        print(format_table(report.rows, baseline=report.rows[0][1].ppl, baseline_name="unquantized",
+                           bits_name="bits/weight", bits_digits=4))
     how = "DP allocation" if args.budget is not None else f"uniform {report.uniform_bits:g}-bit"
     print(f"saved {args.out}/: {report.average_bits:.4f} bits/weight over the quantized linears ({how})")
     return 0

@@ -30,19 +30,20 @@ def _seconds(s: float) -> str:
 
 
 def format_table(rows: Sequence[tuple[str, PerplexityResult]], baseline: Optional[float] = None,
-                 baseline_name: str = "fp16", bits_name: str = "bits/value") -> str:
+                 baseline_name: str = "fp16", bits_name: str = "bits/value", bits_digits: int = 2) -> str:
     """A Markdown table: method | <bits_name> | KV bytes | perplexity | [predicted ppl |] vs <baseline_name> | time.
 
     KV bytes are per window (one sequence of `window` tokens). baseline: perplexity the "vs" column is relative to
     (empty cells without one). The "predicted ppl" column appears when any row has `predicted_ppl`.
     """
     predicted = any(r.predicted_ppl is not None for _, r in rows)
-    head = ["method", bits_name, "KV bytes", "perplexity", *(["predicted ppl"] if predicted else []),
-            f"vs {baseline_name}", "eval time"]
+    sized = any(r.kv_bytes is not None for _, r in rows)
+    head = ["method", bits_name, *(["KV bytes"] if sized else []), "perplexity",
+            *(["predicted ppl"] if predicted else []), f"vs {baseline_name}", "eval time"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, r in rows:
-        cells = [name, "n/a" if r.bits_per_value is None else f"{r.bits_per_value:.2f}", _size(r.kv_bytes),
-                 f"{r.ppl:.3f}"]
+        cells = [name, "n/a" if r.bits_per_value is None else f"{r.bits_per_value:.{bits_digits}f}",
+                 *([_size(r.kv_bytes)] if sized else []), f"{r.ppl:.3f}"]
         if predicted:
             cells.append("" if r.predicted_ppl is None else f"{r.predicted_ppl:.3f}")
         cells += ["" if baseline is None else f"{100 * relative_increase(r.ppl, baseline):+.2f}%", _seconds(r.seconds)]

@@ -1,4 +1,7 @@
-"""MSE-optimal grids for the standard Gaussian, shipped as package data (DESIGN.md §1).
+"""MSE-optimal grids for the standard Gaussian, shipped as package data (docs/method.md).
+
+Importing this module loads neither numpy nor torch: listing the grids is cheap (the command line's --help
+uses it); `get_grid` loads them.
 
 ``get_grid(dim, n)`` returns the grid of n points in dim dimensions that HIGGS rounds to after the
 random Hadamard transform. The files live in ``aquakv/grids/data``: ``d{dim}_n{n}.npy`` (float32
@@ -9,13 +12,15 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from importlib import resources
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["available_grids", "get_grid", "grid_info"]
+__all__ = ["available_grids", "bits_per_value_choices", "get_grid", "grid_info"]
 
 _NAME = re.compile(r"d(\d+)_n(\d+)\.npy")
 
@@ -39,13 +44,21 @@ def available_grids() -> list[tuple[int, int]]:
     return list(_available())
 
 
+def bits_per_value_choices(dim: int | None = None) -> list[float]:
+    """Bits per value, log2(n) / dim, of the shipped grids (of `dim` dimensions only, when given), sorted."""
+    return sorted({math.log2(n) / d for d, n in _available() if dim in (None, d) and n > 1})
+
+
 def _check(dim: int, n: int) -> None:
     if (dim, n) not in _available():
         raise ValueError(f"get_grid: no shipped grid with dim={dim}, n={n}; available (dim, n): {available_grids()}")
 
 
 @functools.lru_cache(maxsize=None)
-def _load(dim: int, n: int) -> torch.Tensor:
+def _load(dim: int, n: int) -> "torch.Tensor":
+    import numpy as np
+    import torch
+
     with _data_dir().joinpath(f"d{dim}_n{n}.npy").open("rb") as f:
         arr = np.load(f, allow_pickle=False)
     if arr.shape != (n, dim) or arr.dtype != np.float32:
@@ -53,7 +66,7 @@ def _load(dim: int, n: int) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def get_grid(dim: int, n: int) -> torch.Tensor:
+def get_grid(dim: int, n: int) -> "torch.Tensor":
     """The shipped MSE-optimal grid for N(0, I_dim) with n points.
 
     Returns a fresh float32 CPU tensor [n, dim] (a copy of the cached one, so callers may modify or

@@ -68,6 +68,12 @@ def _fp16(_preds, _seed):
     return Fp16Cache
 
 
+def _dynamic(_preds, _seed):
+    from transformers.cache_utils import DynamicCache
+
+    return lambda model: DynamicCache(config=model.config)
+
+
 def _kivi(bits: int):
     def build(_preds, _seed):
         from aquakv.kv.kivi import kivi_factory
@@ -118,6 +124,8 @@ _HF_BITS = 2  # quanto and hqq rows: 2-bit, the width the other compressed rows 
 _ENTRIES = (
     CacheEntry("fp16", "unquantized keys and values stored in fp16 (the reference row)", False,
                lambda p: "fp16 (unquantized)", _fp16),
+    CacheEntry("dynamic", "transformers' DynamicCache: unquantized, in the model's own dtype", False,
+               lambda p: "DynamicCache (model dtype)", _dynamic),
     CacheEntry("kivi4", "KIVI-style uniform 4-bit: keys per channel, values per token, groups of 32 with fp16 "
                "scale and zero point", False, lambda p: "KIVI-4", _kivi(4)),
     CacheEntry("kivi2", "KIVI-style uniform 2-bit, as kivi4", False, lambda p: "KIVI-2", _kivi(2)),

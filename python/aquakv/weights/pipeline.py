@@ -28,7 +28,7 @@ from torch import nn
 from aquakv.evaluation.perplexity import PerplexityResult, evaluate_perplexity
 from aquakv.evaluation.windows import cut_windows
 from aquakv.files import write_json_atomic
-from aquakv.grids import available_grids
+from aquakv.grids import available_grids, bits_per_value_choices
 from aquakv.weights.allocate import (
     Allocation,
     InfeasibleBudget,
@@ -59,7 +59,7 @@ SCALE_BITS = 16  # one fp16 scale per group
 
 def shipped_widths() -> list[float]:
     """Code bits per weight of the shipped grids (log2(n) / d), sorted: the widths `bits=` accepts."""
-    return sorted({grid_bits(*g) for g in available_grids()})
+    return bits_per_value_choices()
 
 
 @dataclass(frozen=True)
@@ -139,10 +139,9 @@ def check_output_dir(out: str | os.PathLike) -> Path:
 @dataclass
 class WeightsReport:
     """What `quantize_weights` did. rows: (name, PerplexityResult) per evaluated model, bits_per_value holding its
-    bits per weight (scales included); predicted_ppl: the allocation's predicted perplexity per row name."""
+    bits per weight (scales included) and predicted_ppl the linearity theorem's prediction where there is one."""
 
     rows: list[tuple[str, PerplexityResult]]
-    predicted_ppl: dict[str, float]
     allocation: Allocation | None
     sensitivities: Sensitivities | None
     average_bits: float  # of the saved model, over its quantized linears
@@ -252,7 +251,6 @@ def quantize_weights(model: nn.Module, tokenizer, *, bits: float | None = None, 
                                   include_lm_head=include_lm_head, progress=progress, **plan)
 
         rows: list[tuple[str, PerplexityResult]] = []
-        predicted: dict[str, float] = {}
         uniform_model = dp_model = None
         if evaluate:
             ids = eval_ids if eval_ids is not None else _bundled_ids(tokenizer, "evaluation")
@@ -260,9 +258,9 @@ def quantize_weights(model: nn.Module, tokenizer, *, bits: float | None = None, 
             def measure(name: str, m: nn.Module, bits_per_weight: float, dnll: float | None) -> None:
                 res = evaluate_perplexity(m, ids, window=eval_window, step=None, max_windows=eval_windows,
                                           progress=progress, desc=name)
-                rows.append((name, dataclasses.replace(res, bits_per_value=bits_per_weight)))
-                if dnll is not None:
-                    predicted[name] = rows[0][1].ppl * math.exp(dnll)
+                base = rows[0][1].ppl if rows else res.ppl
+                rows.append((name, dataclasses.replace(res, bits_per_value=bits_per_weight,
+                                                       predicted_ppl=None if dnll is None else base * math.exp(dnll))))
                 log.info("%s: ppl %.4f (nll %.5f, %d windows, %d tokens, %.0f s)", name, res.ppl, res.nll,
                          res.n_windows, res.n_tokens, res.seconds)
 
@@ -297,10 +295,10 @@ def quantize_weights(model: nn.Module, tokenizer, *, bits: float | None = None, 
         for name, res in rows:
             row = dict(method=name, bits_per_weight=res.bits_per_value, perplexity=res.ppl, nll=res.nll,
                        seconds=res.seconds)
-            if name in predicted:
-                row["predicted_perplexity"] = predicted[name]
+            if res.predicted_ppl is not None:
+                row["predicted_perplexity"] = res.predicted_ppl
             results["rows"].append(row)
         if evaluate:
             write_json_atomic(output.path("results.json"), results)
-    return WeightsReport(rows, predicted, allocation, sens, average_bits(target), targets.uniform_bits,
+    return WeightsReport(rows, allocation, sens, average_bits(target), targets.uniform_bits,
                          targets.budget if need_dp else None, output.paths, results)
