@@ -54,7 +54,7 @@ def cache_factories(model, text: torch.Tensor, predictors_path: str | None, seed
         return calibrate(model, [text[-2048:]], bits=2, window=512, rank=rank, seed=seed, progress=False)
 
     preds = AquaKVPredictors.load(predictors_path) if predictors_path else quick(None)
-    low_rank = quick(64)  # DESIGN §2's reduced-rank variant: 2-3x fewer predictor FLOPs per cached token
+    low_rank = quick(64)  # docs/method.md's reduced-rank variant: 2-3x fewer predictor FLOPs per cached token
     return {"fp16 (unquantized)": Fp16Cache,
             "KIVI-2": lambda m: KiviCache(m, 2),
             "HIGGS-2": lambda m: HiggsCache(m, 2, seed=seed),

@@ -4,7 +4,7 @@
 // cudaEvent-timed batches of launches, rotating over enough input/output buffers that the working
 // set is at least 4x the L2 cache (so L2 does not flatter small sizes). Bandwidth counts the bytes
 // each kernel must read plus write once, and is shown beside a device-to-device copy measured in
-// the same run: "% copy" is the figure DESIGN.md §5 targets (>= 85% hadamard, >= 70% quantize /
+// the same run: "% copy" is the figure bench/README.md targets (>= 85% hadamard, >= 70% quantize /
 // dequantize at large T on an H100).
 //
 //   bench_kernels            all cases (hadamard 64..32768 at 256 MiB of fp16 rows; HIGGS at
@@ -304,7 +304,7 @@ int main(int argc, char** argv) {
   for (int log_n : log_ns) bench_hadamard(dev, opt, log_n);
   const std::vector<int64_t> tokens = opt.quick ? std::vector<int64_t>{32768} : std::vector<int64_t>{4096, 32768, 131072};
   for (int64_t t : tokens) {
-    bench_higgs(dev, opt, t, 7, 2, 16);  // 2-bit, group 128: DESIGN.md §5's torch-pipeline comparison
+    bench_higgs(dev, opt, t, 7, 2, 16);  // 2-bit, group 128: the torch-pipeline comparison
     bench_higgs(dev, opt, t, 6, 2, 16);  // 2-bit, group 64 (head_dim 64 caches)
     if (!opt.quick) bench_higgs(dev, opt, t, 7, 2, 256);  // 4-bit
   }

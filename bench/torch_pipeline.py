@@ -1,4 +1,4 @@
-"""The torch-only HIGGS pipeline the fused ops are measured against (DESIGN.md §5).
+"""The torch-only HIGGS pipeline the fused ops are measured against (bench/README.md).
 
 What one writes without custom kernels: rotate by a matmul with the dense Hadamard matrix, pick the
 nearest grid point by an argmax over all points (2<y, g> - ||g||^2), pack bits with shifts and sums.
@@ -64,6 +64,6 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor, si
 
 
 def hadamard(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * H x over the last dim by a dense matmul in x's dtype (the fp16 matmul DESIGN.md §5 cites)."""
+    """scale * H x over the last dim by a dense matmul in x's dtype (the fp16 matmul bench/README.md cites)."""
     h = hadamard_matrix(x.shape[-1], str(x.device)).to(x.dtype)
     return (x @ h) * scale

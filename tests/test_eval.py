@@ -1,4 +1,4 @@
-"""The evaluation protocol (DESIGN.md section 3) on the tiny random Llama."""
+"""The evaluation protocol (docs/evaluation.md) on the tiny random Llama."""
 import math
 
 import pytest

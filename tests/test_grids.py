@@ -6,7 +6,7 @@ import torch
 from aquakv import grids
 from aquakv.grids import generate, measure, search
 
-# Published MSE per value for N(0, I) (DESIGN.md §1). d = 1 figures are Max's (1960) Lloyd-Max table.
+# Published MSE per value for N(0, I) (docs/method.md). d = 1 figures are Max's (1960) Lloyd-Max table.
 PUBLISHED = {
     (2, 16): 0.1077,
     (2, 64): 0.0296,

@@ -1,4 +1,4 @@
-"""The NumPy reference is the truth the kernels are held to; these tests hold the reference to DESIGN.md §1."""
+"""The NumPy reference is the truth the kernels are held to; these tests hold the reference to docs/method.md."""
 from __future__ import annotations
 
 import numpy as np

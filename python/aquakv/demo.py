@@ -1,7 +1,7 @@
 """`aquakv demo`: the whole pipeline on the bundled SmolLM2-135M and bundled text, in a few minutes on a CPU.
 
 1. calibrate AQUA-KV predictors at 2 and 3 bits on the calibration part of Python's reference documentation;
-2. measure perplexity on the held-out part (DESIGN.md section 3: windows fed 32 tokens at a time through each
+2. measure perplexity on the held-out part (docs/evaluation.md: windows fed 32 tokens at a time through each
    cache) for an unquantized fp16 cache, KIVI-2/4, HIGGS-2 without predictors, AQUA-KV-2/3 and transformers'
    own quantized cache;
 3. answer a question about a held-out passage with the AQUA-KV-2 cache (and the unquantized one, to compare).

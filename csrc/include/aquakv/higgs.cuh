@@ -1,4 +1,4 @@
-// Fused HIGGS quantize / dequantize over groups of G = 2^kLogG values (DESIGN.md §1). Torch-free.
+// Fused HIGGS quantize / dequantize over groups of G = 2^kLogG values (docs/method.md). Torch-free.
 //
 // quantize, per tile of whole groups (tile.cuh):
 //   load x (16-byte runs) -> * signs -> group sum of squares (registers, shuffles, smem across warps)

@@ -1,4 +1,4 @@
-"""Calibration of AQUA-KV predictors (DESIGN.md §2): capture pre-RoPE keys and values on calibration text one layer
+"""Calibration of AQUA-KV predictors (docs/method.md): capture pre-RoPE keys and values on calibration text one layer
 at a time (aquakv.kv.capture) and fit that layer's affine predictors in closed form, in layer order, with quantization
 in the loop.
 

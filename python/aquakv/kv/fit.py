@@ -1,5 +1,6 @@
-"""Closed-form fits of the AQUA-KV predictors, layer by layer in order with quantization in the loop (DESIGN.md
-section 2): each layer's regression inputs are the previous layer's reconstructions, exactly as inference sees them.
+"""Closed-form fits of the AQUA-KV predictors, layer by layer in order with quantization in the loop
+(docs/method.md): each layer's regression inputs are the previous layer's reconstructions, exactly as inference
+sees them.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Perplexity over long windows (4096, 8192 tokens) at a cost two CPU cores can pay.
 
-Protocol (DESIGN.md section 3, with a chunked prefix): the token stream is cut into non-overlapping windows of
+Protocol (docs/evaluation.md, with a chunked prefix): the token stream is cut into non-overlapping windows of
 `window` tokens (tail dropped), each starting from a fresh cache. Window positions [0, prefill) are fed through
 the cache `chunk` tokens per forward, positions [prefill, window) `step` tokens per forward. Every one of the
 window - 1 next-token predictions is scored, the chunked ones too. A token inside the prefix attends exactly to the

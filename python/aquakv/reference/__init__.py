@@ -1,6 +1,6 @@
 """Pure-NumPy reference implementations of the aquakv ops: the definition of correct.
 
-Written for clarity, not speed; float64 inside. Each function mirrors a line of DESIGN.md §1
+Written for clarity, not speed; float64 inside. Each function mirrors a line of docs/method.md
 and a schema in csrc/ops.cpp. The compiled kernels are tested against these.
 """
 from aquakv.reference.bitpack import pack_bits, unpack_bits

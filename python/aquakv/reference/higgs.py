@@ -1,4 +1,4 @@
-"""HIGGS quantize / dequantize (reference), DESIGN.md §1 line by line, float64 inside.
+"""HIGGS quantize / dequantize (reference), docs/method.md line by line, float64 inside.
 
 Per group x_g of G values (x: [..., C], C a multiple of G):
   s = ||x_g||_2; stored as fp16(s), but y uses the unrounded s

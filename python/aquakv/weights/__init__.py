@@ -1,4 +1,4 @@
-"""HIGGS for weights: data-free quantization of linear layers and bit-width allocation (DESIGN §4).
+"""HIGGS for weights: data-free quantization of linear layers and bit-width allocation (docs/weights.md).
 
     from aquakv.weights import quantize_model, save_quantized, load_quantized
     quantize_model(model, bits=4)                       # every linear but the head -> HiggsLinear (2, 256) grid

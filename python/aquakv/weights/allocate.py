@@ -1,4 +1,4 @@
-"""Bit-width allocation for HIGGS weights (DESIGN §4, the "linearity theorem").
+"""Bit-width allocation for HIGGS weights (docs/weights.md, the "linearity theorem").
 
 For layer i quantized with grid j, the loss increase is modelled as alpha_i * e_ij, where
   e_ij    = ||W_i - Q_j(W_i)||^2 / ||W_i||^2 (relative MSE, measured by quantizing), and

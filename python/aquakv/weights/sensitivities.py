@@ -1,4 +1,4 @@
-"""Per-layer sensitivities alpha_i for the bit allocation (DESIGN §4, the "linearity theorem").
+"""Per-layer sensitivities alpha_i for the bit allocation (docs/weights.md, the "linearity theorem").
 
 alpha_i = d NLL / d (relative MSE of layer i): Gaussian noise of a known relative size t^2 is added to layer i
 alone and the calibration NLL watched. Noise in block k leaves blocks < k as they were, so only blocks k.. are
