@@ -64,6 +64,6 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor, si
 
 
 def hadamard(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * H x over the last dim by a dense matmul in x's dtype (the fp16 matmul bench/README.md cites)."""
+    """scale * H x over the last dim by a dense matmul in x's dtype (the dense fp16 matmul baseline)."""
     h = hadamard_matrix(x.shape[-1], str(x.device)).to(x.dtype)
     return (x @ h) * scale
