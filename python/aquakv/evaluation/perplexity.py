@@ -1,4 +1,4 @@
-"""Perplexity under a KV cache: the evaluation protocol (docs/evaluation.md, docs/evaluation.md).
+"""Perplexity under a KV cache: the evaluation protocol (docs/evaluation.md).
 
 The token stream is cut into non-overlapping windows of `window` tokens. Each window starts from a fresh
 cache and is fed through the model `step` tokens at a time, so every token after the first step attends
