@@ -176,7 +176,8 @@ class HiggsQuantizer:
         # Every check runs before anything is allocated (random_signs is [group_size]).
         if not _is_int(dim) or dim < 1:
             raise ValueError(f"HiggsQuantizer: dim must be a positive integer, got {dim!r}")
-        if not isinstance(bits, numbers.Real) or isinstance(bits, bool) or not math.isfinite(bits):
+        if (not isinstance(bits, numbers.Real) or isinstance(bits, bool)
+                or not (isinstance(bits, numbers.Integral) or math.isfinite(bits)) or not -64 <= bits <= 64):
             raise ValueError(f"HiggsQuantizer: bits must be a finite number of bits per value, got {bits!r}")
         code_bits = bits * dim
         if abs(code_bits - round(code_bits)) > 1e-9 or round(code_bits) not in _CODE_BITS:
