@@ -187,8 +187,8 @@ class HiggsQuantizer:
             check_group_size(group_size, dim, round(code_bits))
         except ValueError as e:
             raise ValueError(f"HiggsQuantizer: {e}") from None
-        if not _is_int(seed) or seed < 0:
-            raise ValueError(f"HiggsQuantizer: seed must be a non-negative integer, got {seed!r}")
+        if not _is_int(seed) or not 0 <= seed < 2 ** 63:  # int64 range: HiggsLinear keeps it in a buffer
+            raise ValueError(f"HiggsQuantizer: seed must be an integer in 0..2**63-1, got {seed!r}")
         self.settings = HiggsSettings(bits=round(code_bits) / dim, dim=dim, group_size=int(group_size), seed=int(seed))
         self._grid_cpu = get_grid(dim, self.settings.n_points)
         self._signs_cpu = random_signs(group_size, seed)
