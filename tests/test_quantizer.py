@@ -4,7 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 from aquakv.grids import available_grids, get_grid
-from aquakv.quantizer import GridSpec, HiggsQuantizer, QuantizedTensor, check_group_size, random_signs
+from aquakv.quantizer import (
+    GridSpec,
+    HiggsQuantizer,
+    QuantizedTensor,
+    check_group_size,
+    random_signs,
+)
 
 
 def _op_accepts(group: int, dim: int, n: int) -> bool:
