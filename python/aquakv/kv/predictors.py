@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 class AquaKVSettings:
     """Quantizer settings shared by calibration and the cache.
 
-    bits: code bits per value for layers >= 1 (HIGGS grid (grid_dim, 2**(bits*grid_dim))).
-    layer0_bits: code bits for layer 0, or None to keep layer 0 in fp16 (no quantization).
+    bits: bits per value (log2(n) / grid_dim) for layers >= 1 (HIGGS grid (grid_dim, n = 2**(bits*grid_dim))).
+    layer0_bits: bits per value for layer 0, or None to keep layer 0 in fp16 (no quantization).
     group_size: HIGGS group (values sharing a scale and a Hadamard rotation); defaults to head_dim.
     """
 

@@ -67,7 +67,7 @@ class HiggsLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, bits: float | None = None, dim: int = 2, n_points: int | None = None,
                     group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0, cache_weight: bool = False) -> "HiggsLinear":
-        """Quantize `linear.weight` (data-free). Give either `bits` (code bits per value, n = 2**(bits*dim))
+        """Quantize `linear.weight` (data-free). Give either `bits` (bits per value, n = 2**(bits*dim))
         or `n_points`. The result lives on the linear's device with its dtype."""
         if (bits is None) == (n_points is None):
             raise ValueError("HiggsLinear.from_linear: give exactly one of bits= or n_points=")

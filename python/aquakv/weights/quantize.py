@@ -69,7 +69,7 @@ def quantize_model(model: nn.Module, bits: float | None = None, *, grid_per_laye
                    include_lm_head: bool = False, cache_weight: bool = False, progress: bool = True) -> nn.Module:
     """Replace the model's linear layers by HiggsLinear, in place (data-free). Returns the model.
 
-    bits: the same code bits per value everywhere, grid `default_grid(bits)` (or (dim, 2**(bits*dim)) when dim
+    bits: the same bits per value everywhere, grid `default_grid(bits)` (or (dim, 2**(bits*dim)) when dim
         is given).
     grid_per_layer: {layer name: (dim, n_points)} per layer, e.g. from `allocate_bits`; a name mapped to None,
         or a quantizable layer not listed, stays in full precision. Exactly one of bits / grid_per_layer.
