@@ -76,6 +76,8 @@ def test_load_rejects_foreign_files(tmp_path):
         AquaKVPredictors.load(tmp_path / "other.safetensors")
     with pytest.raises(FileNotFoundError):
         AquaKVPredictors.load(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="is a directory"):
+        AquaKVPredictors.load(tmp_path)
 
 
 @pytest.mark.parametrize("override, names", [

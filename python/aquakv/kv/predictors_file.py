@@ -72,6 +72,8 @@ def load_predictors(path: str | os.PathLike) -> AquaKVPredictors:
     from safetensors import safe_open
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a predictors file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such predictors file")
     try:
