@@ -12,8 +12,6 @@ registered by `import aquakv.ops` (or `aquakv._C`), which happens as soon as any
 imports aquakv.ops first.
 """
 import importlib
-import importlib.abc
-import sys
 
 # Public name -> module that defines it. Everything here pulls in torch (and some names transformers).
 _LAZY = {
@@ -44,22 +42,6 @@ def _version() -> str:
         from importlib import metadata
 
         return metadata.version("aquakv")
-
-
-class _OpsFirst(importlib.abc.MetaPathFinder):
-    """Registers torch.ops.aquakv.* before aquakv.quantizer runs, which calls the ops without importing aquakv.ops.
-
-    Transitional: remove once quantizer.py has `from aquakv import ops  # noqa: F401` itself.
-    """
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname == "aquakv.quantizer" and "aquakv.ops" not in sys.modules:
-            importlib.import_module("aquakv.ops")
-        return None  # the ordinary finders load the module itself
-
-
-if not any(isinstance(f, _OpsFirst) for f in sys.meta_path):
-    sys.meta_path.insert(0, _OpsFirst())
 
 
 def __getattr__(name: str):

@@ -13,10 +13,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from aquakv import ops
 from aquakv.grids import get_grid
 
 _CODE_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
-_MAX_GROUP = 32768  # the Hadamard op's range
 _FP16_TINY = 2.0 ** -14  # smallest normal float16: a smaller nonzero scale loses precision or becomes 0
 _LOGICAL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -45,15 +45,15 @@ def _is_int(x) -> bool:
 
 
 def check_group_size(group_size, dim: int, code_bits: int) -> None:
-    """Raise ValueError unless group_size suits the ops for a grid of `dim` dims and `code_bits`-bit codes:
-    a power of two in 2..32768 (the Hadamard range), a multiple of dim, and holding whole bytes of codes
-    ((group_size / dim * code_bits) % 8 == 0, so every group's codes start on a byte boundary)."""
-    ok = (_is_int(group_size) and 2 <= group_size <= _MAX_GROUP and not group_size & (group_size - 1)
-          and group_size % dim == 0 and (group_size // dim * code_bits) % 8 == 0)
-    if not ok:
-        raise ValueError(f"group_size {group_size!r} does not suit grid dim {dim} with {code_bits}-bit codes: it must "
-                         f"be a power of two in 2..{_MAX_GROUP}, a multiple of dim, and group_size / dim * code_bits "
-                         f"must be a multiple of 8")
+    """Raise ValueError unless group_size suits the ops for a grid of `dim` dims and `code_bits`-bit codes: the
+    kernels' own rule (`aquakv.ops.check_group_size`: a power of two in 2..32768, a multiple of dim, whole bytes
+    of codes per group), with its message."""
+    if not _is_int(group_size):
+        raise ValueError(f"HiggsQuantizer: group_size must be an integer, got {group_size!r}")
+    try:
+        ops.check_group_size(group_size, dim, code_bits, op="HiggsQuantizer")
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:

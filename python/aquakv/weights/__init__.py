@@ -26,6 +26,7 @@ from aquakv.weights.allocate import (
                                      predicted_delta_nll,
                                      solve_allocation,
 )
+from aquakv.weights.files import load_quantized, save_quantized
 from aquakv.weights.linear import (
                                      DEFAULT_GROUP_SIZE,
                                      HiggsLinear,
@@ -36,10 +37,8 @@ from aquakv.weights.quantize import (
                                      average_bits,
                                      candidate_grids,
                                      default_grid,
-                                     load_quantized,
                                      quantizable_linears,
                                      quantize_model,
-                                     save_quantized,
 )
 from aquakv.weights.rtn import (
                                      rtn_bits_per_weight,

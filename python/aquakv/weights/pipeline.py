@@ -38,16 +38,14 @@ from aquakv.weights.allocate import (
     measure_layer_errors,
     predicted_delta_nll,
 )
+from aquakv.weights.files import METADATA_FILE, TENSORS_FILE, save_quantized
 from aquakv.weights.linear import grid_bits
 from aquakv.weights.quantize import (
-    METADATA_FILE,
-    TENSORS_FILE,
     Grid,
     average_bits,
     candidate_grids,
     default_grid,
     quantize_model,
-    save_quantized,
 )
 from aquakv.weights.rtn import rtn_bits_per_weight, rtn_quantize_model
 from aquakv.weights.sensitivities import Sensitivities, measure_sensitivities

@@ -136,7 +136,3 @@ def average_bits(model: nn.Module) -> float:
     if not numel:
         raise ValueError("average_bits: the model has no HiggsLinear layer")
     return sum(m.weight_bits for m in layers) / numel
-
-
-# Moved to aquakv.weights.files; kept importable from here until aquakv.weights imports them from there.
-from aquakv.weights.files import load_quantized, save_quantized  # noqa: E402,F401  (remove at merge)
