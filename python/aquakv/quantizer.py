@@ -49,7 +49,7 @@ def check_group_size(group_size, dim: int, code_bits: int) -> None:
     kernels' own rule (`aquakv.ops.check_group_size`: a power of two in 2..32768, a multiple of dim, whole bytes
     of codes per group), with its message."""
     if not _is_int(group_size):
-        raise ValueError(f"HiggsQuantizer: group_size must be an integer, got {group_size!r}")
+        raise ValueError(f"HiggsQuantizer: group_size {group_size!r} must be an integer")
     try:
         ops.check_group_size(group_size, dim, code_bits, op="HiggsQuantizer")
     except RuntimeError as e:
@@ -183,10 +183,7 @@ class HiggsQuantizer:
         if abs(code_bits - round(code_bits)) > 1e-9 or round(code_bits) not in _CODE_BITS:
             raise ValueError(f"HiggsQuantizer: bits*dim = {code_bits} must be an integer in {_CODE_BITS} "
                              f"(got bits={bits}, dim={dim})")
-        try:
-            check_group_size(group_size, dim, round(code_bits))
-        except ValueError as e:
-            raise ValueError(f"HiggsQuantizer: {e}") from None
+        check_group_size(group_size, dim, round(code_bits))
         if not _is_int(seed) or not 0 <= seed < 2 ** 63:  # int64 range: HiggsLinear keeps it in a buffer
             raise ValueError(f"HiggsQuantizer: seed must be an integer in 0..2**63-1, got {seed!r}")
         self.settings = HiggsSettings(bits=round(code_bits) / dim, dim=dim, group_size=int(group_size), seed=int(seed))
