@@ -10,7 +10,6 @@ converting from the GGUF file each time, with a warning.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -20,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from aquakv.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +107,6 @@ MANIFEST = "aquakv-conversion.json"  # written last: its presence and sizes are 
 def cache_root() -> Path:
     """$AQUAKV_CACHE_DIR, else ~/.cache/aquakv."""
     return Path(os.environ.get("AQUAKV_CACHE_DIR") or Path.home() / ".cache" / "aquakv")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def conversion_dir(gguf_path: Path) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aquakv.files import write_bytes_atomic, write_json_atomic
+from aquakv.files import file_sha256, write_bytes_atomic, write_json_atomic
 from aquakv.weights.linear import HiggsLinear
 from aquakv.weights.quantize import _set_submodule, average_bits, higgs_layers
 
@@ -173,7 +173,7 @@ def _fill(path: Path, header: dict, new: dict[str, HiggsLinear]) -> None:
     expected = {f"{name}.{key}": (name, key) for name, m in new.items()
                 for key in ("codes", "scales") + (("bias",) if m.bias is not None else ())}
     sha = header.get("tensors_sha256")
-    if sha is not None and _sha256(path) != sha:
+    if sha is not None and file_sha256(path) != sha:
         raise ValueError(f"{path}: tensors_sha256: the file does not match the hash in {path.with_name(METADATA_FILE)}"
                          f"; the two files come from different saves")
     try:
@@ -201,11 +201,3 @@ def _fill(path: Path, header: dict, new: dict[str, HiggsLinear]) -> None:
             if key == "scales" and bool((stored < 0).any()):
                 raise ValueError(f"{path}: {tensor_name}: holds negative group norms")
             target.data.copy_(stored)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
