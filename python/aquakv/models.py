@@ -165,7 +165,14 @@ def _build(gguf_path: Path, entry: Path, tmp: Path):
 
 
 def load_gguf_cached(gguf_path: Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of a GGUF file through the conversion cache (module docstring)."""
+    """(model, tokenizer) of a GGUF file through the conversion cache (module docstring). The model keeps the
+    GGUF's directory as its name, as a direct load would, so artifacts record the model, not the cache entry."""
+    model, tokenizer = _load_gguf_cached(gguf_path, dtype)
+    model.config._name_or_path = str(gguf_path.parent)
+    return model, tokenizer
+
+
+def _load_gguf_cached(gguf_path: Path, dtype: torch.dtype):
     entry = conversion_dir(gguf_path)
     if entry.exists() and _complete(entry):
         try:

@@ -245,12 +245,13 @@ class AquaKVPredictors:
     def __repr__(self) -> str:
         s = self.settings
         kind = "AQUA-KV" if self.has_adapters else "HIGGS-only"
-        ranks = sorted({m.rank or min(m.in_features, m.bias.shape[0]) for m in self.key_maps + self.value_maps
-                        if m is not None and m.in_features is not None})
+        ranks = sorted({m.rank for m in self.key_maps + self.value_maps if m is not None and m.in_features is not None},
+                       key=lambda r: -1 if r is None else r)
+        rank = "none" if not ranks else "full" if ranks == [None] else "/".join("full" if r is None else str(r)
+                                                                               for r in ranks)
         return (f"AquaKVPredictors({kind}, {self.num_layers} layers, C={self.kv_width}, bits={s.bits}, "
                 f"grid_dim={s.grid_dim}, group_size={s.group_size}, layer0={'fp16' if s.layer0_bits is None else s.layer0_bits}"
-                f", rank={ranks[0] if len(ranks) == 1 else (ranks or None)}, "
-                f"{self.bits_per_value():.3f} bits/value)")
+                f", rank={rank}, compressed part {self.bits_per_value():.3f} bits/value)")
 
 
 def _layer0_bits(layer0_bits: float | str | None) -> float | None:
