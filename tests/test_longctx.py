@@ -353,3 +353,14 @@ def test_cli_help_explains_every_option(capsys):
                    "--prefill-chunk", "--prefill", "--chunk", "--step", "--max-windows", "--json", "--text",
                    "aquakv2", "aquakvB", "kivi2", "dynamic"):
         assert option in out
+
+
+def test_filler_defaults_to_the_repeated_sentences_and_text_files_win(tmp_path):
+    from aquakv.cli.longctx import _filler_texts
+    from aquakv.longctx.haystack import REPEATED_FILLER
+
+    assert _filler_texts(parse()) == [REPEATED_FILLER]
+    assert _filler_texts(parse("--filler", "docs")) is None  # Haystack's default: the bundled docs
+    text = tmp_path / "t.txt"
+    text.write_text("One sentence. Another one.")
+    assert _filler_texts(parse("--filler", "docs", "--text", str(text))) == ["One sentence. Another one."]

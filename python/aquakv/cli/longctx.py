@@ -63,6 +63,17 @@ def cache_factories(names: Sequence[str], predictors=None) -> list[tuple[str, Ca
     return out
 
 
+def _filler_texts(args: argparse.Namespace) -> list[str] | None:
+    """The haystack's texts: --text files, else the repeated plain sentences (--filler repeat) or the bundled docs
+    (None: Haystack's default)."""
+    from aquakv.data import read_text_files
+    from aquakv.longctx.haystack import REPEATED_FILLER
+
+    if args.text:
+        return read_text_files(args.text)
+    return [REPEATED_FILLER] if args.filler == "repeat" else None
+
+
 def _nonnegative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -101,7 +112,6 @@ def _check_model(model, predictors, path: Optional[str], contexts: Sequence[int]
 
 
 def _run_needle(args, model, tokenizer, caches) -> dict:
-    from aquakv.data import read_text_files
     from aquakv.longctx import (
         Haystack,
         build_tasks,
@@ -111,7 +121,7 @@ def _run_needle(args, model, tokenizer, caches) -> dict:
     )
 
     try:
-        haystack = Haystack(tokenizer, read_text_files(args.text) if args.text else None)
+        haystack = Haystack(tokenizer, _filler_texts(args))
         tasks = build_tasks(tokenizer, args.context, args.depths, args.samples, seed=args.seed, haystack=haystack)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -205,6 +215,9 @@ def add_longctx(sub) -> None:
     g = p.add_argument_group("needle")
     g.add_argument("--depths", type=_depth, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D",
                    help="needle depths as fractions of the filler text (default 0 0.25 0.5 0.75 1)")
+    g.add_argument("--filler", choices=("repeat", "docs"), default="repeat",
+                   help="haystack without --text: the classic repeated plain sentences (default), or the bundled "
+                        "Python docs (real text; harder: a 135M model fails it even with an exact cache)")
     g.add_argument("--samples", type=positive_int, default=3, metavar="N",
                    help="prompts per (length, depth) cell, each with its own key and passage (default 3)")
     g.add_argument("--prefill-chunk", type=_nonnegative_int, default=1024, metavar="N",

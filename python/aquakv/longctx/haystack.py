@@ -8,6 +8,10 @@ from typing import Optional, Sequence
 # list items: the bundled Python documentation has many passages without a full stop).
 _BOUNDARY = re.compile(r"(?<=[.!?])(?=\s)|(?<=\n)(?=\n)")
 
+# The filler of the classic passkey test: plain sentences a small model does not mistake for the answer. Real text
+# (the bundled Python docs) is the harder haystack: SmolLM2-135M reads "pass key" there as a Python term.
+REPEATED_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
 
 def split_sentences(text: str) -> list[str]:
     """text -> pieces whose concatenation is `text`, each ending at a sentence boundary (the last one at the end).
