@@ -13,6 +13,7 @@ from aquakv.kv.baselines import (
 from aquakv.kv.kivi import KiviCache, KiviCodec
 from aquakv.ops import pack_bits, unpack_bits
 from aquakv.uniform import UniformQuantized, dequantize_uniform, quantize_uniform
+from old_uniform import old_kivi_quantize
 from tiny_llama import make_tiny_llama, random_token_windows
 
 
@@ -35,13 +36,7 @@ def _old_unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tens
 
 def _old_quantize_uniform(x: torch.Tensor, bits: int) -> UniformQuantized:
     """KIVI's min/max quantizer before aquakv.uniform (codes of zero-scale rows differ; they decode the same)."""
-    levels = (1 << bits) - 1
-    xf = x.float()
-    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
-    zero = lo.half()
-    scale = ((hi - zero.float()) / levels).half()
-    safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
-    codes = torch.round((xf - zero.float()) / safe).clamp_(0, levels).to(torch.uint8)
+    codes, scale, zero = old_kivi_quantize(x, bits)
     return UniformQuantized(_old_pack_codes(codes, bits), scale, zero, x.shape, bits)
 
 

@@ -11,18 +11,7 @@ from aquakv.uniform import (
 )
 from aquakv.weights.linear import _flat_groups
 from aquakv.weights.rtn import rtn_quantize_dequantize
-
-
-def _old_kivi_quantize(x: torch.Tensor, bits: int):
-    """aquakv.kv.kivi.quantize_uniform before the merge: (codes uint8 unpacked, scale fp16, zero fp16)."""
-    levels = (1 << bits) - 1
-    xf = x.float()
-    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
-    zero = lo.half()
-    scale = ((hi - zero.float()) / levels).half()
-    safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
-    codes = torch.round((xf - zero.float()) / safe).clamp_(0, levels).to(torch.uint8)
-    return codes, scale, zero
+from old_uniform import old_kivi_quantize
 
 
 def _old_rtn(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -56,7 +45,7 @@ def _rows_with_edge_cases(seed: int, g: int = 32) -> torch.Tensor:
 def test_matches_the_old_kivi_formula(bits, seed):
     x = _rows_with_edge_cases(seed)
     codes, scale, zero = uniform_codes(x, bits)
-    old_codes, old_scale, old_zero = _old_kivi_quantize(x, bits)
+    old_codes, old_scale, old_zero = old_kivi_quantize(x, bits)
     assert torch.equal(scale, old_scale) and torch.equal(zero, old_zero)
     # Codes agree wherever the scale is non-zero; where it is 0 they do not matter (the old formula stored
     # round(x - min) there, the new one 0) and both decode to the row's fp16 minimum.
