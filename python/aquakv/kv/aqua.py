@@ -76,15 +76,17 @@ class AquaKVCache(ChunkedKVCache):
 
     quantize=False runs the same pipeline (un-rotation, predictors, chunks) without quantization, storing exact
     states in the model's dtype: it reproduces DynamicCache up to float rounding.
+    attention="blockwise" rebuilds the quantized tokens block by block inside attention (see ChunkedKVCache).
     """
 
     def __init__(self, model, predictors: AquaKVPredictors, *, sinks: int = 4, buffer: int = 128,
                  quantize: bool = True, storage_dtype: torch.dtype | None = None,
-                 rotary: torch.nn.Module | None = None):
+                 rotary: torch.nn.Module | None = None, attention: str = "materialize", block_tokens: int = 1024):
         predictors.check_compatible(model)
         model_dtype = next(model.parameters()).dtype
         if not quantize and storage_dtype is None:
             storage_dtype = model_dtype
         codec = AquaKVCodec(predictors, quantize=quantize, exact_dtype=model_dtype)
-        super().__init__(model, codec, sinks=sinks, buffer=buffer, storage_dtype=storage_dtype, rotary=rotary)
+        super().__init__(model, codec, sinks=sinks, buffer=buffer, storage_dtype=storage_dtype, rotary=rotary,
+                         attention=attention, block_tokens=block_tokens)
         self.predictors = predictors

@@ -37,6 +37,13 @@ class KVCodec(ABC):
     def decode(self, layer_idx: int, store: Any, prev: KV | None) -> KV:
         """Every token of the store -> (keys_hat, values_hat)."""
 
+    decodes_ranges: bool = False  # decode_range is implemented (attention="blockwise" needs it)
+
+    def decode_range(self, layer_idx: int, store: Any, start: int, stop: int, prev: KV | None) -> KV:
+        """Tokens [start, stop) of the store -> (keys_hat, values_hat) [B, H, stop - start, D], touching only what
+        those tokens need; prev: layer l-1's reconstruction of the same tokens."""
+        raise NotImplementedError(f"{type(self).__name__} does not decode token ranges")
+
     @abstractmethod
     def append(self, store: Any | None, new: Any) -> Any:
         """The store after the tokens of `new` (encoded later) were added at its end (store: None when empty)."""

@@ -107,6 +107,13 @@ class HiggsRowsCodec(KVCodec):
             return part.float()
         return self._quantizer(layer_idx).dequantize(part)
 
+    decodes_ranges = True
+
+    def decode_range(self, layer_idx, store, start, stop, prev):
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            return x[:, start:stop]  # a view: the block is read in place
+        return self.decode(layer_idx, HiggsStore(_part_map(store.keys, rows), _part_map(store.values, rows)), prev)
+
     def append(self, store, new):
         if store is None:
             return new

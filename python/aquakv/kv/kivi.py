@@ -102,6 +102,24 @@ class KiviCodec(KVCodec):
             return parts[0]
         return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
 
+    decodes_ranges = True
+
+    def decode_range(self, layer_idx, store, start, stop, prev):
+        """Decodes the chunks that overlap [start, stop) (a chunk is the unit of KIVI's key groups)."""
+        keys, values, seen = [], [], 0
+        for c in store:
+            lo, hi = max(start - seen, 0), min(stop - seen, c.num_tokens)
+            if lo < hi:
+                k, v = self._decode_chunk(c)
+                keys.append(k[:, :, lo:hi])
+                values.append(v[:, :, lo:hi])
+            seen += c.num_tokens
+            if seen >= stop:
+                break
+        if len(keys) == 1:
+            return keys[0], values[0]
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
     def append(self, store, new):
         return list(new) if store is None else store + list(new)
 
@@ -145,9 +163,10 @@ class KiviCache(ChunkedKVCache):
     """
 
     def __init__(self, model, bits: int = 2, *, group_size: int = 32, sinks: int = 4, buffer: int = 128,
-                 pre_rope: bool = False, storage_dtype: torch.dtype | None = None):
+                 pre_rope: bool = False, storage_dtype: torch.dtype | None = None, attention: str = "materialize",
+                 block_tokens: int = 1024):
         super().__init__(model, KiviCodec(bits, group_size, pre_rope), sinks=sinks, buffer=buffer,
-                         storage_dtype=storage_dtype)
+                         storage_dtype=storage_dtype, attention=attention, block_tokens=block_tokens)
 
 
 def kivi_factory(bits: int = 2, **kwargs) -> Callable[[torch.nn.Module], KiviCache]:

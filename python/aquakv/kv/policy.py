@@ -19,15 +19,12 @@ import math
 import torch
 from transformers.cache_utils import Cache
 
-from aquakv.kv.codec import (
-    KV,
-    ChunkedLayer,
-    KVCodec,
-    _cat,
-    checked_batch_index,
-    compact,
-)
+from aquakv.kv import attention as attention_module
+from aquakv.kv.codec import KV, ChunkedLayer, KVCodec, _cat
+from aquakv.kv.edits import CacheEdits
 from aquakv.kv.rope import RotaryTracker, rotate, unrotate
+
+ATTENTION_MODES = ("materialize", "blockwise")
 
 
 def _on(pair: KV | None, device: torch.device) -> KV | None:
@@ -35,22 +32,36 @@ def _on(pair: KV | None, device: torch.device) -> KV | None:
     return None if pair is None else (pair[0].to(device), pair[1].to(device))
 
 
-class ChunkedKVCache(Cache):
+class ChunkedKVCache(CacheEdits, Cache):
     """A transformers Cache that keeps attention sinks and a recent buffer exact and compresses everything else
     chunk by chunk with `codec` (see the module docstring and docs/kv_cache.md).
 
     model: the transformers model this cache serves (its rotary module is hooked when codec.pre_rope).
     sinks: first tokens kept exact; buffer: flush threshold of the exact recent buffer (tokens).
     storage_dtype: dtype of sinks and buffer; default fp16 (bf16 for bf16 models, whose states may exceed fp16).
+    attention: "materialize" hands attention every layer's whole reconstruction (any attention implementation);
+    "blockwise" switches the model to `aquakv.kv.attention` (from SDPA or eager), which rebuilds the quantized
+    tokens `block_tokens` at a time inside attention, so a forward's transient memory does not grow with a whole
+    layer's reconstruction in the model's dtype (docs/long_context.md).
     Remove the rotary hook with `close()` or `with cache: ...`; it also goes when the cache is garbage-collected.
     """
 
     def __init__(self, model, codec: KVCodec, *, sinks: int = 4, buffer: int = 128,
-                 storage_dtype: torch.dtype | None = None, rotary: torch.nn.Module | None = None):
+                 storage_dtype: torch.dtype | None = None, rotary: torch.nn.Module | None = None,
+                 attention: str = "materialize", block_tokens: int = 1024):
         if sinks < 0:
             raise ValueError(f"sinks must be >= 0, got {sinks}")
         if buffer < 1:
             raise ValueError(f"buffer must be >= 1, got {buffer}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens < 1:
+            raise ValueError(f"block_tokens must be a positive integer, got {block_tokens!r}")
+        if attention == "blockwise":
+            if not codec.decodes_ranges:
+                raise ValueError(f"attention='blockwise' needs a codec that decodes token ranges; "
+                                 f"{type(codec).__name__} does not")
+            attention_module.install(model)
         cfg = model.config.get_text_config(decoder=True)
         super().__init__(layers=[ChunkedLayer() for _ in range(cfg.num_hidden_layers)])
         self.codec = codec
@@ -63,6 +74,9 @@ class ChunkedKVCache(Cache):
         self._prev: tuple[int, KV] | None = None  # (layer, reconstruction of its quantized tokens) in this forward
         self._rope: tuple[tuple[int, int], KV] | None = None  # cos/sin of the quantized tokens in this forward
         self._forward_changed = False  # some layer took the tokens of the forward in progress
+        self.attention, self.block_tokens = attention, block_tokens
+        self._model_config = model.config  # its attention implementation is checked at every update
+        self._deferred: attention_module.DeferredLayer | None = None  # left by the last update for attention
         self._broken: str | None = None  # why the layers disagree after a failure; reset() clears it
 
     # ---- lifetime ------------------------------------------------------------------------------------
@@ -87,6 +101,7 @@ class ChunkedKVCache(Cache):
         """
         who = f"{type(self).__name__}.update(layer {layer_idx})"
         self._check_usable(who)
+        self._check_deferred_read(who)
         if layer_idx == 0:
             self._forward_changed = False
         try:
@@ -96,6 +111,16 @@ class ChunkedKVCache(Cache):
                 self._broken = (f"{who} failed after this forward had already changed earlier layers "
                                 f"({type(error).__name__}: {error})")
             raise
+
+    def _check_deferred_read(self, who: str) -> None:
+        """The previous update's deferred tokens must have been read by attention (the next layer's predictor needs
+        their reconstruction, and attention without them would have been wrong)."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None and not deferred.consumed:
+            self._broken = (f"layer {deferred.layer_idx}'s attention did not read its {deferred.num_quantized} "
+                            f"compressed tokens (the model's attention implementation must stay "
+                            f"{attention_module.NAME!r} while a cache with attention='blockwise' serves it)")
+            self._check_usable(who)
 
     def _check_usable(self, who: str) -> None:
         if self._broken is not None:
@@ -132,16 +157,22 @@ class ChunkedKVCache(Cache):
         sinks, old, buffered = layer.num_sinks + take, layer.num_quantized, layer.num_buffered + length - take
 
         # What attention reads: sinks | quantized tokens as decoded before this call's flush | the buffer (the
-        # tokens this call flushes are returned exact).
-        keys = key_states.new_empty((batch, heads, sinks + old + buffered, head_dim))
+        # tokens this call flushes are returned exact). Blockwise, the quantized tokens are left out of the returned
+        # tensors and rebuilt inside attention (`aquakv.kv.attention`).
+        defer = old > 0 and self.attention == "blockwise" and attention_module.is_installed(self._model_config)
+        middle = 0 if defer else old
+        keys = key_states.new_empty((batch, heads, sinks + middle + buffered, head_dim))
         values = value_states.new_empty(keys.shape)
         if sinks:
             keys[:, :, :sinks], values[:, :, :sinks] = sink_k, sink_v
         if buffered:
-            keys[:, :, sinks + old:], values[:, :, sinks + old:] = buf_k, buf_v
+            keys[:, :, sinks + middle:], values[:, :, sinks + middle:] = buf_k, buf_v
         flush = buffered >= self.buffer
-        store, prev = layer.store, None
-        if old or flush:
+        store, prev, deferred = layer.store, None, None
+        if defer:
+            store, prev, deferred = self._defer_quantized(layer_idx, layer.store, positions, sinks, old,
+                                                          buffered if flush else 0, buf_k, buf_v, keys, values)
+        elif old or flush:
             store, prev = self._update_quantized(layer_idx, layer.store, positions, sinks, old, buffered if flush else 0,
                                                  buf_k, buf_v, keys[:, :, sinks:sinks + old],
                                                  values[:, :, sinks:sinks + old])
@@ -160,6 +191,9 @@ class ChunkedKVCache(Cache):
         self._prev = None if last or prev is None else (layer_idx, prev)
         self._rope = None if last else self._rope
         self._forward_changed = not last  # a complete forward leaves nothing half-done
+        self._deferred = deferred
+        if deferred is not None:
+            attention_module.defer(deferred)
         return keys, values
 
     def _cos_sin(self, positions: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +212,26 @@ class ChunkedKVCache(Cache):
                                f"of {num_tokens} tokens from this forward, found {got}")
         return self._prev[1]
 
+    def _inputs(self, layer_idx: int, positions: torch.Tensor | None, start: int, n_tokens: int,
+                device: torch.device) -> tuple[KV | None, torch.Tensor | None, torch.Tensor | None]:
+        """What decoding and encoding the layer's n_tokens quantized tokens need: the previous layer's reconstruction
+        (or None) and, for a pre-RoPE codec, their cos/sin; on the layer's device (layers may sit on several GPUs)."""
+        prev = _on(self._previous(layer_idx, n_tokens), device)
+        cos = sin = None
+        if self.codec.pre_rope:
+            cos, sin = _on(self._cos_sin(positions, start, start + n_tokens), device)
+        return prev, cos, sin
+
+    def _encode(self, layer_idx: int, store, prev: KV | None, cos, sin, n_old: int, buf_k: torch.Tensor,
+                buf_v: torch.Tensor) -> tuple[object, torch.Tensor, torch.Tensor]:
+        """The buffer encoded as the chunk after the n_old stored tokens -> (new store, keys_hat, values_hat)."""
+        pk = None if prev is None else (prev[0][:, :, n_old:], prev[1][:, :, n_old:])
+        k_in = buf_k.float()
+        if self.codec.pre_rope:
+            k_in = unrotate(k_in, cos[:, n_old:], sin[:, n_old:])
+        chunk, k_hat, v_hat = self.codec.encode(layer_idx, k_in, buf_v.float(), pk)
+        return self.codec.append(store, chunk), k_hat, v_hat
+
     def _update_quantized(self, layer_idx: int, store, positions: torch.Tensor | None, start: int, n_old: int,
                           n_new: int, buf_k: torch.Tensor | None, buf_v: torch.Tensor | None, out_k: torch.Tensor,
                           out_v: torch.Tensor) -> tuple[object, KV | None]:
@@ -188,11 +242,7 @@ class ChunkedKVCache(Cache):
         layer or None when the codec does not need it).
         """
         codec = self.codec
-        device = out_k.device
-        prev = _on(self._previous(layer_idx, n_old + n_new), device)  # layers may sit on several GPUs
-        cos = sin = None
-        if codec.pre_rope:
-            cos, sin = _on(self._cos_sin(positions, start, start + n_old + n_new), device)
+        prev, cos, sin = self._inputs(layer_idx, positions, start, n_old + n_new, out_k.device)
         hat_k, hat_v = [], []
         if n_old:
             pk = None if prev is None else (prev[0][:, :, :n_old], prev[1][:, :, :n_old])
@@ -205,12 +255,7 @@ class ChunkedKVCache(Cache):
             hat_k.append(k_hat)
             hat_v.append(v_hat)
         if n_new:
-            pk = None if prev is None else (prev[0][:, :, n_old:], prev[1][:, :, n_old:])
-            k_in = buf_k.float()
-            if codec.pre_rope:
-                k_in = unrotate(k_in, cos[:, n_old:], sin[:, n_old:])
-            chunk, k_hat_new, v_hat_new = codec.encode(layer_idx, k_in, buf_v.float(), pk)
-            store = codec.append(store, chunk)
+            store, k_hat_new, v_hat_new = self._encode(layer_idx, store, prev, cos, sin, n_old, buf_k, buf_v)
             hat_k.append(k_hat_new)
             hat_v.append(v_hat_new)
         if not codec.needs_previous_layer:
@@ -218,6 +263,47 @@ class ChunkedKVCache(Cache):
         if len(hat_k) == 1:
             return store, (hat_k[0], hat_v[0])
         return store, (torch.cat(hat_k, dim=2), torch.cat(hat_v, dim=2))
+
+    def _defer_quantized(self, layer_idx: int, store, positions: torch.Tensor | None, start: int, n_old: int,
+                         n_new: int, buf_k: torch.Tensor | None, buf_v: torch.Tensor | None, keys: torch.Tensor,
+                         values: torch.Tensor) -> tuple[object, KV | None, attention_module.DeferredLayer]:
+        """`_update_quantized` for attention="blockwise": the new chunk (if n_new) is encoded now; the n_old stored
+        tokens are decoded later, block by block, by the attention that consumes the returned DeferredLayer.
+
+        Returns (the store with the new chunk, this layer's reconstruction of all its quantized tokens for the next
+        layer (float32 [B, H, n_old + n_new, D], filled as attention reads the blocks) or None, the DeferredLayer).
+        keys / values: the exact tokens returned to attention (sinks | buffer).
+        """
+        codec, device = self.codec, keys.device
+        prev, cos, sin = self._inputs(layer_idx, positions, start, n_old + n_new, device)
+        hat = None
+        if codec.needs_previous_layer and layer_idx < len(self.layers) - 1:
+            b, h, _, d = keys.shape
+            rows = torch.empty((2, b, n_old + n_new, h * d), dtype=torch.float32, device=device)
+            hat = tuple(r.view(b, n_old + n_new, h, d).transpose(1, 2) for r in rows)  # [B, H, T, D] views of rows
+        new_store = store
+        if n_new:
+            new_store, k_hat_new, v_hat_new = self._encode(layer_idx, store, prev, cos, sin, n_old, buf_k, buf_v)
+            if hat is not None:
+                hat[0][:, :, n_old:].copy_(k_hat_new)
+                hat[1][:, :, n_old:].copy_(v_hat_new)
+        dtype, step = keys.dtype, self.block_tokens
+
+        def blocks():
+            for t0 in range(0, n_old, step):
+                t1 = min(n_old, t0 + step)
+                pb = None if prev is None else (prev[0][:, :, t0:t1], prev[1][:, :, t0:t1])
+                k_hat, v_hat = codec.decode_range(layer_idx, store, t0, t1, pb)
+                if hat is not None:
+                    hat[0][:, :, t0:t1].copy_(k_hat)
+                    hat[1][:, :, t0:t1].copy_(v_hat)
+                if codec.pre_rope:
+                    k_hat = rotate(k_hat, cos[:, t0:t1], sin[:, t0:t1],
+                                   out=torch.empty(k_hat.shape, dtype=dtype, device=device))
+                yield t0, t1, k_hat.to(dtype), v_hat.to(dtype)
+
+        deferred = attention_module.DeferredLayer(layer_idx, keys, values, start, n_old, blocks)
+        return new_store, hat, deferred
 
     @torch.no_grad()
     def materialize(self, dtype: torch.dtype = torch.float32) -> list[KV]:
@@ -249,77 +335,6 @@ class ChunkedKVCache(Cache):
             out.append((torch.cat([p[0].to(dtype) for p in parts], dim=-2),
                         torch.cat([p[1].to(dtype) for p in parts], dim=-2)))
         return out
-
-    # ---- batch and length edits (beam search, assisted decoding, reuse) -----------------------------------
-    def _edit(self, who: str, edit) -> None:
-        """Run `edit` (arguments already checked); a failure half-way leaves layers that disagree: mark it."""
-        self._check_usable(who)
-        self._prev = self._rope = None
-        try:
-            edit()
-        except BaseException as error:
-            self._broken = f"{who} failed half-way ({type(error).__name__}: {error})"
-            raise
-
-    def _batch(self) -> int | None:
-        if self.layers[0].is_initialized:
-            return self.layers[0].batch
-        return None if self.positions is None else self.positions.shape[0]
-
-    def _select_batch(self, index, who: str) -> None:
-        self._check_usable(who)
-        index = checked_batch_index(index, self._batch(), who)
-        self._edit(who, lambda: self._apply_select(index))
-
-    def _apply_select(self, index: torch.Tensor) -> None:
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.select_rows(index.to(layer.device), self.codec)
-        if self.positions is not None:
-            self.positions = self.positions.index_select(0, index.to(self.positions.device))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: batch row i becomes old row beam_idx[i] (codes are reordered, never re-quantized).
-        A bad index (not 1-D integers within the batch) raises before anything changes."""
-        self._select_batch(beam_idx, f"{type(self).__name__}.reorder_cache")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_batch(indices, f"{type(self).__name__}.batch_select_indices")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        who = f"{type(self).__name__}.batch_repeat_interleave"
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            raise ValueError(f"{who}: repeats must be a positive integer, got {repeats!r}")
-        batch = self._batch()
-        if batch:
-            self._select_batch(torch.arange(batch).repeat_interleave(repeats), who)
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last -tokens_to_remove tokens (a negative count, like DynamicCache); exact for every part.
-        What is kept is copied, so the cropped tokens' bytes are freed."""
-        who = f"{type(self).__name__}.crop"
-        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
-            raise ValueError(f"{who}: pass a negative number of tokens to remove, got {tokens_to_remove!r}")
-        self._check_usable(who)
-        total = self.get_seq_length()
-        if tokens_to_remove == 0 or total == 0:
-            return
-        self._edit(who, lambda: self._apply_crop(max(total + tokens_to_remove, 0)))
-
-    def _apply_crop(self, keep: int) -> None:
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.keep_first(keep, self.codec)
-        if self.positions is not None:
-            self.positions = compact(self.positions[:, :keep]) if keep else None
-
-    def reset(self) -> None:
-        """Drop every cached token (the hook stays: the cache can be reused); also makes an unusable cache usable."""
-        self._prev = self._rope = None
-        self._broken = None
-        self.positions = None
-        for layer in self.layers:
-            layer.reset()
 
     # ---- accounting ------------------------------------------------------------------------------------
     def nbytes(self) -> int:
