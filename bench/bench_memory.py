@@ -32,40 +32,21 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cache import SMOLLM2_SHAPE, load  # noqa: E402
+from bench_cache import DTYPES, SHAPES, load  # noqa: E402
 from common import print_header  # noqa: E402
 
-SHAPES = {
-    "smollm2": SMOLLM2_SHAPE,
-    # Llama-3-8B's architecture, for GPUs (random weights: 16 GB in bf16).
-    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-               rope_theta=500000.0, tie_word_embeddings=False),
-    # For tests: seconds per run.
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=False),
-}
 CACHES = {"fp16": "fp16 (Fp16Cache)", "dynamic": "DynamicCache (model dtype)", "aqua-kv-2": "AQUA-KV-2",
-          "higgs-2": "HIGGS-2", "kivi-2": "KIVI-2"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+          "higgs-2": "HIGGS-2", "kivi-2": "KIVI-2", "aqua-kv-2-bw": "AQUA-KV-2, blockwise attention",
+          "higgs-2-bw": "HIGGS-2, blockwise attention", "kivi-2-bw": "KIVI-2, blockwise attention"}
+BLOCKWISE = "-bw"  # suffix: the same cache with attention="blockwise" (rebuilt block by block inside attention)
 MiB = 2 ** 20
 
 
 # ---- the model and the caches ---------------------------------------------------------------------------------
 def load_model_and_text(random_weights: bool, shape: str, device: str, dtype: str, seed: int, context: int):
-    """(model, token ids [>= context]): the bundled SmolLM2 and held-out text, or `shape` with random weights and
-    random tokens."""
-    if not random_weights or shape == "smollm2":
-        model, text = load(random_weights, device, seed)  # bench_cache's: the bundled model or SmolLM2's shape
-        model = model.to(DTYPES[dtype])
-    else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(seed)
-        with torch.device(device):  # built where it runs: an 8B model is never materialized on the CPU
-            model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).to(DTYPES[dtype]).eval()
-        text = torch.randint(3, SHAPES[shape]["vocab_size"], (max(context, 2048),),
-                             generator=torch.Generator().manual_seed(seed))
+    """(model, token ids [>= context]): bench_cache's model (the bundled SmolLM2 and held-out text, or `shape` with
+    random weights and random tokens) in `dtype`."""
+    model, text = load(random_weights, device, seed, shape, dtype)
     if text.numel() < context:
         raise SystemExit(f"--context {context}: the text has only {text.numel()} tokens")
     return model, text
@@ -75,6 +56,9 @@ def build_cache(name: str, model, predictors: str | None, seed: int):
     from aquakv.kv import AquaKVCache, AquaKVPredictors, HiggsCache, KiviCache
     from aquakv.kv.baselines import Fp16Cache
 
+    attention = "materialize"
+    if name.endswith(BLOCKWISE):
+        name, attention = name[:-len(BLOCKWISE)], "blockwise"
     if name == "fp16":
         return Fp16Cache(model)
     if name == "dynamic":
@@ -84,11 +68,11 @@ def build_cache(name: str, model, predictors: str | None, seed: int):
     if name == "aqua-kv-2":
         if predictors is None:
             raise SystemExit("--cache aqua-kv-2 needs --predictors FILE")
-        return AquaKVCache(model, AquaKVPredictors.load(predictors))
+        return AquaKVCache(model, AquaKVPredictors.load(predictors), attention=attention)
     if name == "higgs-2":
-        return HiggsCache(model, 2, seed=seed)
+        return HiggsCache(model, 2, seed=seed, attention=attention)
     if name == "kivi-2":
-        return KiviCache(model, 2)
+        return KiviCache(model, 2, attention=attention)
     raise SystemExit(f"--cache: unknown cache {name!r}; choose from {', '.join(CACHES)}")
 
 
@@ -214,7 +198,7 @@ def child_argv(args, cache: str, context: int, predictors: str | None) -> list[s
         argv.append("--random-weights")
     if args.threads:
         argv += ["--threads", str(args.threads)]
-    if predictors and cache == "aqua-kv-2":
+    if predictors and cache.startswith("aqua-kv-2"):
         argv += ["--predictors", predictors]
     return argv
 
@@ -307,10 +291,11 @@ def main(argv: list[str] | None = None) -> int:
           f"greedy decode steps; every cache in a fresh process\n")
     with tempfile.TemporaryDirectory(prefix="aquakv-membench-") as tmp:
         predictors, source = args.predictors, f"--predictors {args.predictors}"
-        if "aqua-kv-2" in args.caches and predictors is None:
+        needs_predictors = any(c.startswith("aqua-kv-2") for c in args.caches)
+        if needs_predictors and predictors is None:
             predictors = os.path.join(tmp, "aquakv2.safetensors")
             source = quick_predictors(args, predictors)
-        if "aqua-kv-2" in args.caches:
+        if needs_predictors:
             print(f"AQUA-KV-2 predictors: {source}\n")
         rows, failed = [], []
         for context in args.contexts:
@@ -335,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(args.json, {
             "command": f"python {shlex.join(sys.argv)}", "device": args.device,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": which, "predictors": source if "aqua-kv-2" in args.caches else None, "rows": rows})
+            "model": which, "predictors": source if needs_predictors else None, "rows": rows})
     return 1 if failed else 0
 
 

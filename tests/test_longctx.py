@@ -364,3 +364,16 @@ def test_filler_defaults_to_the_repeated_sentences_and_text_files_win(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("One sentence. Another one.")
     assert _filler_texts(parse("--filler", "docs", "--text", str(text))) == ["One sentence. Another one."]
+
+
+def test_cli_ppl_blockwise_gives_the_materialized_numbers(capsys, tmp_path, tiny_cli):
+    text = tmp_path / "t.txt"
+    text.write_text("The cache holds keys and values. " * 40)
+    argv = ("--task", "ppl", "--context", "256", "--prefill", "128", "--chunk", "64", "--max-windows", "1",
+            "--caches", "fp16", "higgs2", "kivi2", "--text", str(text), "--json")
+    ppl = {}
+    for mode in ("materialize", "blockwise"):
+        assert run_cli(capsys, *argv, str(tmp_path / f"{mode}.json"), "--attention", mode)[0] == 0
+        ppl[mode] = [r["ppl"] for r in json.loads((tmp_path / f"{mode}.json").read_text())["rows"]]
+    # The same caches read blockwise: float order only (tiny model, fp32).
+    assert len(ppl["blockwise"]) == 3 and ppl["blockwise"] == pytest.approx(ppl["materialize"], rel=1e-5)

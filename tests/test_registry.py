@@ -75,3 +75,12 @@ def test_the_registry_module_is_light():
     code = "import sys, aquakv.kv.registry as r\nprint(r.names()[0])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "fp16", out.stderr
+
+
+@pytest.mark.parametrize("name", ["kivi2", "higgs2", "higgs", "aquakv"])
+def test_chunked_caches_take_the_attention_mode(name):
+    from tiny_llama import make_tiny_llama
+
+    model = make_tiny_llama()  # its own: blockwise switches the model's attention implementation
+    cache = registry.get(name).factory(AquaKVPredictors.zeros(model, 2), seed=0, attention="blockwise")(model)
+    assert cache.attention == "blockwise" and model.config._attn_implementation == "aquakv_blockwise"

@@ -38,7 +38,8 @@ examples:
 """
 
 
-def cache_factories(names: Sequence[str], predictors=None) -> list[tuple[str, Callable]]:
+def cache_factories(names: Sequence[str], predictors=None, attention: str = "materialize"
+                    ) -> list[tuple[str, Callable]]:
     """(name, factory) for each --caches name: a name of aquakv.kv.registry, or aquakvB (AQUA-KV, checking that the
     --predictors file was calibrated at B bits). A bad name raises UserError."""
     from aquakv.kv import registry
@@ -57,7 +58,7 @@ def cache_factories(names: Sequence[str], predictors=None) -> list[tuple[str, Ca
         why = entry.unavailable()
         if why is not None:
             raise UserError(f"--caches {name} is unavailable here: {why}")
-        out.append((name, entry.factory(predictors)))
+        out.append((name, entry.factory(predictors, attention=attention)))
     if len({n for n, _ in out}) != len(out):
         raise UserError(f"--caches names a cache twice: {' '.join(names)}")
     return out
@@ -167,7 +168,7 @@ def run_longctx(args: argparse.Namespace) -> int:
     check_files(args.text, "text file")
     predictors = _load_predictors(args.predictors)
     names = args.caches or (["fp16", "kivi2", "higgs2"] + (["aquakv"] if predictors is not None else []))
-    caches = cache_factories(names, predictors)
+    caches = cache_factories(names, predictors, args.attention)
     if args.json is not None and not Path(args.json).parent.is_dir():
         raise UserError(f"--json: directory {Path(args.json).parent} does not exist")
     if args.heatmap_dir and args.task != "needle":
@@ -211,6 +212,10 @@ def add_longctx(sub) -> None:
                    help="caches to compare, first one the baseline (default fp16 kivi2 higgs2, and aquakv with "
                         "--predictors)")
     p.add_argument("--predictors", metavar="P", help="a .safetensors file from `aquakv calibrate` (for aquakv)")
+    p.add_argument("--attention", choices=("materialize", "blockwise"), default="materialize",
+                   help="how the compressed caches (kivi, higgs, aquakv) serve attention: hand it every layer's whole "
+                        "reconstruction (materialize, the default), or rebuild it block by block inside attention "
+                        "(blockwise: memory bounded, the same numbers up to float rounding)")
     add_text_option(p, "evaluation")
     g = p.add_argument_group("needle")
     g.add_argument("--depths", type=_depth, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D",

@@ -26,7 +26,7 @@ class CacheEntry:
     description: str
     needs_predictors: bool
     _label: Callable[[Optional[object]], str]
-    _build: Callable[[Optional[object], int], CacheFactory]
+    _build: Callable[[Optional[object], int, str], CacheFactory]
     _unavailable: Callable[[], Optional[str]] = lambda: None
 
     def label(self, predictors=None) -> str:
@@ -38,14 +38,16 @@ class CacheEntry:
         """None when this cache can be built here, else why not (a missing package)."""
         return self._unavailable()
 
-    def factory(self, predictors=None, seed: int = 0) -> CacheFactory:
-        """model -> fresh cache. predictors: required when needs_predictors; seed: HIGGS sign seed of higgs2/3.
+    def factory(self, predictors=None, seed: int = 0, attention: str = "materialize") -> CacheFactory:
+        """model -> fresh cache. predictors: required when needs_predictors; seed: HIGGS sign seed of higgs2/3;
+        attention: "blockwise" for the chunked caches (kivi, higgs, aquakv: see ChunkedKVCache), which the others
+        ignore (they hand attention their whole state either way).
         Raises RuntimeError naming the reason when the cache is unavailable here."""
         self._need(predictors)
         why = self.unavailable()
         if why is not None:
             raise RuntimeError(f"cache {self.name!r} is unavailable: {why}")
-        return self._build(predictors, seed)
+        return self._build(predictors, seed, attention)
 
     def _need(self, predictors) -> None:
         if self.needs_predictors and predictors is None:
@@ -62,50 +64,51 @@ class Row:
     unavailable: Optional[str] = None
 
 
-def _fp16(_preds, _seed):
+def _fp16(_preds, _seed, _attention):
     from aquakv.kv.baselines import Fp16Cache
 
     return Fp16Cache
 
 
-def _dynamic(_preds, _seed):
+def _dynamic(_preds, _seed, _attention):
     from transformers.cache_utils import DynamicCache
 
     return lambda model: DynamicCache(config=model.config)
 
 
 def _kivi(bits: int):
-    def build(_preds, _seed):
+    def build(_preds, _seed, attention):
         from aquakv.kv.kivi import kivi_factory
 
-        return kivi_factory(bits)
+        return kivi_factory(bits, attention=attention)
     return build
 
 
 def _higgs_fixed(bits: int):
-    def build(_preds, seed):
+    def build(_preds, seed, attention):
         from aquakv.kv.higgs import HiggsCache
 
-        return lambda model: HiggsCache(model, bits, seed=seed)
+        return lambda model: HiggsCache(model, bits, seed=seed, attention=attention)
     return build
 
 
-def _higgs_like(preds, _seed):
+def _higgs_like(preds, _seed, attention):
     """HIGGS without predictors at the predictors' bits, grid, group size and sign seed: AQUA-KV's ablation."""
     from aquakv.kv.higgs import HiggsCache
 
     s = preds.settings
-    return lambda model: HiggsCache(model, s.bits, grid_dim=s.grid_dim, group_size=s.group_size, seed=s.seed)
+    return lambda model: HiggsCache(model, s.bits, grid_dim=s.grid_dim, group_size=s.group_size, seed=s.seed,
+                                    attention=attention)
 
 
-def _aquakv(preds, _seed):
+def _aquakv(preds, _seed, attention):
     from aquakv.kv.aqua import AquaKVCache
 
-    return lambda model: AquaKVCache(model, preds)
+    return lambda model: AquaKVCache(model, preds, attention=attention)
 
 
 def _hf(backend: str, bits: int):
-    def build(_preds, _seed):
+    def build(_preds, _seed, _attention):
         from aquakv.kv.baselines import transformers_quantized_factory
 
         return transformers_quantized_factory(backend, bits=bits)
@@ -162,11 +165,12 @@ def get(name: str) -> CacheEntry:
         raise ValueError(f"unknown cache {name!r}; known: {', '.join(REGISTRY)}") from None
 
 
-def rows(requested, predictors=None, seed: int = 0) -> list[Row]:
+def rows(requested, predictors=None, seed: int = 0, attention: str = "materialize") -> list[Row]:
     """Rows for the requested names in the given order (duplicates dropped); unavailable ones carry the reason."""
     out: list[Row] = []
     for name in dict.fromkeys(requested):
         entry = get(name)
         why = entry.unavailable()
-        out.append(Row(name, entry.label(predictors), None if why else entry.factory(predictors, seed), why))
+        factory = None if why else entry.factory(predictors, seed, attention)
+        out.append(Row(name, entry.label(predictors), factory, why))
     return out
