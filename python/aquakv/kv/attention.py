@@ -143,7 +143,9 @@ def blockwise_attention(module, query, key, value, attention_mask, dropout: floa
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    unsupported = {k: kwargs[k] for k in ("softcap", "sliding_window", "s_aux") if kwargs.get(k) is not None}
+    # A sliding window lives in the mask transformers builds for the layer; without a mask it would be lost.
+    refused = ("softcap", "s_aux") + (("sliding_window",) if attention_mask is None else ())
+    unsupported = {k: kwargs[k] for k in refused if kwargs.get(k) is not None}
     if dropout or unsupported:
         layer.consumed = False  # the cache will say the attention did not read its tokens
         raise NotImplementedError(f"blockwise attention (layer {layer.layer_idx}) does not support "

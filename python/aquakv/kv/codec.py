@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from aquakv.kv.rope import rotate
+
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -43,6 +45,20 @@ class KVCodec(ABC):
         """Tokens [start, stop) of the store -> (keys_hat, values_hat) [B, H, stop - start, D], touching only what
         those tokens need; prev: layer l-1's reconstruction of the same tokens."""
         raise NotImplementedError(f"{type(self).__name__} does not decode token ranges")
+
+    def decode_block(self, layer_idx: int, store: Any, start: int, stop: int, prev: KV | None,
+                     cos: torch.Tensor | None, sin: torch.Tensor | None, dtype: torch.dtype, hat: KV | None) -> KV:
+        """Tokens [start, stop) as attention reads them: (keys, values) [B, H, stop - start, D] in `dtype`, keys
+        re-rotated with cos/sin [B, stop - start, D] when the codec is pre-RoPE. hat: float32 [B, H, T_b, D] views
+        that receive the un-rotated reconstruction (what the next layer's predictor reads), or None.
+        Codecs with a fused kernel override this; the default composes decode_range and rotate."""
+        k_hat, v_hat = self.decode_range(layer_idx, store, start, stop, prev)
+        if hat is not None:
+            hat[0].copy_(k_hat)
+            hat[1].copy_(v_hat)
+        if self.pre_rope:
+            k_hat = rotate(k_hat, cos, sin, out=torch.empty(k_hat.shape, dtype=dtype, device=k_hat.device))
+        return k_hat.to(dtype), v_hat.to(dtype)
 
     @abstractmethod
     def append(self, store: Any | None, new: Any) -> Any:

@@ -27,6 +27,11 @@ from aquakv.kv.rope import RotaryTracker, rotate, unrotate
 ATTENTION_MODES = ("materialize", "blockwise")
 
 
+def _tokens(pair: KV | None, start: int, stop: int) -> KV | None:
+    """Tokens [start, stop) of a pair of [B, H, T, D] tensors, as views."""
+    return None if pair is None else (pair[0][:, :, start:stop], pair[1][:, :, start:stop])
+
+
 def _on(pair: KV | None, device: torch.device) -> KV | None:
     """A pair of tensors on `device` (no copy when already there)."""
     return None if pair is None else (pair[0].to(device), pair[1].to(device))
@@ -292,15 +297,10 @@ class ChunkedKVCache(CacheEdits, Cache):
         def blocks():
             for t0 in range(0, n_old, step):
                 t1 = min(n_old, t0 + step)
-                pb = None if prev is None else (prev[0][:, :, t0:t1], prev[1][:, :, t0:t1])
-                k_hat, v_hat = codec.decode_range(layer_idx, store, t0, t1, pb)
-                if hat is not None:
-                    hat[0][:, :, t0:t1].copy_(k_hat)
-                    hat[1][:, :, t0:t1].copy_(v_hat)
-                if codec.pre_rope:
-                    k_hat = rotate(k_hat, cos[:, t0:t1], sin[:, t0:t1],
-                                   out=torch.empty(k_hat.shape, dtype=dtype, device=device))
-                yield t0, t1, k_hat.to(dtype), v_hat.to(dtype)
+                c, s = (None, None) if cos is None else (cos[:, t0:t1], sin[:, t0:t1])
+                keys_b, values_b = codec.decode_block(layer_idx, store, t0, t1, _tokens(prev, t0, t1), c, s, dtype,
+                                                      _tokens(hat, t0, t1))
+                yield t0, t1, keys_b, values_b
 
         deferred = attention_module.DeferredLayer(layer_idx, keys, values, start, n_old, blocks)
         return new_store, hat, deferred
