@@ -11,7 +11,7 @@ to it (captured by aquakv.runner.LayerRunner), so the states are the ones a full
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -45,11 +45,19 @@ class _LayerCapture(DynamicCache):
 @dataclass
 class _LayerInputs:
     """What the model's forward hands its decoder layers for one window length: the keyword arguments (causal
-    mask, rotary cos/sin, positions; they depend on the length only, not on the tokens) and the cos/sin the cache
-    un-rotates keys with."""
+    mask, rotary cos/sin, positions; they depend on the length only, not on the tokens), the rotary positions, and
+    the cos/sin the cache un-rotates keys with, per kind of layer (`RotaryTracker.kind`: one entry for most models,
+    one per layer type for Gemma 3), computed when a layer of that kind first needs them."""
 
     kwargs: dict
-    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    positions: torch.Tensor
+    cos_sin: dict = field(default_factory=dict)
+
+    def cos_sin_of(self, tracker: RotaryTracker, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kind = tracker.kind(layer_idx)
+        if kind not in self.cos_sin:
+            self.cos_sin[kind] = tracker.cos_sin(self.positions, layer_idx)
+        return self.cos_sin[kind]
 
 
 def _runner(model: nn.Module) -> LayerRunner:
@@ -67,8 +75,8 @@ def _first_layer_inputs(model: nn.Module, runner: LayerRunner, window: torch.Ten
                                            **cache_kwargs(runner.decoder, DynamicCache(config=model.config)))
     except (ValueError, RuntimeError) as e:
         raise type(e)(f"aquakv.calibrate: {e}") from None
-    cos_sin = tracker.cos_sin(tracker.take(1, window.numel(), "aquakv.calibrate"))
-    return inputs.hidden, _LayerInputs(inputs.kwargs, cos_sin)
+    positions = tracker.take(1, window.numel(), "aquakv.calibrate")
+    return inputs.hidden, _LayerInputs(inputs.kwargs, positions)
 
 
 def _with_cache(kwargs: dict, cache: Cache) -> dict:
@@ -106,7 +114,7 @@ def iter_layer_states(model: nn.Module, windows: list[torch.Tensor], sinks: int 
             hidden.append(h.to(store))
             inputs.setdefault(w.numel(), layer_inputs)
     finally:
-        tracker.close()
+        tracker.close()  # no more positions to record; cos_sin still evaluates the rotary module
 
     for layer_idx in range(len(layers)):
         keys = torch.empty(total, info["kv_width"], dtype=torch.float16, device=store)
@@ -115,7 +123,7 @@ def iter_layer_states(model: nn.Module, windows: list[torch.Tensor], sinks: int 
         last = layer_idx == len(layers) - 1
         for i, (h, n) in enumerate(zip(hidden, counts)):
             length = h.shape[1]
-            capture = _LayerCapture(model.config, inputs[length].cos_sin, sinks, store)
+            capture = _LayerCapture(model.config, inputs[length].cos_sin_of(tracker, layer_idx), sinks, store)
             out = runner.run_block(layer_idx, h.to(device), _with_cache(inputs[length].kwargs, capture))
             if capture.rows is None:
                 raise RuntimeError(f"aquakv.calibrate: decoder layer {layer_idx} did not update the cache")
