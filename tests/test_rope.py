@@ -127,14 +127,9 @@ def test_rotary_module_found_under_other_names_or_by_its_frequencies():
 
 @pytest.fixture(scope="module")
 def gemma3():
-    import transformers
-    from tiny_llama import TINY_CONFIG
+    from test_model_families import build_gemma3
 
-    fields = {k: v for k, v in TINY_CONFIG.items() if k != "initializer_range"}
-    config = transformers.Gemma3TextConfig(**fields, sliding_window=8, layer_types=[
-        "sliding_attention", "full_attention", "sliding_attention", "full_attention"])
-    torch.manual_seed(0)
-    return transformers.Gemma3ForCausalLM(config).eval()
+    return build_gemma3(sliding_window=8)
 
 
 def test_layer_typed_rotary_gives_each_layer_its_own_cos_sin(gemma3):
