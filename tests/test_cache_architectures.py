@@ -95,6 +95,12 @@ def test_unsupported_configs_are_refused_naming_type_and_reason(config_name, fie
         check_config(config, "AquaKVCache")
 
 
+def test_multi_axis_rope_is_refused_only_before_rope():
+    from aquakv.kv.support import check_config
+
+    check_config(_config("Qwen2VLConfig"), pre_rope=False)  # KIVI's post-RoPE keys: nothing to un-rotate
+
+
 @pytest.mark.parametrize("config_name", ["LlamaConfig", "Qwen2Config", "Qwen3Config", "MistralConfig", "Phi3Config",
                                          "PhiConfig", "StableLmConfig", "GPTNeoXConfig", "Gemma3TextConfig",
                                          "Gemma3Config"])

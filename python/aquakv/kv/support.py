@@ -42,11 +42,11 @@ def _refuse(who: str, config, reason: str) -> ValueError:
     return ValueError(f"{who}: model type {_model_type(config)!r} is not supported: {reason}")
 
 
-def check_config(config, who: str = "aquakv") -> None:
+def check_config(config, who: str = "aquakv", pre_rope: bool = True) -> None:
     """Refuse, as a ValueError naming the model type and the reason, a config whose K/V the caches cannot map.
 
-    config: a transformers PretrainedConfig (a multimodal config is judged by its text decoder, and refused when it
-    uses multi-axis RoPE).
+    config: a transformers PretrainedConfig (a multimodal config is judged by its text decoder). pre_rope: the caller
+    stores keys before RoPE; multi-axis RoPE is refused only then (post-RoPE keys need no un-rotation).
     """
     if getattr(config, "is_encoder_decoder", False):
         raise _refuse(who, config, "encoder-decoder models (T5, BART, Whisper, ...) hold a cross-attention cache of "
@@ -60,7 +60,7 @@ def check_config(config, who: str = "aquakv") -> None:
                                     f"RoPE separately, so there are no per-head K/V states to predict and quantize")
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         mrope = isinstance(rope, dict) and any("mrope" in str(k) or "mrope" in str(v) for k, v in rope.items())
-        if mrope or _model_type(cfg) in _MROPE_TYPES:
+        if pre_rope and (mrope or _model_type(cfg) in _MROPE_TYPES):
             raise _refuse(who, cfg, "multi-axis RoPE (mrope: temporal/height/width position ids) cannot be undone "
                                     "from one position per token, which a pre-RoPE cache stores")
     for name in _BLOCK_TYPE_FIELDS + _STATE_SPACE_FIELDS:
@@ -150,6 +150,6 @@ def check_supported(model: nn.Module, *, who: str = "aquakv", probe: bool = Fals
     calibration, which runs the model anyway; the cache constructor checks the config only.
     pre_rope: the caller stores keys before RoPE (the probe then checks the rotation convention too).
     """
-    check_config(model.config, who)
+    check_config(model.config, who, pre_rope)
     if probe:
         _probe(model, who, pre_rope)
