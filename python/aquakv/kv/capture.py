@@ -11,7 +11,7 @@ to it (captured by aquakv.runner.LayerRunner), so the states are the ones a full
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -45,11 +45,23 @@ class _LayerCapture(DynamicCache):
 @dataclass
 class _LayerInputs:
     """What the model's forward hands its decoder layers for one window length: the keyword arguments (causal
-    mask, rotary cos/sin, positions; they depend on the length only, not on the tokens) and the cos/sin the cache
-    un-rotates keys with."""
+    mask, rotary cos/sin, positions; they depend on the length only, not on the tokens), the rotary positions, and
+    the cos/sin the cache un-rotates keys with, per kind of layer (`RotaryTracker.kind`: one entry for most models,
+    one per layer type for Gemma 3), computed when a layer of that kind first needs them."""
 
     kwargs: dict
-    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    positions: torch.Tensor
+    cos_sin: dict = field(default_factory=dict)
+    per_layer: list[dict] | None = None  # every layer's own kwargs, when layers differ in kind (see _record_kinds)
+
+    def kwargs_of(self, layer_idx: int) -> dict:
+        return self.kwargs if self.per_layer is None else self.per_layer[layer_idx]
+
+    def cos_sin_of(self, tracker: RotaryTracker, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kind = tracker.kind(layer_idx)
+        if kind not in self.cos_sin:
+            self.cos_sin[kind] = tracker.cos_sin(self.positions, layer_idx)
+        return self.cos_sin[kind]
 
 
 def _runner(model: nn.Module) -> LayerRunner:
@@ -67,8 +79,19 @@ def _first_layer_inputs(model: nn.Module, runner: LayerRunner, window: torch.Ten
                                            **cache_kwargs(runner.decoder, DynamicCache(config=model.config)))
     except (ValueError, RuntimeError) as e:
         raise type(e)(f"aquakv.calibrate: {e}") from None
-    cos_sin = tracker.cos_sin(tracker.take(1, window.numel(), "aquakv.calibrate"))
-    return inputs.hidden, _LayerInputs(inputs.kwargs, cos_sin)
+    positions = tracker.take(1, window.numel(), "aquakv.calibrate")
+    return inputs.hidden, _LayerInputs(inputs.kwargs, positions)
+
+
+def _record_kinds(model: nn.Module, runner: LayerRunner, window: torch.Tensor, inputs: _LayerInputs) -> None:
+    """Layers of different kinds (Gemma 3's sliding and global layers) get different masks and rotary cos/sin from
+    the model's forward, so layer 0's kwargs do not fit them all: one full forward over a window of this length
+    records every layer's own (they depend on the length only). Models with one kind of layer skip it."""
+    try:
+        trace = runner.record(window[None], use_cache=True, **cache_kwargs(model, DynamicCache(config=model.config)))
+    except (ValueError, RuntimeError) as e:
+        raise type(e)(f"aquakv.calibrate: {e}") from None
+    inputs.per_layer = [block.kwargs for block in trace.blocks]
 
 
 def _with_cache(kwargs: dict, cache: Cache) -> dict:
@@ -104,9 +127,12 @@ def iter_layer_states(model: nn.Module, windows: list[torch.Tensor], sinks: int 
         for w in windows:
             h, layer_inputs = _first_layer_inputs(model, runner, w.to(device), tracker)
             hidden.append(h.to(store))
-            inputs.setdefault(w.numel(), layer_inputs)
+            if w.numel() not in inputs:
+                inputs[w.numel()] = layer_inputs
+                if not tracker.single_kind:
+                    _record_kinds(model, runner, w.to(device), layer_inputs)
     finally:
-        tracker.close()
+        tracker.close()  # no more positions to record; cos_sin still evaluates the rotary module
 
     for layer_idx in range(len(layers)):
         keys = torch.empty(total, info["kv_width"], dtype=torch.float16, device=store)
@@ -115,8 +141,8 @@ def iter_layer_states(model: nn.Module, windows: list[torch.Tensor], sinks: int 
         last = layer_idx == len(layers) - 1
         for i, (h, n) in enumerate(zip(hidden, counts)):
             length = h.shape[1]
-            capture = _LayerCapture(model.config, inputs[length].cos_sin, sinks, store)
-            out = runner.run_block(layer_idx, h.to(device), _with_cache(inputs[length].kwargs, capture))
+            capture = _LayerCapture(model.config, inputs[length].cos_sin_of(tracker, layer_idx), sinks, store)
+            out = runner.run_block(layer_idx, h.to(device), _with_cache(inputs[length].kwargs_of(layer_idx), capture))
             if capture.rows is None:
                 raise RuntimeError(f"aquakv.calibrate: decoder layer {layer_idx} did not update the cache")
             keys[start:start + n], values[start:start + n] = capture.rows
