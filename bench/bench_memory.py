@@ -133,6 +133,8 @@ class PeakMemory:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.note = "VmHWM (reset at the baseline) - VmRSS at the baseline"
+            if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+                self.note += f", MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
         except OSError as error:
             self.note = f"VmHWM NOT reset ({error.strerror}): the peak includes the load; VmHWM - VmRSS at the baseline"
 
@@ -203,10 +205,22 @@ def child_argv(args, cache: str, context: int, predictors: str | None) -> list[s
     return argv
 
 
-def run_child(argv: list[str], timeout: float | None = None, tail_lines: int = 25) -> dict:
+def child_env(mmap_threshold: int) -> dict:
+    """The child's environment. On glibc, a fixed mmap threshold makes every block of at least that many bytes
+    its own mapping, returned to the system when freed: RSS then follows the live tensors. With glibc's default
+    (a threshold that grows to the largest block freed so far) mid-size transients come from the heap, which
+    cannot shrink below the cache's long-lived chunks allocated after them, and the peak measures fragmentation
+    as much as the cache. 0 keeps glibc's default."""
+    env = dict(os.environ)
+    if mmap_threshold > 0:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(mmap_threshold))
+    return env
+
+
+def run_child(argv: list[str], timeout: float | None = None, tail_lines: int = 25, env: dict | None = None) -> dict:
     """Run one child; its JSON row, or {"error": ..., "stderr_tail": ...} when it fails (nothing is swallowed)."""
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as error:
         err = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else (error.stderr or "")
         return {"error": f"timed out after {timeout:g} s", "stderr_tail": "\n".join(err.splitlines()[-tail_lines:])}
@@ -256,6 +270,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads in every process (default: torch's choice)")
     p.add_argument("--json", help="also write every row to this JSON file (atomically)")
     p.add_argument("--timeout", type=float, help="seconds per child before it counts as failed (default: none)")
+    p.add_argument("--mmap-threshold", type=int, default=65536, metavar="BYTES",
+                   help="glibc MALLOC_MMAP_THRESHOLD_ of every child (default 65536: freed blocks leave RSS at once, "
+                        "so the peak counts live memory; 0 keeps glibc's growing threshold and its heap retention)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
@@ -301,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         for context in args.contexts:
             per_context = []
             for cache in args.caches:
-                row = run_child(child_argv(args, cache, context, predictors), args.timeout)
+                row = run_child(child_argv(args, cache, context, predictors), args.timeout,
+                                env=child_env(args.mmap_threshold))
                 row.setdefault("cache", cache)
                 row.setdefault("context", context)
                 per_context.append(row)

@@ -88,27 +88,30 @@ class _OnlineSoftmax:
         self.acc = query.new_zeros((*self.shape, d), dtype=torch.float32)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Merge one block: keys, values [B, Hkv, T, D]; mask [B|1, 1|H, Q, T] (bool: True attends; or additive).
+        The scores are the one [G*Q, T] tensor per KV head a block costs: masked, shifted and exponentiated in
+        place."""
         b, hkv, g, q = self.shape
         t = keys.shape[2]
         if t == 0:
             return
-        scores = (self.q @ keys.float().transpose(-1, -2)).view(b, hkv, g, q, t)
+        scores = torch.matmul(self.q, keys.float().transpose(-1, -2)).view(b, hkv, g, q, t)
         if mask is not None:
-            mask = mask.reshape(mask.shape[0], -1, 1, q, t)  # [B|1, 1|Hkv... , 1, Q, T]: heads of the mask
+            mask = mask.reshape(mask.shape[0], -1, 1, q, t)  # [B|1, 1|Hkv, 1, Q, T]
             if mask.shape[1] not in (1, hkv):  # a per-query-head mask: group it like the queries
                 mask = mask.reshape(mask.shape[0], hkv, g, q, t)
             if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, -torch.inf)
+                scores.masked_fill_(~mask, -torch.inf)
             else:
-                scores = scores + mask
+                scores.add_(mask)
         new_max = torch.maximum(self.max, scores.amax(dim=-1, keepdim=True))
         # Rows that have seen only masked columns keep max = -inf; shift them by 0 so exp gives 0, not NaN.
         shift = torch.where(torch.isneginf(new_max), torch.zeros_like(new_max), new_max)
-        probs = torch.exp(scores - shift)
+        probs = scores.sub_(shift).exp_()
         rescale = torch.exp(self.max - shift)
-        self.sum = self.sum * rescale + probs.sum(dim=-1, keepdim=True)
-        weighted = (probs.view(b, hkv, g * q, t) @ values.float()).view(b, hkv, g, q, -1)
-        self.acc = self.acc * rescale + weighted
+        self.sum.mul_(rescale).add_(probs.sum(dim=-1, keepdim=True))
+        weighted = torch.matmul(probs.view(b, hkv, g * q, t), values.float())
+        self.acc.mul_(rescale).add_(weighted.view(b, hkv, g, q, -1))
         self.max = new_max
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
