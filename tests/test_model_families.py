@@ -146,13 +146,13 @@ def test_calibration_captures_each_layer_kind_with_its_own_mask_and_rotary():
         torch.testing.assert_close(values.float(), want[1], rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True,
-                   reason="kv/policy.py asks the tracker for one cos/sin per forward; per-layer-type rotary needs "
-                          "cos_sin(positions, layer_idx) there (docs/model_families.md)")
-def test_gemma3_unquantized_cache_reproduces_dynamic_cache():
+@pytest.mark.parametrize("attention", ["materialize", "blockwise"])
+def test_gemma3_unquantized_cache_reproduces_dynamic_cache(attention):
+    """Per-layer-type rotary (local and global rope bases), and the sliding window kept by the mask."""
     model = build_gemma3()
     ids = torch.stack(random_token_windows(2, 60, seed=7))
     steps = [9, 1, 20, 30]
     ref = _feed(model, ids, DynamicCache(config=model.config), steps)
-    got = _feed(model, ids, AquaKVCache(model, AquaKVPredictors.zeros(model), quantize=False, buffer=16), steps)
+    cache = AquaKVCache(model, AquaKVPredictors.zeros(model), quantize=False, buffer=16, attention=attention)
+    got = _feed(model, ids, cache, steps)
     torch.testing.assert_close(got, ref, **EXACT)

@@ -23,6 +23,7 @@ from aquakv.kv import attention as attention_module
 from aquakv.kv.codec import KV, ChunkedLayer, KVCodec, _cat
 from aquakv.kv.edits import CacheEdits
 from aquakv.kv.rope import RotaryTracker, rotate, unrotate
+from aquakv.kv.support import check_supported
 
 ATTENTION_MODES = ("materialize", "blockwise")
 
@@ -67,6 +68,7 @@ class ChunkedKVCache(CacheEdits, Cache):
                 raise ValueError(f"attention='blockwise' needs a codec that decodes token ranges; "
                                  f"{type(codec).__name__} does not")
             attention_module.install(model)
+        check_supported(model, who=type(self).__name__, pre_rope=codec.pre_rope)
         cfg = model.config.get_text_config(decoder=True)
         super().__init__(layers=[ChunkedLayer() for _ in range(cfg.num_hidden_layers)])
         self.codec = codec
@@ -77,7 +79,7 @@ class ChunkedKVCache(CacheEdits, Cache):
         self.tracker = RotaryTracker(model, rotary) if codec.pre_rope else None
         self.positions: torch.Tensor | None = None  # [B, T] int32, every cached token's rotary position
         self._prev: tuple[int, KV] | None = None  # (layer, reconstruction of its quantized tokens) in this forward
-        self._rope: tuple[tuple[int, int], KV] | None = None  # cos/sin of the quantized tokens in this forward
+        self._rope: tuple[tuple[int, int], dict] | None = None  # per layer kind, cos/sin of the quantized tokens
         self._forward_changed = False  # some layer took the tokens of the forward in progress
         self.attention, self.block_tokens = attention, block_tokens
         self._model_config = model.config  # its attention implementation is checked at every update
@@ -201,12 +203,18 @@ class ChunkedKVCache(CacheEdits, Cache):
             attention_module.defer(deferred)
         return keys, values
 
-    def _cos_sin(self, positions: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, stop - start, D] of cached tokens; every layer of a forward asks for the same range, so the
-        first answer is kept until the end of the forward (transient, like the previous layer's reconstruction)."""
+    def _cos_sin(self, positions: torch.Tensor, start: int, stop: int, layer_idx: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, stop - start, R] of cached tokens for layer `layer_idx`; every layer of a forward asks for the
+        same range and layers of one kind (`RotaryTracker.kind`: one kind for most models, one per layer type for
+        Gemma 3) share cos/sin, so the first answer per kind is kept until the end of the forward (transient, like
+        the previous layer's reconstruction)."""
         if self._rope is None or self._rope[0] != (start, stop):
-            self._rope = ((start, stop), self.tracker.cos_sin(positions[:, start:stop]))
-        return self._rope[1]
+            self._rope = ((start, stop), {})
+        kind, per_kind = self.tracker.kind(layer_idx), self._rope[1]
+        if kind not in per_kind:
+            per_kind[kind] = self.tracker.cos_sin(positions[:, start:stop], layer_idx)
+        return per_kind[kind]
 
     def _previous(self, layer_idx: int, num_tokens: int) -> KV | None:
         if not self.codec.needs_previous_layer or layer_idx == 0:
@@ -224,7 +232,7 @@ class ChunkedKVCache(CacheEdits, Cache):
         prev = _on(self._previous(layer_idx, n_tokens), device)
         cos = sin = None
         if self.codec.pre_rope:
-            cos, sin = _on(self._cos_sin(positions, start, start + n_tokens), device)
+            cos, sin = _on(self._cos_sin(positions, start, start + n_tokens, layer_idx), device)
         return prev, cos, sin
 
     def _encode(self, layer_idx: int, store, prev: KV | None, cos, sin, n_old: int, buf_k: torch.Tensor,
@@ -313,7 +321,7 @@ class ChunkedKVCache(CacheEdits, Cache):
         the cache itself never does.
         """
         self._check_usable(f"{type(self).__name__}.materialize")
-        out, prev, cos_sin = [], None, None
+        out, prev, cos_sin = [], None, {}  # cos/sin per layer kind (RotaryTracker.kind)
         for layer_idx, layer in enumerate(self.layers):
             parts = []
             if layer.num_sinks:
@@ -322,10 +330,12 @@ class ChunkedKVCache(CacheEdits, Cache):
                 k_hat, v_hat = self.codec.decode(layer_idx, layer.store, _on(prev, layer.device) if layer_idx else None)
                 prev = (k_hat, v_hat)
                 if self.codec.pre_rope:
-                    if cos_sin is None:  # every layer holds the same token layout: one range of positions
+                    kind = self.tracker.kind(layer_idx)
+                    if kind not in cos_sin:  # every layer holds the same token layout: one range of positions
                         start = layer.num_sinks
-                        cos_sin = self.tracker.cos_sin(self.positions[:, start:start + layer.num_quantized])
-                    k_hat = rotate(k_hat, *_on(cos_sin, layer.device))
+                        cos_sin[kind] = self.tracker.cos_sin(self.positions[:, start:start + layer.num_quantized],
+                                                             layer_idx)
+                    k_hat = rotate(k_hat, *_on(cos_sin[kind], layer.device))
                 parts.append((k_hat, v_hat))
             if layer.num_buffered:
                 parts.append((layer.buf_k, layer.buf_v))
