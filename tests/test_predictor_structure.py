@@ -105,6 +105,23 @@ def test_dense_op_weights_split_rows_by_input():
         low.op_weights([16, 16])
 
 
+@pytest.mark.parametrize("kw", [
+    dict(blocks=(torch.zeros(2, 3, 4),), block_up=torch.zeros(2, 5, 4)),  # up's rank is not the blocks' M
+    dict(blocks=(torch.zeros(2, 3, 4), torch.zeros(3, 3, 4))),             # two G
+    dict(blocks=(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5))),             # two M
+    dict(blocks=(torch.zeros(6, 4),)),                                     # not [G, C_i/G, M]
+    dict(blocks=()),                                                       # no inputs
+    dict(blocks=(torch.zeros(2, 3, 4),), weight=torch.zeros(6, 8)),        # both structures
+    dict(block_up=torch.zeros(2, 4, 4)),                                   # up without blocks
+    dict(blocks=(torch.zeros(2, 3, 5),)),                                  # bias [8] is not G * M = 10
+])
+def test_affine_map_refuses_inconsistent_blocks(kw):
+    with pytest.raises(ValueError, match="block"):
+        AffineMap(bias=torch.zeros(8), **kw)
+    AffineMap(bias=torch.zeros(8), blocks=(torch.zeros(2, 3, 4),))  # and consistent ones are taken
+    AffineMap(bias=torch.zeros(8), blocks=(torch.zeros(2, 3, 2),), block_up=torch.zeros(2, 2, 4))
+
+
 @pytest.mark.parametrize("rank", [None, 3])
 @pytest.mark.parametrize("groups, widths", [(2, [32]), (2, [32, 32]), (3, [48, 48]), (4, [16, 8])])
 def test_per_head_fit_is_one_ridge_fit_per_head(groups, widths, rank):
