@@ -4,6 +4,7 @@ import torch
 from aquakv.kv.calibration import calibrate, format_report, make_windows
 from aquakv.kv.capture import capture_states
 from aquakv.kv.fit import _moments, fit_ridge
+from test_cli import tiny as tiny  # the fixture, shared
 from tiny_llama import make_tiny_llama, random_token_windows
 
 
@@ -225,3 +226,52 @@ def test_calibrate_refuses_bad_option_values_naming_them(model, data, option, va
 def test_calibrate_accepts_the_edges_of_its_ranges(model, data):
     preds = calibrate(model, data[:2], window=100, damping=0.0, sinks=0, held_out=0.0, progress=False)
     assert preds.calibration["held_out_tokens"] > 0  # held_out=0 still keeps one window for the report
+
+
+def test_structure_full_is_the_default_bit_for_bit(model, data, preds):
+    full = calibrate(model, data, bits=2, window=100, structure="full", progress=False)
+    for a, b in zip(preds.key_maps + preds.value_maps, full.key_maps + full.value_maps):
+        assert a.tensors().keys() == b.tensors().keys() and a.groups == 1
+        assert all(torch.equal(t, b.tensors()[name]) for name, t in a.tensors().items())
+    assert full.report == preds.report and preds.calibration["structure"] == "full"
+
+
+def test_fit_predictors_per_head_equals_calibrate_per_head(model, data):
+    from aquakv.kv.calibration import _split
+    from aquakv.kv.fit import fit_predictors
+    from aquakv.kv.predictors import AquaKVPredictors
+
+    ours = calibrate(model, data, bits=2, window=100, structure="per-head", rank=3, progress=False)
+    windows = make_windows(data, window=100)
+    keys, values = capture_states(model, windows, sinks=4, progress=False)
+    n_fit, _ = _split(windows, 4, 0.1)
+    got = fit_predictors(keys, values, n_fit, ours.settings, AquaKVPredictors.model_info_of(model), rank=3,
+                         structure="per-head", progress=False)
+    for a, b in zip(ours.key_maps + ours.value_maps, got.key_maps + got.value_maps):
+        assert all(torch.equal(t, b.tensors()[name]) for name, t in a.tensors().items())
+    assert got.report == ours.report and ours.key_maps[1].groups == 2
+
+
+def test_per_head_on_one_kv_head_is_the_dense_fit(data):
+    """With one KV head (MQA) per-head is the full-rank map: the same dense tensors, nothing block-shaped."""
+    mqa = make_tiny_llama(num_key_value_heads=1, head_dim=32)
+    full = calibrate(mqa, data, bits=2, window=100, progress=False)
+    per_head = calibrate(mqa, data, bits=2, window=100, structure="per-head", progress=False)
+    for a, b in zip(full.key_maps + full.value_maps, per_head.key_maps + per_head.value_maps):
+        assert b.blocks is None and all(torch.equal(t, b.tensors()[name]) for name, t in a.tensors().items())
+
+
+def test_cli_calibrate_structure_per_head(capsys, tmp_path, tiny):
+    from aquakv.kv.predictors import AquaKVPredictors
+    from test_cli import run
+
+    _, text = tiny
+    out_file = tmp_path / "p.safetensors"
+    code, out, err = run(capsys, "calibrate", "--text", str(text), "--windows", "4", "--window", "128", "--structure",
+                         "per-head", "--rank", "4", "--out", str(out_file), "--device", "cpu", "-q")
+    assert code == 0, err
+    loaded = AquaKVPredictors.load(out_file)
+    assert loaded.key_maps[1].groups == 2 and loaded.key_maps[1].rank == 4 and "per-head" in out
+    with pytest.raises(SystemExit) as e:
+        run(capsys, "calibrate", "--text", str(text), "--structure", "diagonal", "--out", str(out_file))
+    assert e.value.code == 2 and "--structure" in capsys.readouterr().err

@@ -271,3 +271,32 @@ def test_model_name_is_portable_and_warned_once(model, caplog):
         assert not caplog.records
     finally:
         model.config._name_or_path = ""
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_files_written_before_per_head_maps_load_and_predict_as_before(model, tmp_path, rank):
+    """A format-version-1 file, written as the library wrote it before block-diagonal maps existed, loads into dense
+    maps whose predictions are bit for bit the old formula: sum_i x_i @ W[rows_i] (@ up) + bias."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    preds = _random_predictors(model, rank)
+    tensors = {f"{kind}.{layer}.{name}": t for kind, maps in (("key", preds.key_maps), ("value", preds.value_maps))
+               for layer, m in enumerate(maps) for name, t in m.tensors().items()}
+    meta = {"format": "aquakv-predictors", "format_version": 1, "model": preds.model_info,
+            "settings": asdict(preds.settings), "report": preds.report, "calibration": preds.calibration}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"aquakv": json.dumps(meta)})
+    loaded = AquaKVPredictors.load(tmp_path / "old.safetensors")
+    gen = torch.Generator().manual_seed(5)
+    k_prev, v_prev = torch.randn(2, 9, preds.kv_width, generator=gen), torch.randn(2, 9, preds.kv_width, generator=gen)
+    c = preds.kv_width
+    for layer in range(1, preds.num_layers):
+        for kind, xs in (("key", [k_prev]), ("value", [k_prev, v_prev])):
+            t = {n.split(".", 2)[2]: v for n, v in tensors.items() if n.startswith(f"{kind}.{layer}.")}
+            w = t.get("weight", t.get("down"))
+            old = sum(x @ w[i * c:(i + 1) * c] for i, x in enumerate(xs))
+            old = (old if rank is None else old @ t["up"]) + t["bias"]
+            amap = (loaded.key_maps if kind == "key" else loaded.value_maps)[layer]
+            assert amap.groups == 1 and amap.blocks is None
+            assert torch.equal(amap(*xs), old), (kind, layer)

@@ -62,7 +62,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     ids = token_ids(tokenizer, None, "calibration", texts=texts)
     t0 = time.perf_counter()
     preds = calibrate(model, [ids], bits=args.bits, window=args.window, max_windows=args.windows,
-                      rank=args.rank, layer0_bits=layer0, seed=args.seed, progress=show_progress(args))
+                      rank=args.rank, structure=args.structure, layer0_bits=layer0, seed=args.seed,
+                      progress=show_progress(args))
     seconds = time.perf_counter() - t0
     with atomic_path(out) as tmp:  # an interrupt while saving leaves no half-written predictors file
         preds.save(tmp)
@@ -91,6 +92,10 @@ def add_calibrate(sub) -> None:
     p.add_argument("--out", required=True, metavar="P",
                    help="output .safetensors file (its directory must exist and be writable; checked first)")
     p.add_argument("--rank", type=positive_int, metavar="R", help="reduced-rank predictors of rank R (default: full rank)")
+    p.add_argument("--structure", choices=("full", "per-head"), default="full",
+                   help="full: dense maps over all KV heads (default); per-head: block diagonal, each KV head "
+                        "predicted from the same head of the previous layer alone (cheaper; with --rank, rank R "
+                        "per head); see docs/predictor_structures.md")
     p.add_argument("--windows", type=positive_int, default=32, metavar="N",
                    help="calibration windows, spread over the text (default 32)")
     p.add_argument("--window", type=positive_int, default=1024, metavar="W", help="tokens per calibration window (default 1024)")

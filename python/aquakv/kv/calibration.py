@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from aquakv.evaluation.windows import cut_windows
 from aquakv.kv.capture import iter_layer_states
-from aquakv.kv.fit import _SequentialFit
+from aquakv.kv.fit import _SequentialFit, structure_groups
 from aquakv.kv.predictors import AquaKVPredictors, AquaKVSettings, _layer0_bits
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _check_options(*, bits, layer0_bits, damping, sinks, held_out) -> None:
 
 @torch.no_grad()
 def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 1024, max_windows: int | None = None,
-              rank: int | None = None, group_size: int | None = None, grid_dim: int = 2,
+              rank: int | None = None, structure: str = "full", group_size: int | None = None, grid_dim: int = 2,
               layer0_bits: float | str = 4, seed: int = 0, device: str | torch.device | None = None,
               offload: bool = True, damping: float = 1e-3, sinks: int = 4, held_out: float = 0.1,
               progress: bool = True) -> AquaKVPredictors:
@@ -93,6 +93,9 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
     bits: code bits per value for layers >= 1 (HIGGS grid (grid_dim, 2**(bits*grid_dim)), group_size = head_dim
       by default). layer0_bits: bits of layer 0's centered quantizer, or "fp16" to keep layer 0 exact.
     rank: reduced-rank predictors (two factors of rank r) instead of dense C x C / 2C x C maps.
+    structure: "full" (dense maps, the default) or "per-head": block-diagonal maps, KV head g of a layer predicted
+      from head g of its inputs alone (a third of the weights and FLOPs on 3 heads; heads stay independent, as
+      tensor parallelism shards them); with rank, rank r per head (docs/predictor_structures.md).
     damping: ridge damping relative to the mean diagonal of the centered X^T X. sinks: leading tokens of each window
       left out (the cache keeps them exact). held_out: share of windows held out for the per-layer report.
     device: where the fit runs (default: the model's device). The model runs one decoder layer at a time over all
@@ -111,10 +114,12 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
     settings.quantizer(0), settings.quantizer(1)  # validates bits/grid/group before the slow part
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be >= 1 or None, got {rank}")
+    groups = structure_groups(structure, info["num_kv_heads"])  # refuses an unknown structure, naming it
     windows = make_windows(data, tokenizer, window, max_windows, min_tokens=sinks + 1)
     n_fit, _ = _split(windows, sinks, held_out)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    fit = _SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device)
+    fit = _SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device,
+                         structure, groups)
     with tqdm(total=info["num_layers"], desc="aquakv: calibrating layers", unit="layer", disable=not progress) as bar:
         for _, keys, values in iter_layer_states(model, windows, sinks, offload=offload, progress=bar):
             fit.add_layer(keys, values)

@@ -15,6 +15,7 @@ from aquakv.quantizer import HiggsQuantizer
 
 log = logging.getLogger(__name__)
 
+STRUCTURES = ("full", "per-head")  # dense maps; block diagonal over KV heads (docs/predictor_structures.md)
 _ROWS_PER_STEP = 16384  # rows moved to the compute device at a time: bounds memory, keeps matmuls large
 
 
@@ -27,6 +28,13 @@ class _Moments:
     sy: torch.Tensor
     xtx: torch.Tensor
     xty: torch.Tensor
+
+
+def structure_groups(structure: str, num_kv_heads: int) -> int:
+    """G of the predictors' maps for a structure: 1 for "full", the KV heads for "per-head"."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {', '.join(STRUCTURES)}, got {structure!r}")
+    return num_kv_heads if structure == "per-head" else 1
 
 
 def _chunks(n: int):
@@ -71,6 +79,32 @@ def fit_ridge(m: _Moments, damping: float, rank: int | None) -> AffineMap:
         return AffineMap(bias=bias.float().cpu(), down=down.float().cpu().contiguous(), up=up.float().cpu().contiguous())
     bias = my - mx @ w
     return AffineMap(bias=bias.float().cpu(), weight=w.float().cpu().contiguous())
+
+
+def fit_ridge_blocks(m: _Moments, in_widths: list[int], groups: int, damping: float, rank: int | None) -> AffineMap:
+    """Block-diagonal ridge over G groups of channels (per KV head): the objective decouples into G independent ridge
+    regressions, output group g on group g of every input alone, each exactly `fit_ridge` on its own moments (its own
+    lam = damping * mean of its own diag Sxx; rank r per group by the same projection). in_widths: the widths of the
+    inputs whose concatenation the moments are over. G = 1 is `fit_ridge` itself (a dense map)."""
+    c_out = m.sy.shape[0]
+    if groups < 1 or c_out % groups or any(w % groups for w in in_widths) or sum(in_widths) != m.sx.shape[0]:
+        raise ValueError(f"fit_ridge_blocks: {groups} groups do not divide inputs of widths {in_widths} and "
+                         f"{c_out} outputs")
+    if groups == 1:
+        return fit_ridge(m, damping, rank)
+    starts = [sum(in_widths[:i]) for i in range(len(in_widths))]
+    sizes, out = [w // groups for w in in_widths], c_out // groups
+    fits = []
+    for g in range(groups):
+        rows = torch.cat([torch.arange(s + g * d, s + (g + 1) * d) for s, d in zip(starts, sizes)]).to(m.sx.device)
+        cols = slice(g * out, (g + 1) * out)
+        fits.append(fit_ridge(_Moments(m.n, m.sx[rows], m.sy[cols], m.xtx[rows][:, rows], m.xty[rows][:, cols]),
+                              damping, rank))
+    low = fits[0].up is not None  # the same for every group: the rank test only sees the group's shapes
+    per_group = [f.down if low else f.weight for f in fits]  # [sum_i C_i/G, M], rows input by input
+    blocks = tuple(torch.stack([w.split(sizes)[i] for w in per_group]).contiguous() for i in range(len(sizes)))
+    up = torch.stack([f.up for f in fits]).contiguous() if low else None
+    return AffineMap(bias=torch.cat([f.bias for f in fits]), blocks=blocks, block_up=up)
 
 
 def _mean_map(target: torch.Tensor, n_fit: int, device: torch.device) -> AffineMap:
@@ -127,8 +161,9 @@ class _SequentialFit:
     reconstructions (float32 [N, C], on `store`) are kept between layers."""
 
     def __init__(self, n_fit: int, settings: AquaKVSettings, rank: int | None, damping: float, device: torch.device,
-                 store: torch.device):
+                 store: torch.device, structure: str = "full", groups: int = 1):
         self.n_fit, self.settings, self.rank, self.damping = n_fit, settings, rank, damping
+        self.structure, self.groups = structure, groups  # groups: G of the block-diagonal maps (1: dense)
         self.device, self.store = device, store
         self.quantizers = [settings.quantizer(0), settings.quantizer(1)]
         self.key_maps: list[AffineMap] = []
@@ -145,13 +180,13 @@ class _SequentialFit:
             k_map, k_inputs = _mean_map(keys, n_fit, device), []
         else:
             k_inputs = [self._prev[0]]
-            k_map = fit_ridge(_moments(k_inputs, keys, n_fit, device), self.damping, self.rank)
+            k_map = self._fit(k_inputs, keys)
         k_hat, k_err = _reconstruct(k_map, k_inputs, keys, quantizer, n_fit, device, self.store)
         if layer == 0:
             v_map, v_inputs = _mean_map(values, n_fit, device), []
         else:
             v_inputs = [k_hat, self._prev[1]]
-            v_map = fit_ridge(_moments(v_inputs, values, n_fit, device), self.damping, self.rank)
+            v_map = self._fit(v_inputs, values)
         v_hat, v_err = _reconstruct(v_map, v_inputs, values, quantizer, n_fit, device, self.store)
         self.key_maps.append(k_map)
         self.value_maps.append(v_map)
@@ -160,21 +195,29 @@ class _SequentialFit:
         self._prev = (k_hat, v_hat)
         self.n_rows = keys.shape[0]
 
+    def _fit(self, inputs: list[torch.Tensor], target: torch.Tensor) -> AffineMap:
+        m = _moments(inputs, target, self.n_fit, self.device)
+        if self.groups == 1:  # the dense fit, untouched
+            return fit_ridge(m, self.damping, self.rank)
+        return fit_ridge_blocks(m, [x.shape[1] for x in inputs], self.groups, self.damping, self.rank)
+
     def predictors(self, model_info: dict) -> AquaKVPredictors:
         calibration = {"fit_tokens": self.n_fit, "held_out_tokens": self.n_rows - self.n_fit,
-                       "damping": self.damping, "rank": self.rank}
+                       "damping": self.damping, "rank": self.rank, "structure": self.structure}
         return AquaKVPredictors(self.key_maps, self.value_maps, self.settings, model_info, self.report, calibration)
 
 
 @torch.no_grad()
 def fit_predictors(keys: list[torch.Tensor], values: list[torch.Tensor], n_fit: int, settings: AquaKVSettings,
-                   model_info: dict, *, rank: int | None = None, damping: float = 1e-3,
+                   model_info: dict, *, rank: int | None = None, structure: str = "full", damping: float = 1e-3,
                    device: torch.device | str = "cpu", offload: bool = True, progress: bool = True
                    ) -> AquaKVPredictors:
     """The fitting half of `calibrate`, on captured states (see `aquakv.kv.capture.capture_states`): rows [N, C] per
-    layer, the first n_fit rows for fitting and the rest held out for the report. The lists are not modified."""
+    layer, the first n_fit rows for fitting and the rest held out for the report. The lists are not modified.
+    structure: "full" (dense maps) or "per-head" (block diagonal over model_info's KV heads)."""
     device = torch.device(device)
-    fit = _SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device)
+    fit = _SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device,
+                         structure, structure_groups(structure, model_info["num_kv_heads"]))
     for k, v in tqdm(list(zip(keys, values)), desc="aquakv: fitting layers", disable=not progress, unit="layer"):
         fit.add_layer(k if offload else k.to(device), v if offload else v.to(device))
     return fit.predictors(model_info)

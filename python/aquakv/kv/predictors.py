@@ -47,37 +47,106 @@ class AquaKVSettings:
 
 @dataclass
 class AffineMap:
-    """y = x @ weight + bias, with weight either dense [C_in, C_out], factored down [C_in, r] @ up [r, C_out]
-    (reduced rank), or absent (intercept only). Several inputs are treated as their concatenation."""
+    """y = x @ W + bias, the inputs xs = (x_1 [.., C_1], ..., x_n [.., C_n]) treated as their concatenation, W one of:
+
+    - dense: `weight` [C_in, C_out], or reduced rank `down` [C_in, r] @ `up` [r, C_out];
+    - block diagonal over G groups of channels (per KV head: heads are concatenated in a state row): output group g
+      sees only group g of every input. `blocks[i]` [G, C_i/G, M] per input, M = C_out/G, or M = r with
+      `block_up` [G, r, C_out/G] (reduced rank per group). Computed as batched matmuls over groups, never as a
+      dense matrix;
+    - absent (intercept only).
+    A dense map is the G = 1 case of the block layout; `op_weights` returns either in that one layout.
+    """
 
     bias: torch.Tensor  # [C_out]
     weight: torch.Tensor | None = None
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
+    blocks: tuple[torch.Tensor, ...] | None = None
+    block_up: torch.Tensor | None = None
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.blocks is None:
+            if self.block_up is not None:
+                raise ValueError("AffineMap: block_up without blocks")
+            return
+        self.blocks = tuple(self.blocks)
+        shapes = [tuple(b.shape) for b in self.blocks]
+        up = None if self.block_up is None else tuple(self.block_up.shape)
+        g, m = shapes[0][0] if shapes else 0, shapes[0][-1] if shapes else 0
+        per_group = m if up is None else up[-1]
+        if (self.weight is not None or self.down is not None or self.up is not None or not shapes
+                or any(len(s) != 3 or s[0] != g or s[2] != m for s in shapes) or up not in (None, (g, m, per_group))
+                or tuple(self.bias.shape) != (g * per_group,)):
+            raise ValueError(f"AffineMap: blocks {shapes}, block_up {up}, bias {list(self.bias.shape)}: expected "
+                             "blocks [G, C_i/G, M] (one G and M), block_up [G, M, C_out/G] or none, bias [C_out], "
+                             "and no weight/down/up")
+
+    @property
+    def groups(self) -> int:
+        """G: 1 for a dense (or intercept-only) map."""
+        return 1 if self.blocks is None else self.blocks[0].shape[0]
 
     @property
     def in_features(self) -> int | None:
+        if self.blocks is not None:
+            return sum(b.shape[0] * b.shape[1] for b in self.blocks)
         w = self.weight if self.weight is not None else self.down
         return None if w is None else w.shape[0]
 
     @property
     def rank(self) -> int | None:
+        """r of a reduced-rank map (per group for a block-diagonal one); None at full rank."""
+        if self.block_up is not None:
+            return self.block_up.shape[1]
         return None if self.up is None else self.up.shape[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The map's tensors by their file names: bias, weight | down + up, block_weight.<i> | block_down.<i> +
+        block_up."""
         named = {"bias": self.bias, "weight": self.weight, "down": self.down, "up": self.up}
+        kind = "block_weight" if self.block_up is None else "block_down"
+        named.update({f"{kind}.{i}": b for i, b in enumerate(self.blocks or ())})
+        named["block_up"] = self.block_up
         return {k: v for k, v in named.items() if v is not None}
+
+    @classmethod
+    def from_tensors(cls, named: dict[str, torch.Tensor]) -> "AffineMap":
+        """The inverse of `tensors`."""
+        plain = {k: v for k, v in named.items() if "." not in k and k != "block_up"}
+        blocks = [named[k] for k in sorted((k for k in named if "." in k), key=lambda k: int(k.split(".")[1]))]
+        return cls(**plain, blocks=tuple(blocks) if blocks else None, block_up=named.get("block_up"))
 
     def _params(self, device: torch.device) -> "AffineMap":
         if device not in self._on_device:
             moved = {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors().items()}
-            self._on_device[device] = AffineMap(**moved)
+            self._on_device[device] = AffineMap.from_tensors(moved)
         return self._on_device[device]
+
+    def op_weights(self, in_widths: list[int] | None = None
+                   ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
+        """The layout a fused op takes: ([G, C_i/G, M] per input, up [G, r, C_out/G] or None, bias [C_out]); a dense
+        map comes out as G = 1 (views of its storage, no copy). in_widths: how a dense map's rows split over its
+        inputs (default: inputs of width C_out each, as AQUA-KV's are); an intercept-only map gives no inputs."""
+        if self.blocks is not None:
+            return list(self.blocks), self.block_up, self.bias
+        w = self.weight if self.weight is not None else self.down
+        if w is None:
+            return [], None, self.bias
+        c_in, c_out = w.shape[0], self.bias.shape[0]
+        if in_widths is None:
+            in_widths = [c_out] * (c_in // c_out) if c_in % c_out == 0 else [c_in]
+        if sum(in_widths) != c_in:
+            raise ValueError(f"AffineMap.op_weights: in_widths {in_widths} do not add up to {c_in}")
+        up = None if self.up is None else self.up.unsqueeze(0)
+        return [part.unsqueeze(0) for part in w.split(list(in_widths))], up, self.bias
 
     def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
         """xs: tensors [..., C_i] whose last dims add up to C_in (none for an intercept-only map) -> [..., C_out]."""
         p = self._params(xs[0].device if xs else self.bias.device)
+        if p.blocks is not None:
+            return p._block_diagonal(xs)
         if p.weight is None and p.down is None:
             if xs:
                 return p.bias.expand(*xs[0].shape[:-1], -1)
@@ -93,6 +162,21 @@ class AffineMap:
         if p.up is not None:
             out = out @ p.up
         return out + p.bias
+
+    def _block_diagonal(self, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        g = self.groups
+        widths = [b.shape[0] * b.shape[1] for b in self.blocks]
+        if [x.shape[-1] for x in xs] != widths:
+            raise ValueError(f"AffineMap: inputs of widths {[x.shape[-1] for x in xs]}, the blocks take {widths}")
+        lead = xs[0].shape[:-1]
+        rows = math.prod(lead)
+        out = None
+        for x, b in zip(xs, self.blocks):  # [G, N, C_i/G] @ [G, C_i/G, M]: one matmul per group, batched
+            part = torch.bmm(x.float().reshape(rows, g, b.shape[1]).transpose(0, 1), b)
+            out = part if out is None else out + part
+        if self.block_up is not None:
+            out = torch.bmm(out, self.block_up)
+        return out.transpose(0, 1).reshape(*lead, self.bias.shape[0]) + self.bias
 
 
 class AquaKVPredictors:
@@ -249,9 +333,11 @@ class AquaKVPredictors:
                        key=lambda r: -1 if r is None else r)
         rank = "none" if not ranks else "full" if ranks == [None] else "/".join("full" if r is None else str(r)
                                                                                for r in ranks)
+        groups = sorted({m.groups for m in self.key_maps + self.value_maps if m is not None and m.in_features})
+        per_head = "" if groups in ([], [1]) else f", per-head blocks G={'/'.join(map(str, groups))}"
         return (f"AquaKVPredictors({kind}, {self.num_layers} layers, C={self.kv_width}, bits={s.bits}, "
                 f"grid_dim={s.grid_dim}, group_size={s.group_size}, layer0={'fp16' if s.layer0_bits is None else s.layer0_bits}"
-                f", rank={rank}, compressed part {self.bits_per_value():.3f} bits/value)")
+                f", rank={rank}{per_head}, compressed part {self.bits_per_value():.3f} bits/value)")
 
 
 def _layer0_bits(layer0_bits: float | str | None) -> float | None:

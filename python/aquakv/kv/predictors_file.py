@@ -6,8 +6,13 @@ Tensors (float32, finite), C = model.kv_width:
     key.<l>.weight                              [C, C]          a dense map, or
     key.<l>.down / key.<l>.up                   [C, r] / [r, C] a reduced-rank one (r >= 1)
     value.<l>.*                                 as keys, with 2C inputs ([K^_l ; V^_{l-1}])
+  or, block diagonal over G groups of whole KV heads (format_version 2; G >= 2 divides model.num_kv_heads):
+    <kind>.<l>.block_weight.<i>                 [G, C/G, C/G]  per input i (keys: i = 0; values: 0 = K^_l, 1 = V^_{l-1})
+    <kind>.<l>.block_down.<i> / .block_up       [G, C/G, r] per input / [G, r, C/G]  rank r per group, 1 <= r <= C/G
 Either every layer 0..num_layers-1 has a key and a value map, or there are no tensors at all (HIGGS-only).
 Metadata: the header entry "aquakv" holds JSON {format, format_version, model, settings, report, calibration}.
+Files without block-diagonal maps are written as format_version 1, byte for byte as before they existed; version 1
+files holding block tensors are refused.
 
 Loading refuses anything else before it allocates more than the file holds: every failure is one ValueError whose
 message starts with the file's path and names the field (a missing file stays a FileNotFoundError).
@@ -26,11 +31,11 @@ from aquakv.files import save_safetensors_atomic
 from aquakv.kv.predictors import AffineMap, AquaKVPredictors, AquaKVSettings
 
 FORMAT = "aquakv-predictors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: block-diagonal (per-head) maps; files without them are still written as 1
 MAX_LAYERS = 4096  # far beyond any decoder (SmolLM2: 30); bounds what a header may make us allocate
 _MAX_INT = 2 ** 31
 
-_TENSOR = re.compile(r"(key|value)\.(0|[1-9][0-9]{0,8})\.(bias|weight|down|up)")
+_TENSOR = re.compile(r"(key|value)\.(0|[1-9][0-9]{0,8})\.(bias|weight|down|up|block_up|block_(?:weight|down)\.[0-9])")
 _MODEL_INTS = ("num_layers", "num_kv_heads", "head_dim", "kv_width")
 _MODEL_STRS = ("name_or_path", "model_type", "aquakv_version")
 _SETTINGS = ("bits", "grid_dim", "group_size", "seed", "layer0_bits")
@@ -54,12 +59,13 @@ def save_predictors(preds: AquaKVPredictors, path: str | os.PathLike) -> None:
             if m is not None:
                 for name, t in m.tensors().items():
                     tensors[f"{kind}.{layer}.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": preds.model_info,
+    blocks = any(m is not None and m.blocks is not None for m in preds.key_maps + preds.value_maps)
+    meta = {"format": FORMAT, "format_version": 2 if blocks else 1, "model": preds.model_info,
             "settings": asdict(preds.settings), "report": preds.report, "calibration": preds.calibration}
     header = json.dumps(meta)
     try:  # the same schema as load: never write a file that cannot be read back
         _check_metadata(json.loads(header))
-        _check_tensors({k: (tuple(t.shape), "F32") for k, t in tensors.items()}, preds.model_info)
+        _check_tensors({k: (tuple(t.shape), "F32") for k, t in tensors.items()}, preds.model_info, meta["format_version"])
         _check_values(tensors)
     except _Invalid as e:
         raise ValueError(f"AquaKVPredictors.save: refusing to write {os.fspath(path)}: {e}") from None
@@ -81,12 +87,13 @@ def load_predictors(path: str | os.PathLike) -> AquaKVPredictors:
             header = (f.metadata() or {}).get("aquakv")
             if header is None:
                 raise ValueError(f"{path}: a safetensors file without aquakv metadata (not an AquaKVPredictors file)")
-            settings, info, report, calibration = _check_metadata(_parse(header))
+            meta = _parse(header)
+            settings, info, report, calibration = _check_metadata(meta)
             specs = {}
             for name in f.keys():
                 view = f.get_slice(name)
                 specs[name] = (tuple(view.get_shape()), view.get_dtype())
-            layout = _check_tensors(specs, info)
+            layout = _check_tensors(specs, info, meta["format_version"])
             tensors = {name: f.get_tensor(name) for name in specs}
         _check_values(tensors)
     except _Invalid as e:
@@ -100,7 +107,7 @@ def load_predictors(path: str | os.PathLike) -> AquaKVPredictors:
     maps: dict[str, list[AffineMap | None]] = {"key": [], "value": []}
     for kind in maps:
         for layer in range(info["num_layers"] if layout else 0):
-            maps[kind].append(AffineMap(**{p: tensors[f"{kind}.{layer}.{p}"] for p in layout[kind, layer]}))
+            maps[kind].append(AffineMap.from_tensors({p: tensors[f"{kind}.{layer}.{p}"] for p in layout[kind, layer]}))
         if not layout:
             maps[kind] = [None] * info["num_layers"]
     return AquaKVPredictors(maps["key"], maps["value"], settings, info, report, calibration)
@@ -165,40 +172,47 @@ def _check_settings(raw) -> AquaKVSettings:
     return settings
 
 
-def _check_tensors(specs: dict[str, tuple[tuple[int, ...], str]], info: dict) -> dict[tuple[str, int], tuple]:
+def _check_tensors(specs: dict[str, tuple[tuple[int, ...], str]], info: dict, version: int
+                   ) -> dict[tuple[str, int], tuple]:
     """specs: {name: (shape, safetensors dtype)} -> {(kind, layer): the parts present}; {} when there are none."""
     c, n = info["kv_width"], info["num_layers"]
     parts: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
     for name, (shape, dtype) in specs.items():
         match = _TENSOR.fullmatch(name)
         if match is None:
-            raise _Invalid(f"tensor {name!r}", "unknown tensor name (expected key|value.<layer>.bias|weight|down|up)")
+            raise _Invalid(f"tensor {name!r}", "unknown tensor name (expected key|value.<layer>.bias|weight|down|up, "
+                                               "or block_weight.<i>|block_down.<i>|block_up)")
         kind, layer, part = match[1], int(match[2]), match[3]
         if layer >= n:
             raise _Invalid(f"tensor {name!r}", f"layer {layer} is beyond model.num_layers = {n}")
         if dtype != "F32":
             raise _Invalid(f"tensor {name!r}", f"dtype is {dtype}; predictors are float32 (F32)")
+        if part.startswith("block") and version < 2:
+            raise _Invalid(f"tensor {name!r}", f"block-diagonal maps need format_version 2, the file says {version}")
         parts.setdefault((kind, layer), {})[part] = shape
     if not parts:
         return {}
     layout = {}
     for kind in ("key", "value"):
-        c_in = c if kind == "key" else 2 * c
+        inputs = 1 if kind == "key" else 2
         for layer in range(n):
             found = parts.get((kind, layer))
             if found is None:
                 raise _Invalid(f"tensor '{kind}.{layer}.bias'", f"missing: the file has maps for some layers but not "
                                                                 f"for {kind} layer {layer} (model.num_layers = {n})")
-            layout[kind, layer] = _check_map(kind, layer, found, c_in, c)
+            if any(p.startswith("block") for p in found) and layer > 0:
+                layout[kind, layer] = _check_blocks(kind, layer, found, inputs, info)
+            else:
+                layout[kind, layer] = _check_map(kind, layer, found, inputs * c, c)
     return layout
 
 
 def _check_map(kind: str, layer: int, shapes: dict[str, tuple[int, ...]], c_in: int, c: int) -> tuple[str, ...]:
     allowed = [("bias",)] if layer == 0 else [("bias", "weight"), ("bias", "down", "up")]
     present = tuple(p for p in ("bias", "weight", "down", "up") if p in shapes)
-    if present not in allowed:
+    if present not in allowed or len(present) != len(shapes):
         want = " or ".join("+".join(a) for a in allowed)
-        raise _Invalid(f"tensors '{kind}.{layer}.*'", f"has {'+'.join(present)}; layer {layer} needs {want}")
+        raise _Invalid(f"tensors '{kind}.{layer}.*'", f"has {'+'.join(sorted(shapes))}; layer {layer} needs {want}")
     rank = shapes["up"][0] if "up" in shapes and len(shapes["up"]) == 2 else None
     expected = {"bias": (c,), "weight": (c_in, c), "down": (c_in, rank), "up": (rank, c)}
     for part in present:
@@ -206,6 +220,34 @@ def _check_map(kind: str, layer: int, shapes: dict[str, tuple[int, ...]], c_in: 
             what = "[r, C] with r >= 1" if part == "up" else f"{list(expected[part])}"
             raise _Invalid(f"tensor '{kind}.{layer}.{part}'", f"shape {list(shapes[part])}, expected {what} "
                                                              f"(C = model.kv_width = {c})")
+    return present
+
+
+def _check_blocks(kind: str, layer: int, shapes: dict[str, tuple[int, ...]], inputs: int, info: dict
+                  ) -> tuple[str, ...]:
+    """A block-diagonal map: bias + block_weight.<i> for every input, or bias + block_down.<i> + block_up."""
+    c, heads = info["kv_width"], info["num_kv_heads"]
+    low = "block_up" in shapes
+    stem = "block_down" if low else "block_weight"
+    present = ("bias", *(f"{stem}.{i}" for i in range(inputs)), *(("block_up",) if low else ()))
+    if set(shapes) != set(present):
+        raise _Invalid(f"tensors '{kind}.{layer}.*'", f"has {'+'.join(sorted(shapes))}; a block-diagonal map needs "
+                                                      f"{'+'.join(present)}")
+    first = shapes[f"{stem}.0"]
+    g = first[0] if len(first) == 3 else None
+    if g is None or g < 2 or heads % g:
+        raise _Invalid(f"tensor '{kind}.{layer}.{stem}.0'", f"shape {list(first)}: the groups G (first dim) must be "
+                                                           f">= 2 and divide model.num_kv_heads = {heads}")
+    rank = shapes["block_up"][1] if low and len(shapes["block_up"]) == 3 else None
+    if low and (rank is None or not 1 <= rank <= c // g):
+        raise _Invalid(f"tensor '{kind}.{layer}.block_up'", f"shape {list(shapes['block_up'])}, expected [G, r, C/G] "
+                                                            f"with 1 <= r <= C/G = {c // g} (G = {g})")
+    m = rank if low else c // g
+    expected = {"bias": (c,), "block_up": (g, rank, c // g), **{f"{stem}.{i}": (g, c // g, m) for i in range(inputs)}}
+    for part in present:
+        if shapes[part] != expected[part]:
+            raise _Invalid(f"tensor '{kind}.{layer}.{part}'", f"shape {list(shapes[part])}, expected "
+                                                             f"{list(expected[part])} (C = model.kv_width = {c}, G = {g})")
     return present
 
 
