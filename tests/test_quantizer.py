@@ -72,9 +72,9 @@ def test_empty_inputs_round_trip(shape):
 
 def test_tiny_group_norms_are_refused_not_zeroed():
     q = HiggsQuantizer(bits=2, dim=2, group_size=64)
-    x = torch.randn(4, 128)
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(0))  # seeded: the norm below is fixed
     x[2, 64:] *= 1e-8  # norm ~8e-8: an fp16 scale of 0 (or a few subnormal steps) would silently zero the group
-    with pytest.raises(ValueError, match=r"group norm of 7\.\d+e-08 is below the smallest normal float16"):
+    with pytest.raises(ValueError, match=r"group norm of [0-9.]+e-08 is below the smallest normal float16"):
         q.quantize(x)
     x[2, 64:] = 0  # an all-zero group is exact and fine
     q.quantize(x)

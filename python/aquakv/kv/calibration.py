@@ -19,6 +19,7 @@ from aquakv.evaluation.windows import cut_windows
 from aquakv.kv.capture import iter_layer_states
 from aquakv.kv.fit import _SequentialFit, structure_groups
 from aquakv.kv.predictors import AquaKVPredictors, AquaKVSettings, _layer0_bits
+from aquakv.kv.support import check_supported
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
     """
     t0 = time.perf_counter()
     _check_options(bits=bits, layer0_bits=layer0_bits, damping=damping, sinks=sinks, held_out=held_out)
+    check_supported(model, who="aquakv.calibrate", probe=True)
     info = AquaKVPredictors.model_info_of(model)
     settings = AquaKVSettings(bits=bits, grid_dim=grid_dim, seed=seed, layer0_bits=_layer0_bits(layer0_bits),
                               group_size=group_size or AquaKVPredictors.default_group_size(info["head_dim"]))
