@@ -3,11 +3,15 @@
 Written for clarity, not speed; float64 inside. Each function mirrors a line of docs/method.md
 and a schema in csrc/ops.cpp. The compiled kernels are tested against these.
 """
+from aquakv.reference.aqua import aqua_prediction, aqua_reconstruct, rope
 from aquakv.reference.bitpack import pack_bits, unpack_bits
 from aquakv.reference.hadamard import hadamard, hadamard_matrix, random_signs
 from aquakv.reference.higgs import higgs_dequantize, higgs_quantize, nearest_grid_codes
 
 __all__ = [
+    "aqua_prediction",
+    "aqua_reconstruct",
+    "rope",
     "hadamard",
     "hadamard_matrix",
     "random_signs",
