@@ -201,6 +201,29 @@ inline HiggsShape check_higgs_quantize_args(const at::Tensor& x, const at::Tenso
   return s;
 }
 
+// higgs_quantize_scaled(x, scales, grid, signs, group_size): x [..., C] float, C % group_size == 0,
+// scales fp16 [..., C/group_size] with x's leading dims (the given s of every group).
+inline HiggsShape check_higgs_quantize_scaled_args(const at::Tensor& x, const at::Tensor& scales,
+                                                   const at::Tensor& grid, const at::Tensor& signs,
+                                                   int64_t group_size) {
+  constexpr const char* op = "higgs_quantize_scaled";
+  check_at_least_1d(op, "x", x);
+  check_at_least_1d(op, "scales", scales);
+  check_float_dtype(op, "x", x.scalar_type());
+  check_dtype(op, "scales", scales, at::kHalf);
+  HiggsShape s = check_higgs_common(op, grid, signs, group_size);
+  s.channels = x.size(-1);
+  TORCH_CHECK(s.channels % group_size == 0, op, ": last dim ", s.channels, " is not a multiple of group_size ",
+              group_size, " (pad x with zeros to a multiple and trim after dequantize)");
+  s.groups = s.channels / group_size;
+  const std::vector<int64_t> want = with_last_dim(x, s.groups);
+  TORCH_CHECK(scales.sizes() == at::IntArrayRef(want), op, ": scales must be [..., C/group_size] = ",
+              at::IntArrayRef(want), " (x's leading dims), got shape ", scales.sizes());
+  check_same_device(op, {{"x", &x}, {"scales", &scales}, {"grid", &grid}, {"signs", &signs}});
+  s.rows = num_rows(x);
+  return s;
+}
+
 // codes and scales of packed HIGGS groups agree: same leading dims, and codes' last dim holds
 // exactly `scales last dim` groups of s.group_bytes. Fills s.groups, s.rows and s.channels.
 inline void check_codes_match_scales(const char* op, const at::Tensor& codes, const at::Tensor& scales,

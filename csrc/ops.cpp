@@ -26,6 +26,11 @@ TORCH_LIBRARY(aquakv, m) {
   // A group holding NaN/Inf gets a non-finite scale (callers check scales, which is cheap).
   m.def("higgs_quantize(Tensor x, Tensor grid, Tensor signs, int group_size) -> (Tensor, Tensor)");
 
+  // higgs_quantize's nearest-grid search under GIVEN scales: y = sqrt(G)/s * H_orth(signs * x_g) with s the
+  // float value of scales [..., C/G] (fp16); y = 0 where s == 0 (NaN s: code 0). Returns codes uint8
+  // [..., C/d*code_bits/8], laid out as higgs_quantize's (re-encoding weights under their current scales).
+  m.def("higgs_quantize_scaled(Tensor x, Tensor scales, Tensor grid, Tensor signs, int group_size) -> Tensor");
+
   // Inverse of higgs_quantize: x_g = s/sqrt(G) * signs * H_orth^T grid[codes]; returns [..., C] in dtype.
   m.def("higgs_dequantize(Tensor codes, Tensor scales, Tensor grid, Tensor signs, int group_size, "
         "ScalarType dtype) -> Tensor");

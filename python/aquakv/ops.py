@@ -23,8 +23,8 @@ import torch
 from aquakv import _C  # noqa: F401  (loads the library that defines torch.ops.aquakv.*)
 
 __all__ = [
-    "hadamard", "higgs_quantize", "higgs_dequantize", "pack_bits", "unpack_bits", "aqua_reconstruct",
-    "check_group_size",
+    "hadamard", "higgs_quantize", "higgs_quantize_scaled", "higgs_dequantize", "pack_bits", "unpack_bits",
+    "aqua_reconstruct", "check_group_size",
 ]
 
 
@@ -51,6 +51,21 @@ def higgs_quantize(
     the float16 range (65504). Not differentiable (backward through it raises).
     """
     return torch.ops.aquakv.higgs_quantize(x, grid, signs, group_size)
+
+
+def higgs_quantize_scaled(
+    x: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """`higgs_quantize`'s nearest-grid search under GIVEN scales; returns the codes only.
+
+    Per group: y = sqrt(G)/s * H_orth(signs * x_g) with s = float(scales[..., g]) instead of ||x_g||
+    (y = 0 where s == 0; a NaN s gives code 0), then the nearest grid point of each d-vector (lowest index on
+    exact ties). x: [..., C] float32/float16/bfloat16, C % G == 0; scales: float16 [..., C/G] with x's leading
+    dims; grid, signs, group_size as for `higgs_quantize`. Returns codes uint8 [..., C/d*code_bits/8]:
+    `higgs_dequantize(codes, scales, ...)` then decodes x under those scales. For re-encoding weights
+    under their current (e.g. tuned) scales. Not differentiable (backward through it raises).
+    """
+    return torch.ops.aquakv.higgs_quantize_scaled(x, scales, grid, signs, group_size)
 
 
 def higgs_dequantize(
@@ -246,6 +261,24 @@ def _check_higgs_quantize_args(x: torch.Tensor, grid: torch.Tensor, signs: torch
     return group_bytes
 
 
+def _check_higgs_quantize_scaled_args(x, scales, grid, signs, group_size: int) -> int:
+    """Returns bytes of codes per group."""
+    op = "higgs_quantize_scaled"
+    _check_at_least_1d(op, "x", x)
+    _check_at_least_1d(op, "scales", scales)
+    _check_float_dtype(op, "x", x.dtype)
+    _check_dtype(op, "scales", scales, torch.float16)
+    _, _, group_bytes = _check_higgs_common(op, grid, signs, group_size)
+    channels = x.shape[-1]
+    _require(channels % group_size == 0, lambda: f"{op}: last dim {channels} is not a multiple of group_size "
+             f"{group_size} (pad x with zeros to a multiple and trim after dequantize)")
+    want = [*x.shape[:-1], channels // group_size]
+    _require(list(scales.shape) == want, lambda: f"{op}: scales must be [..., C/group_size] = {want} (x's leading "
+             f"dims), got shape {_sizes(scales)}")
+    _check_same_device(op, ("x", x), ("scales", scales), ("grid", grid), ("signs", signs))
+    return group_bytes
+
+
 def _check_codes_match_scales(op: str, codes, scales, group_size: int, d: int, code_bits: int, group_bytes: int) -> None:
     _require(codes.dim() == scales.dim() and codes.shape[:-1] == scales.shape[:-1],
              lambda: f"{op}: codes {_sizes(codes)} and scales {_sizes(scales)} must have the same leading dims")
@@ -381,6 +414,12 @@ def _higgs_quantize_fake(
     return codes, scales
 
 
+@torch.library.register_fake("aquakv::higgs_quantize_scaled")
+def _higgs_quantize_scaled_fake(x, scales, grid, signs, group_size: int) -> torch.Tensor:
+    group_bytes = _check_higgs_quantize_scaled_args(x, scales, grid, signs, group_size)
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // group_size * group_bytes), dtype=torch.uint8)
+
+
 @torch.library.register_fake("aquakv::higgs_dequantize")
 def _higgs_dequantize_fake(
     codes: torch.Tensor,
@@ -470,5 +509,5 @@ def _no_setup(ctx, inputs, output) -> None:
 
 torch.library.register_autograd("aquakv::hadamard", _hadamard_backward, setup_context=_hadamard_setup)
 torch.library.register_autograd("aquakv::higgs_dequantize", _dequantize_backward, setup_context=_dequantize_setup)
-for _op in ("higgs_quantize", "pack_bits", "unpack_bits"):
+for _op in ("higgs_quantize", "higgs_quantize_scaled", "pack_bits", "unpack_bits"):
     torch.library.register_autograd(f"aquakv::{_op}", _refuse_backward(_op), setup_context=_no_setup)

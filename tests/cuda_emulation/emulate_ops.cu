@@ -3,6 +3,8 @@
 //
 //   emulate_ops hadamard   DTYPE ROWS LOG_N SCALE X SIGNS|- OUT                      [MAX_BLOCKS]
 //   emulate_ops quantize   DTYPE ROWS C LOG_G N_POINTS D X GRID SIGNS CODES SCALES    [MAX_BLOCKS]
+//   emulate_ops quantize_scaled DTYPE ROWS C LOG_G N_POINTS D X GRID SIGNS CODES SCALES [MAX_BLOCKS]
+//     (SCALES is read: the given s of every group; higgs_quantize_scaled)
 //   emulate_ops dequantize DTYPE ROWS C LOG_G N_POINTS D CODES SCALES GRID SIGNS OUT  [MAX_BLOCKS]
 //   emulate_ops pack       ROWS COUNT BITS CODES OUT                                  [MAX_BLOCKS]
 //   emulate_ops unpack     ROWS COUNT BITS PACKED OUT                                 [MAX_BLOCKS]
@@ -101,7 +103,7 @@ int run_hadamard(char** argv, int argc) {
   return 0;
 }
 
-int run_quantize(char** argv, int argc) {
+int run_quantize(char** argv, int argc, bool given_scales) {
   const DType dtype = parse_dtype(argv[2]);
   const int64_t rows = std::atoll(argv[3]), channels = std::atoll(argv[4]);
   const int log_g = std::atoi(argv[5]);
@@ -113,7 +115,8 @@ int run_quantize(char** argv, int argc) {
   Buffer x = read_file(argv[8], static_cast<size_t>(rows * channels) * dtype_size(dtype));
   Buffer grid = read_file(argv[9], sizeof(float) * n_points * d);
   Buffer signs = read_file(argv[10], sizeof(float) << log_g);
-  Buffer codes(code_bytes), scales(2 * groups), half_norms(sizeof(float) * n_points);
+  Buffer codes(code_bytes), half_norms(sizeof(float) * n_points);
+  Buffer scales = given_scales ? read_file(argv[12], 2 * groups) : Buffer(2 * groups);
   aquakv::cuda::grid_half_norms_host(static_cast<const float*>(grid.data()), n_points, d,
                                      static_cast<float*>(half_norms.data()));
   aquakv::cuda::HiggsArgs a{};
@@ -133,13 +136,18 @@ int run_quantize(char** argv, int argc) {
                                     const auto plan = aquakv::cuda::higgs_plan<Cfg>(a, /*quantize=*/true);
                                     aquakv::emu::run_grid(blocks_for(plan.tiles, max_blocks), Cfg::kThreads,
                                                           plan.smem_bytes, [&](const HostSimt& s, float* smem) {
-                                                            aquakv::cuda::higgs_quantize_body<Cfg>(s, a, plan, smem);
+                                                            if (given_scales) {
+                                                              aquakv::cuda::higgs_quantize_body<Cfg, true>(s, a, plan,
+                                                                                                           smem);
+                                                            } else {
+                                                              aquakv::cuda::higgs_quantize_body<Cfg>(s, a, plan, smem);
+                                                            }
                                                           });
                                     return cudaSuccess;
                                   }),
         "quantize");
   write_file(argv[11], codes.data(), code_bytes);
-  write_file(argv[12], scales.data(), 2 * groups);
+  if (!given_scales) write_file(argv[12], scales.data(), 2 * groups);
   return 0;
 }
 
@@ -316,7 +324,8 @@ int main(int argc, char** argv) {
   try {
     const std::string op = argc > 1 ? argv[1] : "";
     if (op == "hadamard" && argc >= 9) return run_hadamard(argv, argc);
-    if (op == "quantize" && argc >= 13) return run_quantize(argv, argc);
+    if (op == "quantize" && argc >= 13) return run_quantize(argv, argc, false);
+    if (op == "quantize_scaled" && argc >= 13) return run_quantize(argv, argc, true);
     if (op == "dequantize" && argc >= 13) return run_dequantize(argv, argc);
     if ((op == "pack" || op == "unpack") && argc >= 7) return run_bitpack(argv, argc, op == "pack");
     if (op == "reconstruct" && argc >= 31) return run_reconstruct(argv, argc);

@@ -6,7 +6,12 @@ and a schema in csrc/ops.cpp. The compiled kernels are tested against these.
 from aquakv.reference.aqua import aqua_prediction, aqua_reconstruct, rope
 from aquakv.reference.bitpack import pack_bits, unpack_bits
 from aquakv.reference.hadamard import hadamard, hadamard_matrix, random_signs
-from aquakv.reference.higgs import higgs_dequantize, higgs_quantize, nearest_grid_codes
+from aquakv.reference.higgs import (
+    higgs_dequantize,
+    higgs_quantize,
+    higgs_quantize_scaled,
+    nearest_grid_codes,
+)
 
 __all__ = [
     "aqua_prediction",
@@ -17,6 +22,7 @@ __all__ = [
     "random_signs",
     "higgs_quantize",
     "higgs_dequantize",
+    "higgs_quantize_scaled",
     "nearest_grid_codes",
     "pack_bits",
     "unpack_bits",
