@@ -19,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace aquakv {
 
@@ -200,6 +201,44 @@ inline HiggsShape check_higgs_quantize_args(const at::Tensor& x, const at::Tenso
   return s;
 }
 
+// higgs_quantize_scaled(x, scales, grid, signs, group_size): x [..., C] float, C % group_size == 0,
+// scales fp16 [..., C/group_size] with x's leading dims (the given s of every group).
+inline HiggsShape check_higgs_quantize_scaled_args(const at::Tensor& x, const at::Tensor& scales,
+                                                   const at::Tensor& grid, const at::Tensor& signs,
+                                                   int64_t group_size) {
+  constexpr const char* op = "higgs_quantize_scaled";
+  check_at_least_1d(op, "x", x);
+  check_at_least_1d(op, "scales", scales);
+  check_float_dtype(op, "x", x.scalar_type());
+  check_dtype(op, "scales", scales, at::kHalf);
+  HiggsShape s = check_higgs_common(op, grid, signs, group_size);
+  s.channels = x.size(-1);
+  TORCH_CHECK(s.channels % group_size == 0, op, ": last dim ", s.channels, " is not a multiple of group_size ",
+              group_size, " (pad x with zeros to a multiple and trim after dequantize)");
+  s.groups = s.channels / group_size;
+  const std::vector<int64_t> want = with_last_dim(x, s.groups);
+  TORCH_CHECK(scales.sizes() == at::IntArrayRef(want), op, ": scales must be [..., C/group_size] = ",
+              at::IntArrayRef(want), " (x's leading dims), got shape ", scales.sizes());
+  check_same_device(op, {{"x", &x}, {"scales", &scales}, {"grid", &grid}, {"signs", &signs}});
+  s.rows = num_rows(x);
+  return s;
+}
+
+// codes and scales of packed HIGGS groups agree: same leading dims, and codes' last dim holds
+// exactly `scales last dim` groups of s.group_bytes. Fills s.groups, s.rows and s.channels.
+inline void check_codes_match_scales(const char* op, const at::Tensor& codes, const at::Tensor& scales,
+                                     int64_t group_size, HiggsShape& s) {
+  TORCH_CHECK(codes.dim() == scales.dim() && codes.sizes().slice(0, codes.dim() - 1) ==
+                                                 scales.sizes().slice(0, scales.dim() - 1),
+              op, ": codes ", codes.sizes(), " and scales ", scales.sizes(), " must have the same leading dims");
+  s.groups = scales.size(-1);
+  TORCH_CHECK(codes.size(-1) == s.groups * s.group_bytes, op, ": codes last dim ", codes.size(-1), " does not match ",
+              s.groups, " groups (scales last dim) * ", s.group_bytes, " bytes per group (group_size ", group_size,
+              " / d ", s.d, " * code_bits ", s.code_bits, " / 8)");
+  s.rows = num_rows(scales);
+  s.channels = s.groups * group_size;
+}
+
 // higgs_dequantize(codes, scales, grid, signs, group_size, dtype):
 // codes uint8 [..., G_count * group_bytes], scales fp16 [..., G_count] with the same leading dims.
 inline HiggsShape check_higgs_dequantize_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& grid,
@@ -211,17 +250,136 @@ inline HiggsShape check_higgs_dequantize_args(const at::Tensor& codes, const at:
   check_dtype(op, "scales", scales, at::kHalf);
   check_float_dtype(op, "dtype", dtype);
   HiggsShape s = check_higgs_common(op, grid, signs, group_size);
-  TORCH_CHECK(codes.dim() == scales.dim() && codes.sizes().slice(0, codes.dim() - 1) ==
-                                                 scales.sizes().slice(0, scales.dim() - 1),
-              op, ": codes ", codes.sizes(), " and scales ", scales.sizes(), " must have the same leading dims");
-  s.groups = scales.size(-1);
-  TORCH_CHECK(codes.size(-1) == s.groups * s.group_bytes, op, ": codes last dim ", codes.size(-1), " does not match ",
-              s.groups, " groups (scales last dim) * ", s.group_bytes, " bytes per group (group_size ", group_size,
-              " / d ", s.d, " * code_bits ", s.code_bits, " / 8)");
+  check_codes_match_scales(op, codes, scales, group_size, s);
   check_same_device(op, {{"codes", &codes}, {"scales", &scales}, {"grid", &grid}, {"signs", &signs}});
-  s.rows = num_rows(scales);
-  s.channels = s.groups * group_size;
   return s;
+}
+
+// ---- aqua_reconstruct --------------------------------------------------------------------------
+
+// What the reconstruct launchers need, all derived from validated arguments.
+struct ReconShape {
+  HiggsShape higgs;  // the residual's codes (rows = B * T, channels = C)
+  int64_t batch;     // B
+  int64_t tokens;    // T
+  int64_t channels;  // C = H * D
+  int64_t heads;     // H
+  int64_t head_dim;  // D
+  int64_t pred_groups;  // G of the predictor's block-diagonal map (0 when there are no inputs)
+  int64_t inner;        // M: C / G without up, the rank r with up
+  bool rotated;         // cos and sin given
+};
+
+// aqua_reconstruct(codes, scales, grid, signs, group_size, inputs, weights, up, bias, cos, sin, out, hat_out):
+// codes uint8 [B, T, bytes], scales fp16 [B, T, C/group_size]; inputs[i] float32 [B, T, C_i] with
+// weights[i] float32 [G, C_i/G, M]; up float32 [G, r, C/G] or None; bias float32 [C]; cos, sin float32
+// [B, T, D] or both None; out float [B, H, T, D] (any strides); hat_out float32 [B, T, C] or None.
+inline ReconShape check_aqua_reconstruct_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& grid,
+                                              const at::Tensor& signs, int64_t group_size, at::TensorList inputs,
+                                              at::TensorList weights, const std::optional<at::Tensor>& up,
+                                              const at::Tensor& bias, const std::optional<at::Tensor>& cos,
+                                              const std::optional<at::Tensor>& sin, const at::Tensor& out,
+                                              const std::optional<at::Tensor>& hat_out) {
+  constexpr const char* op = "aqua_reconstruct";
+  ReconShape r{};
+  TORCH_CHECK(codes.dim() == 3, op, ": codes must be 3-D [B, T, bytes], got shape ", codes.sizes());
+  TORCH_CHECK(scales.dim() == 3, op, ": scales must be 3-D [B, T, C/group_size], got shape ", scales.sizes());
+  check_dtype(op, "codes", codes, at::kByte);
+  check_dtype(op, "scales", scales, at::kHalf);
+  r.higgs = check_higgs_common(op, grid, signs, group_size);
+  check_codes_match_scales(op, codes, scales, group_size, r.higgs);
+  r.batch = scales.size(0);
+  r.tokens = scales.size(1);
+  r.channels = r.higgs.channels;
+  const int64_t C = r.channels;
+
+  TORCH_CHECK(inputs.size() == weights.size(), op, ": got ", inputs.size(), " inputs but ", weights.size(),
+              " weights; each input needs its weight");
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const std::string x_name = "inputs[" + std::to_string(i) + "]", w_name = "weights[" + std::to_string(i) + "]";
+    const at::Tensor& x = inputs[i];
+    const at::Tensor& w = weights[i];
+    check_dtype(op, x_name.c_str(), x, at::kFloat);
+    TORCH_CHECK(x.dim() == 3 && x.size(0) == r.batch && x.size(1) == r.tokens, op, ": ", x_name,
+                " must be [B, T, C_i] with B, T = ", r.batch, ", ", r.tokens, " (scales' leading dims), got shape ",
+                x.sizes());
+    check_dtype(op, w_name.c_str(), w, at::kFloat);
+    TORCH_CHECK(w.dim() == 3, op, ": ", w_name, " must be 3-D [G, C_i/G, M], got shape ", w.sizes());
+    if (i == 0) {
+      r.pred_groups = w.size(0);
+      TORCH_CHECK(r.pred_groups >= 1, op, ": weights[0] has G = 0 groups; G must be >= 1");
+      TORCH_CHECK(C % r.pred_groups == 0, op, ": C = ", C, " channels (scales last dim * group_size) is not a ",
+                  "multiple of G = ", r.pred_groups, " (weights' first dim)");
+      if (up.has_value()) {
+        check_dtype(op, "up", *up, at::kFloat);
+        TORCH_CHECK(up->dim() == 3 && up->size(0) == r.pred_groups && up->size(2) == C / r.pred_groups, op,
+                    ": up must be [G, r, C/G] = [", r.pred_groups, ", r, ", C / r.pred_groups, "], got shape ",
+                    up->sizes());
+        r.inner = up->size(1);
+      } else {
+        r.inner = C / r.pred_groups;
+      }
+    }
+    TORCH_CHECK(w.size(0) == r.pred_groups, op, ": ", w_name, " has ", w.size(0), " groups but weights[0] has ",
+                r.pred_groups, "; all weights must share G");
+    TORCH_CHECK(x.size(2) % r.pred_groups == 0, op, ": ", x_name, " last dim ", x.size(2),
+                " is not a multiple of G = ", r.pred_groups, " (weights' first dim)");
+    TORCH_CHECK(w.size(1) == x.size(2) / r.pred_groups && w.size(2) == r.inner, op, ": ", w_name,
+                " must be [G, C_i/G, M] = [", r.pred_groups, ", ", x.size(2) / r.pred_groups, ", ", r.inner, "] (M = ",
+                up.has_value() ? "the rank, up's second dim" : "C/G without up", "), got shape ", w.sizes());
+  }
+  TORCH_CHECK(!(inputs.empty() && up.has_value()), op,
+              ": up must be None when there are no inputs (an intercept-only predictor)");
+  check_dtype(op, "bias", bias, at::kFloat);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C, op, ": bias must be 1-D of length C = ", C, ", got shape ",
+              bias.sizes());
+
+  TORCH_CHECK(cos.has_value() == sin.has_value(), op, ": cos and sin must be given together (both None: no RoPE)");
+  r.rotated = cos.has_value();
+  check_float_dtype(op, "out", out.scalar_type());
+  TORCH_CHECK(out.dim() == 4, op, ": out must be 4-D [B, H, T, D], got shape ", out.sizes());
+  if (r.rotated) {
+    check_dtype(op, "cos", *cos, at::kFloat);
+    check_dtype(op, "sin", *sin, at::kFloat);
+    TORCH_CHECK(cos->dim() == 3 && cos->size(0) == r.batch && cos->size(1) == r.tokens, op,
+                ": cos must be [B, T, D] with B, T = ", r.batch, ", ", r.tokens, ", got shape ", cos->sizes());
+    TORCH_CHECK(sin->sizes() == cos->sizes(), op, ": sin ", sin->sizes(), " must have cos' shape ", cos->sizes());
+    r.head_dim = cos->size(2);
+    TORCH_CHECK(r.head_dim >= 2 && r.head_dim % 2 == 0, op, ": head dim D = ", r.head_dim,
+                " (cos last dim) must be even and >= 2 for rotate-half RoPE");
+  } else {
+    r.head_dim = out.size(3);
+    TORCH_CHECK(r.head_dim >= 1, op, ": head dim D = 0 (out last dim); it must be >= 1");
+  }
+  TORCH_CHECK(C % r.head_dim == 0, op, ": C = ", C, " channels is not a multiple of the head dim D = ", r.head_dim);
+  r.heads = C / r.head_dim;
+  TORCH_CHECK(out.size(0) == r.batch && out.size(1) == r.heads && out.size(2) == r.tokens && out.size(3) == r.head_dim,
+              op, ": out must be [B, H, T, D] = [", r.batch, ", ", r.heads, ", ", r.tokens, ", ", r.head_dim,
+              "], got shape ", out.sizes());
+  if (hat_out.has_value()) {
+    check_dtype(op, "hat_out", *hat_out, at::kFloat);
+    TORCH_CHECK(hat_out->dim() == 3 && hat_out->size(0) == r.batch && hat_out->size(1) == r.tokens &&
+                    hat_out->size(2) == C,
+                op, ": hat_out must be [B, T, C] = [", r.batch, ", ", r.tokens, ", ", C, "], got shape ",
+                hat_out->sizes());
+  }
+
+  // The same device everywhere: checked last, over every tensor argument in schema order.
+  std::vector<std::pair<std::string, const at::Tensor*>> named = {
+      {"codes", &codes}, {"scales", &scales}, {"grid", &grid}, {"signs", &signs}};
+  for (size_t i = 0; i < inputs.size(); ++i) named.emplace_back("inputs[" + std::to_string(i) + "]", &inputs[i]);
+  for (size_t i = 0; i < weights.size(); ++i) named.emplace_back("weights[" + std::to_string(i) + "]", &weights[i]);
+  if (up.has_value()) named.emplace_back("up", &*up);
+  named.emplace_back("bias", &bias);
+  if (cos.has_value()) named.emplace_back("cos", &*cos);
+  if (sin.has_value()) named.emplace_back("sin", &*sin);
+  named.emplace_back("out", &out);
+  if (hat_out.has_value()) named.emplace_back("hat_out", &*hat_out);
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK(t->device() == codes.device(), op, ": ", name, " is on ", t->device(), " but codes is on ",
+                codes.device(), "; all tensors must be on the same device");
+  }
+  return r;
 }
 
 // pack_bits(codes, bits): codes int32 [..., count].

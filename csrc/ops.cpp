@@ -26,6 +26,11 @@ TORCH_LIBRARY(aquakv, m) {
   // A group holding NaN/Inf gets a non-finite scale (callers check scales, which is cheap).
   m.def("higgs_quantize(Tensor x, Tensor grid, Tensor signs, int group_size) -> (Tensor, Tensor)");
 
+  // higgs_quantize's nearest-grid search under GIVEN scales: y = sqrt(G)/s * H_orth(signs * x_g) with s the
+  // float value of scales [..., C/G] (fp16); y = 0 where s == 0 (NaN s: code 0). Returns codes uint8
+  // [..., C/d*code_bits/8], laid out as higgs_quantize's (re-encoding weights under their current scales).
+  m.def("higgs_quantize_scaled(Tensor x, Tensor scales, Tensor grid, Tensor signs, int group_size) -> Tensor");
+
   // Inverse of higgs_quantize: x_g = s/sqrt(G) * signs * H_orth^T grid[codes]; returns [..., C] in dtype.
   m.def("higgs_dequantize(Tensor codes, Tensor scales, Tensor grid, Tensor signs, int group_size, "
         "ScalarType dtype) -> Tensor");
@@ -36,4 +41,17 @@ TORCH_LIBRARY(aquakv, m) {
   m.def("pack_bits(Tensor codes, int bits) -> Tensor");
   // packed: uint8 [..., nbytes] -> int32 [..., count]; nbytes must equal ceil(count*bits/8), count <= 2**58.
   m.def("unpack_bits(Tensor packed, int bits, int count) -> Tensor");
+
+  // AQUA-KV reconstruction of one block of cached tokens, fused. Rows are [B, T]; C = H * D.
+  //   r    = higgs_dequantize(codes, scales, grid, signs, group_size) in float32 [B, T, C]
+  //   pred = per predictor group g of C/G channels: sum_i inputs[i][..., g-th C_i/G slice] @ weights[i][g]
+  //          (@ up[g] when given), + bias;  inputs[i] float32 [B, T, C_i], weights[i] float32 [G, C_i/G, M]
+  //          (M = C/G, or the rank r with up float32 [G, r, C/G]); no inputs: pred = bias
+  //   hat  = pred + r  -> hat_out (float32 [B, T, C], optional)
+  //   out[b, h, t, :] = rope(hat[b, t, h*D:(h+1)*D]) rounded once to out's dtype; out is [B, H, T, D]
+  //          with any strides; rope(x) = x * cos + rotate_half(x) * sin with cos, sin float32 [B, T, D];
+  //          cos = sin = None: out = hat (D = out.size(-1)).
+  m.def("aqua_reconstruct(Tensor codes, Tensor scales, Tensor grid, Tensor signs, int group_size, "
+        "Tensor[] inputs, Tensor[] weights, Tensor? up, Tensor bias, Tensor? cos, Tensor? sin, "
+        "Tensor(a!) out, Tensor(b!)? hat_out) -> ()");
 }

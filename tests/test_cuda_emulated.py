@@ -234,3 +234,126 @@ def test_emulated_pack_unpack_match_reference(emulator: Path, tmp_path: Path, bi
     np.testing.assert_array_equal(packed, ref.pack_bits(low, bits))
     run(emulator, tmp_path, "unpack", rows, count, bits, "packed.bin", "unpacked.bin", 2)
     np.testing.assert_array_equal(np.fromfile(tmp_path / "unpacked.bin", np.int32).reshape(rows, count), low)
+
+
+# ---- aqua_reconstruct's epilogue ----------------------------------------------------------------
+
+
+def prediction(args: dict) -> torch.Tensor | None:
+    """The prediction without bias as the launchers compute it (csrc/aqua_prediction.h): [G, B*T, C/G]."""
+    if not args["inputs"]:
+        return None
+    b, t, _ = args["scales"].shape
+    acc = None
+    for x, w in zip(args["inputs"], args["weights"]):
+        g = w.shape[0]
+        part = torch.bmm(x.reshape(b * t, g, x.shape[-1] // g).transpose(0, 1), w)
+        acc = part if acc is None else acc + part
+    return (acc if args["up"] is None else torch.bmm(acc, args["up"])).contiguous()
+
+
+def emu_reconstruct(emulator: Path, tmp: Path, case, args: dict, pred: torch.Tensor | None, residual_first: bool,
+                    max_blocks: int = 3) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs the epilogue on (copies of) args' out and hat_out buffers; returns the written views.
+    Asserts nothing outside the views was written (the buffers start as NaN)."""
+    n, d = args["grid"].shape
+    files = {"codes": args["codes"], "scales": args["scales"], "grid": args["grid"], "signs": args["signs"],
+             "bias": args["bias"], "pred": pred, "cos": args["cos"], "sin": args["sin"]}
+    for name, t in files.items():
+        if t is not None:
+            raw(t).tofile(tmp / f"{name}.bin")
+    path = lambda name: f"{name}.bin" if files[name] is not None else "-"  # noqa: E731
+
+    def tail_of(view: torch.Tensor) -> torch.Tensor:  # the storage from the view's first element on
+        flat = torch.empty(0, dtype=view.dtype).set_(view.untyped_storage())
+        return flat[view.storage_offset():]
+
+    views = {"out": args["out"], "hat": args["hat_out"]}
+    for name, view in views.items():
+        if view is not None:
+            raw(tail_of(view)).tofile(tmp / f"{name}.bin")
+    hat = views["hat"]
+    run(emulator, tmp, "reconstruct", DTYPE_ARG[case.dtype], case.batch, case.tokens, case.channels,
+        case.group_size.bit_length() - 1, n, d, case.head_dim, 0 if pred is None else pred.shape[-1],
+        int(residual_first), path("codes"), path("scales"), path("grid"), path("signs"), path("pred"), path("bias"),
+        path("cos"), path("sin"), "out.bin", tail_of(args["out"]).numel(), *args["out"].stride(),
+        "hat.bin" if hat is not None else "-", 0 if hat is None else tail_of(hat).numel(),
+        *(hat.stride() if hat is not None else (0, 0, 0)), max_blocks)
+    got = []
+    for name, view in views.items():
+        if view is None:
+            got.append(None)
+            continue
+        tail = from_raw(tmp / f"{name}.bin", view.dtype, (tail_of(view).numel(),))
+        written = tail.as_strided(view.shape, view.stride())
+        assert int((~torch.isnan(tail.float())).sum()) == view.numel(), f"{name}: wrote outside its view"
+        got.append(written)
+    return got[0], got[1]
+
+
+def recon_emulation_cases() -> list:
+    from test_ops_reconstruct import ReconCase, recon_cases
+
+    big = ReconCase(1, 2, 128, 64, 8192, 2, 16, (), 1, None, True, torch.float16, "slice", "contiguous", seed=5)
+    odd = ReconCase(2, 3, 2, 96, 64, 2, 16, (192,), 2, None, True, torch.bfloat16, "bthd", "strided", seed=6)
+    return recon_cases(18, seed=7, max_values=1 << 12) + [big, odd]
+
+
+RECON_CASES = recon_emulation_cases()
+
+
+@pytest.mark.parametrize("case", RECON_CASES, ids=str)
+def test_emulated_reconstruct_matches_reference_and_the_cpu_arithmetic(emulator: Path, tmp_path: Path, case) -> None:
+    # The epilogue does the CPU kernel's float32 operations in the same order (no fused multiply-add):
+    # given the same prediction, its bits equal the composition of the CPU ops; against the float64
+    # reference it is held to the shared float rule (see tests/test_ops_reconstruct.py).
+    from test_ops_reconstruct import check_against_reference, composed
+
+    args = case.tensors()
+    pred = prediction(args)
+    # big segments (lcm(D, G) > 4096 values) take the dequantize-first path; force it on every 3rd case too
+    residual_first = case.seed % 3 == 0
+    out, hat = emu_reconstruct(emulator, tmp_path, case, args, pred, residual_first)
+    check_against_reference(case, args, out, hat)
+    b, t, c = args["scales"].shape[0], args["scales"].shape[1], case.channels
+    pred_btc = None if pred is None else pred.permute(1, 0, 2).reshape(b, t, c)
+    want_out, want_hat = composed(args, pred_btc)
+    assert torch.equal(out, want_out)
+    if hat is not None:
+        assert torch.equal(hat, want_hat)
+
+
+def test_emulated_reconstruct_grid_stride_and_paths_agree(emulator: Path, tmp_path: Path) -> None:
+    from test_ops_reconstruct import ReconCase
+
+    case = ReconCase(3, 7, 2, 32, 16, 2, 16, (64,), 2, 4, True, torch.float16, "slice", "contiguous", seed=11)
+    args = case.tensors()
+    pred = prediction(args)
+    runs = [emu_reconstruct(emulator, tmp_path, case, case.tensors(), pred, first, blocks)
+            for first, blocks in ((False, 1), (False, 1 << 20), (True, 1), (True, 1 << 20))]
+    for out, hat in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(hat, runs[0][1])
+
+
+# ---- higgs_quantize_scaled --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=str)
+def test_emulated_quantize_scaled_matches_reference_except_ties(emulator: Path, tmp_path: Path,
+                                                                 case: HiggsCase) -> None:
+    from test_ops_quantize_scaled import check_scaled_codes, given_scales
+
+    x, grid, signs = case.inputs()
+    scales = given_scales(x, case.group_size, case.seed)
+    c, n, d = x.shape[-1], *grid.shape
+    raw(x).tofile(tmp_path / "x.bin")
+    grid.numpy().tofile(tmp_path / "grid.bin")
+    signs.numpy().tofile(tmp_path / "signs.bin")
+    scales.numpy().tofile(tmp_path / "scales.bin")
+    run(emulator, tmp_path, "quantize_scaled", DTYPE_ARG[x.dtype], x.numel() // c, c, case.group_size.bit_length() - 1,
+        n, d, "x.bin", "grid.bin", "signs.bin", "codes.bin", "scales.bin", 3)
+    codes = from_raw(tmp_path / "codes.bin", torch.uint8, (*x.shape[:-1], c // d * case.code_bits // 8))
+    ties = check_scaled_codes(codes, x, scales, grid, signs, case.group_size)
+    if case.n <= 256:
+        assert ties <= max(2, x.numel() // case.d // 100), f"{ties} near-tie mismatches"
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "scales.bin", np.float16), scales.numpy().reshape(-1))

@@ -158,7 +158,8 @@ def test_quantize_backward_refuses() -> None:
         scales.float().sum().backward()
 
 
-@pytest.mark.parametrize("name", ["higgs_quantize", "pack_bits", "unpack_bits", "hadamard", "higgs_dequantize"])
+@pytest.mark.parametrize("name", ["higgs_quantize", "higgs_quantize_scaled", "pack_bits", "unpack_bits", "hadamard",
+                                  "higgs_dequantize"])
 def test_every_op_has_an_autograd_kernel(name: str) -> None:
     # pack_bits / unpack_bits take integer tensors, which cannot require grad; their kernel still
     # refuses backward, so no op is left to the silent "returns None with a warning" fallback.

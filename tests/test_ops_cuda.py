@@ -188,3 +188,42 @@ def test_opcheck_split_group_sizes(dtype: torch.dtype) -> None:
     torch.library.opcheck(torch.ops.aquakv.higgs_quantize.default, (x, grid, signs, 4096))
     codes, scales = ops.higgs_quantize(x, grid, signs, 4096)
     torch.library.opcheck(torch.ops.aquakv.higgs_dequantize.default, (codes, scales, grid, signs, 4096, dtype))
+
+
+# ---- aqua_reconstruct (the 60-case reference sweep of tests/test_ops_reconstruct.py runs on CUDA too) ----
+
+
+def _recon_case(**changes):
+    from test_ops_reconstruct import ReconCase
+
+    base = dict(batch=2, tokens=5, heads=2, head_dim=64, group_size=64, d=2, n=16, in_widths=(), pred_groups=1,
+                rank=None, rotated=True, dtype=torch.float16, out_layout="slice", hat_layout="strided", seed=3)
+    return ReconCase(**(base | changes))
+
+
+@pytest.mark.parametrize("group_size", [64, 8192], ids=["fused", "dequantize-first"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda t: str(t)[6:])
+def test_reconstruct_without_matmul_is_bitwise_the_cpu_kernel(group_size: int, dtype: torch.dtype) -> None:
+    # No inputs, so no cuBLAS: the epilogue's float32 operations are the CPU pass's, in the same order and
+    # without fused multiply-adds (mul_rn / add_rn), on both GPU paths (a segment of lcm(D, G) = 8192
+    # values does not fit the 4096-value tile and goes through higgs_dequantize first).
+    case = _recon_case(heads=128 if group_size == 8192 else 2, group_size=group_size, dtype=dtype)
+    cpu, gpu = case.tensors(), case.tensors("cuda")
+    ops.aqua_reconstruct(**cpu)
+    ops.aqua_reconstruct(**gpu)
+    assert torch.equal(gpu["out"].cpu(), cpu["out"]) and torch.equal(gpu["hat_out"].cpu(), cpu["hat_out"])
+
+
+def test_reconstruct_of_misaligned_views_and_on_a_side_stream() -> None:
+    case = _recon_case(in_widths=(128, 128), pred_groups=2, rank=4)
+    want = case.tensors()
+    ops.aqua_reconstruct(**want)
+    args = case.tensors("cuda")
+    args["codes"] = torch.cat([torch.zeros_like(args["codes"][..., :1]), args["codes"]], -1)[..., 1:]  # offset 1 byte
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.aqua_reconstruct(**args)
+    torch.cuda.current_stream().wait_stream(stream)
+    # cuBLAS sums in its own order: close to the CPU result, not bitwise (the sweep holds both to the reference)
+    torch.testing.assert_close(args["out"].cpu(), want["out"], rtol=2e-3, atol=2e-3)

@@ -159,3 +159,41 @@ def test_zero_group_is_exactly_zero_never_nan() -> None:
 def test_quantize_rejects_ragged_groups() -> None:
     with pytest.raises(ValueError, match="last dim 192 is not a multiple of group_size 128"):
         ref.higgs_quantize(np.ones((1, 192)), np.ones((4, 1)), ref.random_signs(128, 0), 128)
+
+
+# ---- AQUA-KV reconstruction and quantize under given scales ------------------------------------
+
+
+def test_grouped_prediction_is_a_block_diagonal_dense_map() -> None:
+    rng = np.random.default_rng(0)
+    g, c_in, c, r = 3, 12, 9, 2
+    x = rng.normal(size=(2, 4, c_in))
+    w, up, bias = rng.normal(size=(g, c_in // g, r)), rng.normal(size=(g, r, c // g)), rng.normal(size=c)
+    dense = np.zeros((c_in, c))
+    for k in range(g):  # block k: input slice k -> output slice k, through the rank-r factor
+        dense[k * 4 : (k + 1) * 4, k * 3 : (k + 1) * 3] = w[k] @ up[k]
+    np.testing.assert_allclose(ref.aqua_prediction([x], [w], up, bias), x @ dense + bias, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(ref.aqua_prediction([], [], None, bias), bias)
+
+
+def test_rope_is_a_rotation_of_the_half_pairs() -> None:
+    rng = np.random.default_rng(1)
+    x, theta = rng.normal(size=(5, 8)), rng.uniform(0, 6.3, size=(5, 4))
+    cos, sin = np.cos(np.concatenate([theta, theta], -1)), np.sin(np.concatenate([theta, theta], -1))
+    y = ref.rope(x, cos, sin)
+    # pair (x_k, x_{k+4}) turns by theta_k as a complex number x_k + i x_{k+4}
+    z = (x[:, :4] + 1j * x[:, 4:]) * np.exp(1j * theta)
+    np.testing.assert_allclose(y, np.concatenate([z.real, z.imag], -1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(ref.rope(x, np.ones_like(x), np.zeros_like(x)), x)
+
+
+def test_quantize_scaled_at_the_norm_is_the_normalised_rotation() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 64)).astype(np.float16).astype(np.float64)
+    signs = ref.random_signs(32, seed=3)
+    y, s = ref.higgs.rotated_normalised(x, signs, 32)
+    s16 = s.astype(np.float16)
+    # given the fp16 norm, y differs from the unrounded-norm y only by the scale's rounding
+    np.testing.assert_allclose(ref.higgs.rotated_scaled(x, s16, signs, 32), y * (s / s16.astype(np.float64))[..., None],
+                               rtol=1e-12)
+    assert (ref.higgs.rotated_scaled(x, np.zeros_like(s16), signs, 32) == 0).all()

@@ -16,11 +16,16 @@ call fails the same way on meta / FakeTensors as on a real device. Gradients: se
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from aquakv import _C  # noqa: F401  (loads the library that defines torch.ops.aquakv.*)
 
-__all__ = ["hadamard", "higgs_quantize", "higgs_dequantize", "pack_bits", "unpack_bits", "check_group_size"]
+__all__ = [
+    "hadamard", "higgs_quantize", "higgs_quantize_scaled", "higgs_dequantize", "pack_bits", "unpack_bits",
+    "aqua_reconstruct", "check_group_size",
+]
 
 
 def hadamard(x: torch.Tensor, signs: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
@@ -46,6 +51,21 @@ def higgs_quantize(
     the float16 range (65504). Not differentiable (backward through it raises).
     """
     return torch.ops.aquakv.higgs_quantize(x, grid, signs, group_size)
+
+
+def higgs_quantize_scaled(
+    x: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """`higgs_quantize`'s nearest-grid search under GIVEN scales; returns the codes only.
+
+    Per group: y = sqrt(G)/s * H_orth(signs * x_g) with s = float(scales[..., g]) instead of ||x_g||
+    (y = 0 where s == 0; a NaN s gives code 0), then the nearest grid point of each d-vector (lowest index on
+    exact ties). x: [..., C] float32/float16/bfloat16, C % G == 0; scales: float16 [..., C/G] with x's leading
+    dims; grid, signs, group_size as for `higgs_quantize`. Returns codes uint8 [..., C/d*code_bits/8]:
+    `higgs_dequantize(codes, scales, ...)` then decodes x under those scales. For re-encoding weights
+    under their current (e.g. tuned) scales. Not differentiable (backward through it raises).
+    """
+    return torch.ops.aquakv.higgs_quantize_scaled(x, scales, grid, signs, group_size)
 
 
 def higgs_dequantize(
@@ -75,6 +95,47 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """packed: uint8 [..., ceil(count*bits/8)] -> int32 [..., count]; inverse of `pack_bits`. 0 <= count <= 2**58."""
     return torch.ops.aquakv.unpack_bits(packed, bits, count)
+
+
+def aqua_reconstruct(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    grid: torch.Tensor,
+    signs: torch.Tensor,
+    group_size: int,
+    *,
+    inputs: Sequence[torch.Tensor] = (),
+    weights: Sequence[torch.Tensor] = (),
+    bias: torch.Tensor,
+    out: torch.Tensor,
+    up: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    hat_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused AQUA-KV reconstruction of one block of cached tokens, written into `out`; returns `out`.
+
+    Rows are [B, T] (batch, tokens), C = H * D channels (heads concatenated):
+      r    = higgs_dequantize(codes, scales, grid, signs, group_size) in float32     [B, T, C]
+      pred = per predictor group g (C/G channels each): sum_i inputs[i][..., g-th C_i/G slice] @ weights[i][g]
+             (@ up[g] when given) + bias[g-th slice]
+      hat  = pred + r -> hat_out                                                   [B, T, C] float32
+      out[b, h, t, :] = rope(hat[b, t, h*D:(h+1)*D]), rounded once to out's dtype
+    with rope(x) = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[D/2:], x[:D/2]) (Llama).
+
+    codes uint8 [B, T, C/d*code_bits/8] and scales float16 [B, T, C/group_size], as `higgs_dequantize`
+    takes them. inputs: float32 [B, T, C_i] (none: an intercept-only predictor, pred = bias); weights:
+    one per input, float32 [G, C_i/G, M] with G >= 1 dividing C_i and C; M = C/G without `up`, the rank r
+    with up float32 [G, r, C/G]. G = 1 is a dense map, G = H a per-head block-diagonal one. bias float32
+    [C]. cos, sin: float32 [B, T, D] (D even), or both None for no rotation (then D = out.shape[-1]).
+    out: float32/float16/bfloat16 [B, H, T, D] with any strides (e.g. a slice [:, :, t0:t1] of the
+    buffer attention reads). hat_out: float32 [B, T, C] (any strides) or None.
+    The matmuls follow torch's float32 matmul settings (TF32 if enabled); the rest is float32 in a fixed
+    order. Not differentiable (it writes into out).
+    """
+    torch.ops.aquakv.aqua_reconstruct(codes, scales, grid, signs, group_size, list(inputs), list(weights), up, bias,
+                                      cos, sin, out, hat_out)
+    return out
 
 
 # ---- input checks: csrc/checks.h item by item, in the same order, with the same messages ------
@@ -200,6 +261,33 @@ def _check_higgs_quantize_args(x: torch.Tensor, grid: torch.Tensor, signs: torch
     return group_bytes
 
 
+def _check_higgs_quantize_scaled_args(x, scales, grid, signs, group_size: int) -> int:
+    """Returns bytes of codes per group."""
+    op = "higgs_quantize_scaled"
+    _check_at_least_1d(op, "x", x)
+    _check_at_least_1d(op, "scales", scales)
+    _check_float_dtype(op, "x", x.dtype)
+    _check_dtype(op, "scales", scales, torch.float16)
+    _, _, group_bytes = _check_higgs_common(op, grid, signs, group_size)
+    channels = x.shape[-1]
+    _require(channels % group_size == 0, lambda: f"{op}: last dim {channels} is not a multiple of group_size "
+             f"{group_size} (pad x with zeros to a multiple and trim after dequantize)")
+    want = [*x.shape[:-1], channels // group_size]
+    _require(list(scales.shape) == want, lambda: f"{op}: scales must be [..., C/group_size] = {want} (x's leading "
+             f"dims), got shape {_sizes(scales)}")
+    _check_same_device(op, ("x", x), ("scales", scales), ("grid", grid), ("signs", signs))
+    return group_bytes
+
+
+def _check_codes_match_scales(op: str, codes, scales, group_size: int, d: int, code_bits: int, group_bytes: int) -> None:
+    _require(codes.dim() == scales.dim() and codes.shape[:-1] == scales.shape[:-1],
+             lambda: f"{op}: codes {_sizes(codes)} and scales {_sizes(scales)} must have the same leading dims")
+    groups = scales.shape[-1]
+    _require(codes.shape[-1] == groups * group_bytes,
+             lambda: f"{op}: codes last dim {codes.shape[-1]} does not match {groups} groups (scales last dim) * "
+             f"{group_bytes} bytes per group (group_size {group_size} / d {d} * code_bits {code_bits} / 8)")
+
+
 def _check_higgs_dequantize_args(codes, scales, grid, signs, group_size: int, dtype: torch.dtype) -> None:
     op = "higgs_dequantize"
     _check_at_least_1d(op, "codes", codes)
@@ -208,13 +296,81 @@ def _check_higgs_dequantize_args(codes, scales, grid, signs, group_size: int, dt
     _check_dtype(op, "scales", scales, torch.float16)
     _check_float_dtype(op, "dtype", dtype)
     d, code_bits, group_bytes = _check_higgs_common(op, grid, signs, group_size)
-    _require(codes.dim() == scales.dim() and codes.shape[:-1] == scales.shape[:-1],
-             lambda: f"{op}: codes {_sizes(codes)} and scales {_sizes(scales)} must have the same leading dims")
-    groups = scales.shape[-1]
-    _require(codes.shape[-1] == groups * group_bytes,
-             lambda: f"{op}: codes last dim {codes.shape[-1]} does not match {groups} groups (scales last dim) * "
-             f"{group_bytes} bytes per group (group_size {group_size} / d {d} * code_bits {code_bits} / 8)")
+    _check_codes_match_scales(op, codes, scales, group_size, d, code_bits, group_bytes)
     _check_same_device(op, ("codes", codes), ("scales", scales), ("grid", grid), ("signs", signs))
+
+
+def _check_aqua_reconstruct_args(codes, scales, grid, signs, group_size: int, inputs, weights, up, bias, cos, sin,
+                                 out, hat_out) -> None:
+    op = "aqua_reconstruct"
+    _require(codes.dim() == 3, lambda: f"{op}: codes must be 3-D [B, T, bytes], got shape {_sizes(codes)}")
+    _require(scales.dim() == 3, lambda: f"{op}: scales must be 3-D [B, T, C/group_size], got shape {_sizes(scales)}")
+    _check_dtype(op, "codes", codes, torch.uint8)
+    _check_dtype(op, "scales", scales, torch.float16)
+    d, code_bits, group_bytes = _check_higgs_common(op, grid, signs, group_size)
+    _check_codes_match_scales(op, codes, scales, group_size, d, code_bits, group_bytes)
+    b, t, c = scales.shape[0], scales.shape[1], scales.shape[2] * group_size
+    _require(len(inputs) == len(weights),
+             lambda: f"{op}: got {len(inputs)} inputs but {len(weights)} weights; each input needs its weight")
+    groups = inner = 0
+    for i, (x, w) in enumerate(zip(inputs, weights)):
+        _check_dtype(op, f"inputs[{i}]", x, torch.float32)
+        _require(x.dim() == 3 and x.shape[0] == b and x.shape[1] == t, lambda: f"{op}: inputs[{i}] must be "
+                 f"[B, T, C_i] with B, T = {b}, {t} (scales' leading dims), got shape {_sizes(x)}")
+        _check_dtype(op, f"weights[{i}]", w, torch.float32)
+        _require(w.dim() == 3, lambda: f"{op}: weights[{i}] must be 3-D [G, C_i/G, M], got shape {_sizes(w)}")
+        if i == 0:
+            groups = w.shape[0]
+            _require(groups >= 1, lambda: f"{op}: weights[0] has G = 0 groups; G must be >= 1")
+            _require(c % groups == 0, lambda: f"{op}: C = {c} channels (scales last dim * group_size) is not a "
+                     f"multiple of G = {groups} (weights' first dim)")
+            if up is not None:
+                _check_dtype(op, "up", up, torch.float32)
+                _require(up.dim() == 3 and up.shape[0] == groups and up.shape[2] == c // groups,
+                         lambda: f"{op}: up must be [G, r, C/G] = [{groups}, r, {c // groups}], got shape {_sizes(up)}")
+                inner = up.shape[1]
+            else:
+                inner = c // groups
+        _require(w.shape[0] == groups, lambda: f"{op}: weights[{i}] has {w.shape[0]} groups but weights[0] has "
+                 f"{groups}; all weights must share G")
+        _require(x.shape[2] % groups == 0, lambda: f"{op}: inputs[{i}] last dim {x.shape[2]} is not a multiple of "
+                 f"G = {groups} (weights' first dim)")
+        m_name = "the rank, up's second dim" if up is not None else "C/G without up"
+        _require(w.shape[1] == x.shape[2] // groups and w.shape[2] == inner, lambda: f"{op}: weights[{i}] must be "
+                 f"[G, C_i/G, M] = [{groups}, {x.shape[2] // groups}, {inner}] (M = {m_name}), got shape {_sizes(w)}")
+    _require(not (len(inputs) == 0 and up is not None),
+             lambda: f"{op}: up must be None when there are no inputs (an intercept-only predictor)")
+    _check_dtype(op, "bias", bias, torch.float32)
+    _require(bias.dim() == 1 and bias.shape[0] == c,
+             lambda: f"{op}: bias must be 1-D of length C = {c}, got shape {_sizes(bias)}")
+    _require((cos is None) == (sin is None),
+             lambda: f"{op}: cos and sin must be given together (both None: no RoPE)")
+    _check_float_dtype(op, "out", out.dtype)
+    _require(out.dim() == 4, lambda: f"{op}: out must be 4-D [B, H, T, D], got shape {_sizes(out)}")
+    if cos is not None:
+        _check_dtype(op, "cos", cos, torch.float32)
+        _check_dtype(op, "sin", sin, torch.float32)
+        _require(cos.dim() == 3 and cos.shape[0] == b and cos.shape[1] == t,
+                 lambda: f"{op}: cos must be [B, T, D] with B, T = {b}, {t}, got shape {_sizes(cos)}")
+        _require(sin.shape == cos.shape, lambda: f"{op}: sin {_sizes(sin)} must have cos' shape {_sizes(cos)}")
+        head_dim = cos.shape[2]
+        _require(head_dim >= 2 and head_dim % 2 == 0, lambda: f"{op}: head dim D = {head_dim} (cos last dim) must "
+                 "be even and >= 2 for rotate-half RoPE")
+    else:
+        head_dim = out.shape[3]
+        _require(head_dim >= 1, lambda: f"{op}: head dim D = 0 (out last dim); it must be >= 1")
+    _require(c % head_dim == 0, lambda: f"{op}: C = {c} channels is not a multiple of the head dim D = {head_dim}")
+    want = [b, c // head_dim, t, head_dim]
+    _require(list(out.shape) == want, lambda: f"{op}: out must be [B, H, T, D] = {want}, got shape {_sizes(out)}")
+    if hat_out is not None:
+        _check_dtype(op, "hat_out", hat_out, torch.float32)
+        _require(list(hat_out.shape) == [b, t, c],
+                 lambda: f"{op}: hat_out must be [B, T, C] = {[b, t, c]}, got shape {_sizes(hat_out)}")
+    named = [("codes", codes), ("scales", scales), ("grid", grid), ("signs", signs)]
+    named += [(f"inputs[{i}]", x) for i, x in enumerate(inputs)] + [(f"weights[{i}]", w) for i, w in enumerate(weights)]
+    named += [(n, v) for n, v in (("up", up), ("bias", bias), ("cos", cos), ("sin", sin), ("out", out),
+                                  ("hat_out", hat_out)) if v is not None]
+    _check_same_device(op, *named)
 
 
 def _check_pack_args(codes: torch.Tensor, bits: int) -> None:
@@ -258,6 +414,12 @@ def _higgs_quantize_fake(
     return codes, scales
 
 
+@torch.library.register_fake("aquakv::higgs_quantize_scaled")
+def _higgs_quantize_scaled_fake(x, scales, grid, signs, group_size: int) -> torch.Tensor:
+    group_bytes = _check_higgs_quantize_scaled_args(x, scales, grid, signs, group_size)
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // group_size * group_bytes), dtype=torch.uint8)
+
+
 @torch.library.register_fake("aquakv::higgs_dequantize")
 def _higgs_dequantize_fake(
     codes: torch.Tensor,
@@ -282,6 +444,13 @@ def _pack_bits_fake(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def _unpack_bits_fake(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     _check_unpack_args(packed, bits, count)
     return packed.new_empty((*packed.shape[:-1], count), dtype=torch.int32)
+
+
+@torch.library.register_fake("aquakv::aqua_reconstruct")
+def _aqua_reconstruct_fake(codes, scales, grid, signs, group_size, inputs, weights, up, bias, cos, sin, out,
+                           hat_out) -> None:
+    _check_aqua_reconstruct_args(codes, scales, grid, signs, group_size, inputs, weights, up, bias, cos, sin, out,
+                                 hat_out)
 
 
 # ---- autograd: backward formulas where the op has a derivative, a clear refusal where not -----
@@ -340,5 +509,5 @@ def _no_setup(ctx, inputs, output) -> None:
 
 torch.library.register_autograd("aquakv::hadamard", _hadamard_backward, setup_context=_hadamard_setup)
 torch.library.register_autograd("aquakv::higgs_dequantize", _dequantize_backward, setup_context=_dequantize_setup)
-for _op in ("higgs_quantize", "pack_bits", "unpack_bits"):
+for _op in ("higgs_quantize", "higgs_quantize_scaled", "pack_bits", "unpack_bits"):
     torch.library.register_autograd(f"aquakv::{_op}", _refuse_backward(_op), setup_context=_no_setup)

@@ -22,7 +22,7 @@ namespace aquakv::cuda {
 struct HiggsArgs {
   void* values;             // quantize: x [groups * G] (read); dequantize: out [groups * G] (written). 16-byte aligned
   uint8_t* codes;           // [groups * G / d * code_bits / 8]; quantize writes it, dequantize reads it. 16-byte aligned
-  __half* scales;           // [groups]: the group norms s
+  __half* scales;           // [groups]: the group norms s (quantize writes them; quantize_scaled reads them)
   const float* grid;        // [n_points, d], 16-byte aligned
   const float* half_norms;  // [n_points] = ||g_j||^2 / 2 in device memory; read only by quantize with a grid
                             // too large for shared memory (see higgs_quantize_workspace_bytes)
@@ -263,8 +263,10 @@ AQUAKV_HD AQUAKV_INLINE void stage_grid(const Simt& simt, const HiggsArgs& a, co
 
 // ---- quantize -------------------------------------------------------------------------------------
 
+// kGivenScales (higgs_quantize_scaled): s is read from a.scales instead of computed and written; the rest,
+// y = H(D x) / s (y = 0 when s == 0) and the search, is the same code.
 AQUAKV_HD_TEMPLATE
-template <class Cfg, class Simt>
+template <class Cfg, bool kGivenScales = false, class Simt>
 AQUAKV_HD void higgs_quantize_body(const Simt& simt, const HiggsArgs& a, const HiggsPlan& p, float* smem) {
   using T = typename Cfg::Elem;
   constexpr int R = Cfg::kRun, kEPT = Cfg::kEPT;
@@ -305,44 +307,56 @@ AQUAKV_HD void higgs_quantize_body(const Simt& simt, const HiggsArgs& a, const H
 
     // Sum of squares per group: per segment, then over the chunk, lane and warp bits of the group.
     float ss[kSegs];
-    AQUAKV_UNROLL
-    for (int s = 0; s < kSegs; ++s) {
-      ss[s] = 0.f;
+    if constexpr (!kGivenScales) {
       AQUAKV_UNROLL
-      for (int k = 0; k < kSeg; ++k) ss[s] += v[s * kSeg + k] * v[s * kSeg + k];
-    }
-    if constexpr (Cfg::kG > R) {
-      static_assert(kSegs == Cfg::kChunks, "one segment per chunk");
-      AQUAKV_UNROLL
-      for (int j = 0; j < Cfg::kQ; ++j) {
-        if (Cfg::kLogRun + 5 + j >= Cfg::kLogG) break;
+      for (int s = 0; s < kSegs; ++s) {
+        ss[s] = 0.f;
         AQUAKV_UNROLL
-        for (int c = 0; c < Cfg::kChunks; ++c) {
-          if (c & (1 << j)) continue;
-          const float t = ss[c] + ss[c | 1 << j];
-          ss[c] = t;
-          ss[c | 1 << j] = t;
+        for (int k = 0; k < kSeg; ++k) ss[s] += v[s * kSeg + k] * v[s * kSeg + k];
+      }
+      if constexpr (Cfg::kG > R) {
+        static_assert(kSegs == Cfg::kChunks, "one segment per chunk");
+        AQUAKV_UNROLL
+        for (int j = 0; j < Cfg::kQ; ++j) {
+          if (Cfg::kLogRun + 5 + j >= Cfg::kLogG) break;
+          AQUAKV_UNROLL
+          for (int c = 0; c < Cfg::kChunks; ++c) {
+            if (c & (1 << j)) continue;
+            const float t = ss[c] + ss[c | 1 << j];
+            ss[c] = t;
+            ss[c | 1 << j] = t;
+          }
         }
       }
-    }
-    sum_over_group_lanes<Cfg>(simt, ss);
-    if constexpr (Cfg::kSplit) {
-      if (lane == 0) red[warp] = ss[0];  // every chunk holds the warp's total; read after the exchange's barrier
+      sum_over_group_lanes<Cfg>(simt, ss);
+      if constexpr (Cfg::kSplit) {
+        if (lane == 0) red[warp] = ss[0];  // every chunk holds the warp's total; read after the exchange's barrier
+      }
     }
 
     fwht_tile<Cfg>(simt, v, y_smem, lane, warp);
 
     float norm[kSegs], inv[kSegs];
-    if constexpr (Cfg::kSplit) {
-      float t = 0.f;
-      for (int w = 0; w < Cfg::kWarps; ++w) t += red[w];
+    if constexpr (kGivenScales) {
       AQUAKV_UNROLL
-      for (int s = 0; s < kSegs; ++s) ss[s] = t;
-    }
-    AQUAKV_UNROLL
-    for (int s = 0; s < kSegs; ++s) {
-      norm[s] = sqrtf(ss[s]);
-      inv[s] = norm[s] > 0.f ? 1.f / norm[s] : 0.f;  // s == 0: y = 0, never NaN
+      for (int s = 0; s < kSegs; ++s) {  // the segment's group (a split group is the whole tile)
+        const int e = Cfg::load_index(s * kSeg / R, s * kSeg % R, lane, warp);
+        const int64_t group = Cfg::kSplit ? tile : (base + e) >> Cfg::kLogG;
+        norm[s] = Cfg::kSplit || e < valid ? to_float(a.scales[group]) : 0.f;
+        inv[s] = norm[s] != 0.f ? 1.f / norm[s] : 0.f;  // s == 0: y = 0; a NaN s: NaN y, code 0
+      }
+    } else {
+      if constexpr (Cfg::kSplit) {
+        float t = 0.f;
+        for (int w = 0; w < Cfg::kWarps; ++w) t += red[w];
+        AQUAKV_UNROLL
+        for (int s = 0; s < kSegs; ++s) ss[s] = t;
+      }
+      AQUAKV_UNROLL
+      for (int s = 0; s < kSegs; ++s) {
+        norm[s] = sqrtf(ss[s]);
+        inv[s] = norm[s] > 0.f ? 1.f / norm[s] : 0.f;  // s == 0: y = 0, never NaN
+      }
     }
     // Split groups: one group per tile, so any segment's factor is the group's (store layout).
     AQUAKV_UNROLL
@@ -353,7 +367,9 @@ AQUAKV_HD void higgs_quantize_body(const Simt& simt, const HiggsArgs& a, const H
       AQUAKV_UNROLL
       for (int q = 0; q < R; q += 4) store_f4(dst + q, &v[c * R + q]);
     }
-    if constexpr (Cfg::kSplit) {
+    if constexpr (kGivenScales) {
+      // the scales are the caller's
+    } else if constexpr (Cfg::kSplit) {
       if (tid == 0) a.scales[tile] = from_float<__half>(norm[0]);
     } else {
       AQUAKV_UNROLL
@@ -504,9 +520,9 @@ AQUAKV_HD void higgs_dequantize_body(const Simt& simt, const HiggsArgs& a, const
 }
 
 #if defined(__CUDACC__) && !defined(AQUAKV_HOST_EMULATION)
-template <class Cfg>
+template <class Cfg, bool kGivenScales>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) higgs_quantize_kernel(HiggsArgs a, HiggsPlan p) {
-  higgs_quantize_body<Cfg>(DeviceSimt{}, a, p, dynamic_smem());
+  higgs_quantize_body<Cfg, kGivenScales>(DeviceSimt{}, a, p, dynamic_smem());
 }
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) higgs_dequantize_kernel(HiggsArgs a, HiggsPlan p) {
@@ -525,7 +541,8 @@ inline size_t higgs_quantize_workspace_bytes(int n_points, int d) {
 
 // Fused quantize of a.groups groups of 2^log_g values of `dtype` on `stream`. `workspace` must hold
 // higgs_quantize_workspace_bytes(a.n_points, a.d) bytes (may be null when that is 0).
-template <typename = void>  // instantiates the kernels only where the launcher is called
+// kGivenScales: higgs_quantize_scaled, s read from a.scales (not written).
+template <bool kGivenScales = false>  // a template: instantiates the kernels only where the launcher is called
 inline cudaError_t higgs_quantize(DType dtype, int log_g, HiggsArgs a, float* workspace, cudaStream_t stream) {
   if (a.groups == 0) return cudaSuccess;
   if (higgs_quantize_workspace_bytes(a.n_points, a.d) > 0) {
@@ -537,7 +554,7 @@ inline cudaError_t higgs_quantize(DType dtype, int log_g, HiggsArgs a, float* wo
   return visit_tile(dtype, log_g, [&](auto tag) -> cudaError_t {
     using Cfg = typename decltype(tag)::type;
     const HiggsPlan p = higgs_plan<Cfg>(a, /*quantize=*/true);
-    const auto kernel = higgs_quantize_kernel<Cfg>;
+    const auto kernel = higgs_quantize_kernel<Cfg, kGivenScales>;
     if (cudaError_t err = allow_smem(kernel, p.smem_bytes); err != cudaSuccess) return err;
     kernel<<<static_cast<unsigned>(grid_for(p.tiles)), Cfg::kThreads, p.smem_bytes, stream>>>(a, p);
     return cudaGetLastError();

@@ -6,6 +6,8 @@ Per group x_g of G values (x: [..., C], C a multiple of G):
   code_i = argmin_j ||y_i - g_j||^2        over the G/d sub-vectors y_i (lowest j on exact ties)
   codes packed LSB-first at code_bits = log2(n) bits per d-dim code (see reference.bitpack)
 Dequantize: x^_g = s16 / sqrt(G) * D * H_orth^T g[code], with s16 the stored fp16 scale.
+Quantize with given scales (higgs_quantize_scaled): the same search with y = sqrt(G) / s16 * H_orth(D x_g)
+for the caller's fp16 s16 (y = 0 where s16 == 0), e.g. to re-encode weights under their current scales.
 """
 from __future__ import annotations
 
@@ -61,6 +63,27 @@ def rotated_normalised(x: np.ndarray, signs: np.ndarray, group_size: int) -> tup
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.where(s[..., None] > 0, np.sqrt(group_size) / s[..., None] * h_orth, 0.0)
     return y, s
+
+
+def rotated_scaled(x: np.ndarray, scales: np.ndarray, signs: np.ndarray, group_size: int) -> np.ndarray:
+    """y = sqrt(G)/s * H_orth(D x_g) per group for given scales s (float16 [..., C/G]); y = 0 where s == 0.
+    x: [..., C] -> [..., C/G, G]. A NaN scale gives NaN y (code 0); an infinite one gives y = 0."""
+    xg = _groups(np.asarray(x, np.float64), group_size)
+    s = np.asarray(scales, np.float16).astype(np.float64)[..., None]
+    h_orth = hadamard(xg, signs, scale=1.0 / np.sqrt(group_size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(s != 0, np.sqrt(group_size) / s * h_orth, 0.0)
+
+
+def higgs_quantize_scaled(
+    x: np.ndarray, scales: np.ndarray, grid: np.ndarray, signs: np.ndarray, group_size: int
+) -> np.ndarray:
+    """x: [..., C], scales float16 [..., C/G] -> codes uint8 [..., C/d*code_bits/8] (nearest grid point of y)."""
+    grid = np.asarray(grid, np.float64)
+    d, code_bits = grid.shape[1], _code_bits_of(grid)
+    y = rotated_scaled(x, scales, signs, group_size)
+    codes, _ = nearest_grid_codes(y.reshape(*y.shape[:-1], group_size // d, d), grid)
+    return pack_bits(codes.reshape(*np.shape(x)[:-1], np.shape(x)[-1] // d), code_bits)
 
 
 def higgs_quantize(
