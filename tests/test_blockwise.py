@@ -140,3 +140,25 @@ def test_refusals(preds):
     cache.update(kv, kv, 0)
     with pytest.raises(RuntimeError, match="did not read its .* compressed tokens"):
         cache.update(kv, kv, 1)
+
+
+@pytest.mark.parametrize("structure", ["full", "rank", "per-head"])
+def test_aqua_blocks_go_through_the_fused_op_and_equal_the_composed_path(model, preds, structure, monkeypatch):
+    """AquaKVCodec.decode_block runs aquakv.ops.aqua_reconstruct (one call per part and block) and gives what
+    dequantize + predict + add + rotate give (float32; the op's matmuls sum in another order)."""
+    from aquakv import ops
+    from aquakv.kv.aqua import AquaKVCodec
+    from aquakv.kv.codec import KVCodec
+
+    if structure != "full":
+        kw = dict(rank=4) if structure == "rank" else dict(structure="per-head")
+        preds = calibrate(model, random_token_windows(4, 160, seed=5), bits=2, window=160, progress=False, **kw)
+    ids = torch.stack(random_token_windows(2, sum(STEPS), seed=3))
+    calls = []
+    fused = ops.aqua_reconstruct
+    monkeypatch.setattr(ops, "aqua_reconstruct", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    got = _feed(model, ids, AquaKVCache(model, preds, buffer=16, attention="blockwise", block_tokens=9), STEPS)
+    assert calls
+    monkeypatch.setattr(AquaKVCodec, "decode_block", KVCodec.decode_block)
+    ref = _feed(model, ids, AquaKVCache(model, preds, buffer=16, attention="blockwise", block_tokens=9), STEPS)
+    torch.testing.assert_close(got, ref, **CACHE_TOL)

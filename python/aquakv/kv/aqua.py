@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from aquakv import ops
 from aquakv.kv.codec import KV
 from aquakv.kv.higgs import HiggsRowsCodec, HiggsStore, _heads, _rows
 from aquakv.kv.policy import ChunkedKVCache
 from aquakv.kv.predictors import AquaKVPredictors
-from aquakv.quantizer import HiggsQuantizer
+from aquakv.quantizer import HiggsQuantizer, QuantizedTensor
 
 AquaStore = HiggsStore  # the residuals' storage is HIGGS's row storage
 
@@ -31,6 +32,7 @@ class AquaKVCodec(HiggsRowsCodec):
                  exact_dtype: torch.dtype = torch.float32):
         super().__init__(quantize=quantize, exact_dtype=exact_dtype)
         self.predictors = predictors
+        self._op_maps: dict = {}  # (layer, key|value, device) -> the map in aqua_reconstruct's layout
 
     def _quantizer(self, layer_idx: int) -> HiggsQuantizer | None:
         return self.predictors.quantizer(layer_idx)
@@ -68,6 +70,60 @@ class AquaKVCodec(HiggsRowsCodec):
         v_hat = self._add(preds.predict_values(layer_idx, k_hat, prev_v), v_res)
         h = self.predictors.num_kv_heads
         return _heads(k_hat, h), _heads(v_hat, h)
+
+    def decode_block(self, layer_idx, store, start, stop, prev, cos, sin, dtype, hat):
+        """One fused `aquakv.ops.aqua_reconstruct` per part: dequantize, predict, add, re-rotate (keys) and write in
+        the model's dtype, with the reconstruction written for the next layer, in one pass. Layers the op does not
+        serve (stored unquantized, or groups padded past C) take the composed path."""
+        q = self._quantizer(layer_idx) if self.quantize else None
+        hat_rows = None if hat is None else (_rows_view(hat[0]), _rows_view(hat[1]))
+        if (q is None or not isinstance(store.keys, QuantizedTensor) or store.keys.shape[-1] % q.settings.group_size
+                or (hat_rows is not None and None in hat_rows)):
+            return super().decode_block(layer_idx, store, start, stop, prev, cos, sin, dtype, hat)
+        b, t, c = store.keys.shape
+        n, h = stop - start, self.predictors.num_kv_heads
+        device = store.keys.device
+        grid, signs = q._grid_and_signs(device)
+        prev_k, prev_v = (None, None) if prev is None else (_rows(prev[0]), _rows(prev[1]))
+        keys = torch.empty((b, h, n, c // h), dtype=dtype, device=device)
+        values = torch.empty_like(keys)
+        k_hat, v_hat = hat_rows or (None, None)
+        if k_hat is None:  # the value predictor reads this layer's reconstructed keys even when nobody keeps them
+            k_hat = torch.empty((b, n, c), dtype=torch.float32, device=device)
+        for part, out, hat_out, inputs, rotation, kind in (
+                (store.keys, keys, k_hat, (prev_k,), (cos, sin), "key"),
+                (store.values, values, v_hat, (k_hat, prev_v), (None, None), "value")):
+            weights, up, bias = self._op_map(layer_idx, kind, device, c)
+            codes = part.codes.view(b, t, -1)[:, start:stop]
+            scales = part.scales.view(b, t, -1)[:, start:stop]
+            ops.aqua_reconstruct(codes, scales, grid, signs, q.settings.group_size,
+                                 inputs=list(inputs[:len(weights)]) if weights else (), weights=weights, up=up,
+                                 bias=bias, out=out, cos=rotation[0], sin=rotation[1], hat_out=hat_out)
+        return keys, values
+
+    def _op_map(self, layer_idx: int, kind: str, device: torch.device, width: int):
+        """(weights, up, bias) of a layer's key or value map in the op's layout, on `device` (kept per device)."""
+        key = (layer_idx, kind, device)
+        cached = self._op_maps.get(key)
+        if cached is None:
+            m = (self.predictors.key_maps if kind == "key" else self.predictors.value_maps)[layer_idx]
+            if m is None:  # a zero prediction
+                cached = ([], None, torch.zeros(width, dtype=torch.float32, device=device))
+            else:
+                weights, up, bias = m._params(device).op_weights()
+                cached = ([w.contiguous() for w in weights], None if up is None else up.contiguous(), bias.contiguous())
+            self._op_maps[key] = cached
+        return cached
+
+
+def _rows_view(x: torch.Tensor) -> torch.Tensor | None:
+    """[B, H, T, D] -> a [B, T, H*D] view of the same memory (writes land in x), or None when x is not laid out as
+    rows."""
+    b, h, t, d = x.shape
+    try:
+        return x.transpose(1, 2).view(b, t, h * d)
+    except RuntimeError:
+        return None
 
 
 class AquaKVCache(ChunkedKVCache):
