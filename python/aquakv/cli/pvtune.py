@@ -80,7 +80,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=2, help="windows per step (default 2)")
     p.add_argument("--window", type=positive_int, default=256, help="tokens per window (default 256)")
     p.add_argument("--lr", type=_finite_positive, default=1e-3, help="Adam learning rate of the scales (default 1e-3)")
-    p.add_argument("--code-lr", type=_finite_positive, default=2e-3, help="Adam learning rate of W~ (default 2e-3)")
+    p.add_argument("--code-lr", type=_finite_positive, default=1e-2, help="Adam learning rate of W~ (default 1e-2)")
     p.add_argument("--max-code-change", type=_fraction, default=0.01,
                    help="largest fraction of a layer's code vectors one V step re-encodes (default 0.01)")
     p.add_argument("--trust-ratio", type=_finite_positive, default=0.1,

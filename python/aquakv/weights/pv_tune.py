@@ -45,8 +45,8 @@ class PVTuneConfig:
     method: str = "pv"
     batch_size: int = 2
     window: int = 256
-    lr: float = 1e-4
-    code_lr: float = 1e-3
+    lr: float = 1e-3
+    code_lr: float = 1e-2
     max_code_change_per_step: float = 0.01
     code_trust_ratio: float = 0.1
     delta_decay: float = 0.0
@@ -91,7 +91,7 @@ class PVTuneResult:
 
 
 def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, steps: int, batch_size: int = 2,
-            window: int = 256, lr: float = 1e-4, code_lr: float = 1e-3, max_code_change_per_step: float = 0.01,
+            window: int = 256, lr: float = 1e-3, code_lr: float = 1e-2, max_code_change_per_step: float = 0.01,
             code_trust_ratio: float = 0.1, method: str = "pv", seed: int = 0, device: str | torch.device | None = None,
             eval_data=None, eval_every: int | None = None, eval_window: int | None = None,
             eval_windows: int | None = None, checkpoint_dir=None, checkpoint_every: int | None = None,
