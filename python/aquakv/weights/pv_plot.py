@@ -37,6 +37,7 @@ def plot_pv_curves(runs: Mapping[str, PVTuneResult], path: str | os.PathLike, *,
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
         axes[1].set_yscale("symlog")
+        axes[2].set_yscale("log")  # a 2-bit start sits orders of magnitude above the teacher
         if title:
             fig.suptitle(title, fontsize=10)
         fig.tight_layout()
