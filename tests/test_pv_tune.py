@@ -10,7 +10,13 @@ import torch
 from aquakv import ops
 from aquakv.grids import available_grids, get_grid
 from aquakv.quantizer import random_signs
-from aquakv.weights import encode_with_scales, load_quantized, pv_tune, quantize_model, save_quantized
+from aquakv.weights import (
+    encode_with_scales,
+    load_quantized,
+    pv_tune,
+    quantize_model,
+    save_quantized,
+)
 from aquakv.weights.linear import HiggsLinear, _flat_groups
 from aquakv.weights.pv_loss import kl_window_loss
 from aquakv.weights.pv_step import max_changes, rotate_normalise, v_step_codes
