@@ -27,11 +27,13 @@ GROUP = 64  # the tiny model's in-features are 64 and 128: one or two groups per
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: a second thread only adds synchronisation, which on a shared 2-core machine costs 10x."""
+def one_thread_and_rng_untouched():
+    """Tiny matrices: a second thread only adds synchronisation, which on a shared 2-core machine costs 10x. The
+    global RNG is restored afterwards, so later modules that draw unseeded numbers see what they saw before."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with torch.random.fork_rng(devices=[]):
+        yield
     torch.set_num_threads(threads)
 
 
