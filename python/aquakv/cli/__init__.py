@@ -1,4 +1,4 @@
-"""The `aquakv` command: demo, calibrate, eval, quantize-weights, longctx.
+"""The `aquakv` command: demo, calibrate, eval, quantize-weights, pv-tune, longctx.
 
 One convention for every subcommand: --device (auto by default), --seed, -q/-v; user mistakes (a missing file, a
 directory where a file belongs, an option value that cannot work, a model that cannot be loaded or served,
@@ -24,6 +24,7 @@ from aquakv.cli.common import UserError, bars_off, setup, show_progress
 from aquakv.cli.demo import add_demo
 from aquakv.cli.eval import add_eval
 from aquakv.cli.longctx import add_longctx
+from aquakv.cli.pvtune import add_parser as add_pv_tune
 
 log = logging.getLogger("aquakv")
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval(sub)
     add_longctx(sub)
     weights_cli.add_parser(sub)
+    add_pv_tune(sub)
     return parser
 
 

@@ -13,6 +13,9 @@
     from aquakv.weights.pipeline import quantize_weights   # all of the above + evaluation + files, as the CLI does
     report = quantize_weights(model, tokenizer, budget=3.0625, out=Path("q3"), evaluate=True)
 
+    from aquakv.weights import pv_tune                     # PV-Tuning of a quantized student (docs/pv_tuning.md)
+    result = pv_tune(student, teacher, ids, steps=40, batch_size=2, window=256, method="pv")
+
 Perplexity of weight-quantized models: aquakv.evaluation.evaluate_perplexity(model, ids, window=..., step=None).
 """
 from aquakv.weights.allocate import (
@@ -33,6 +36,8 @@ from aquakv.weights.linear import (
                                      higgs_quantize_dequantize_weight,
                                      higgs_weight_cost,
 )
+from aquakv.weights.pv_step import encode_with_scales
+from aquakv.weights.pv_tune import PVTuneConfig, PVTuneResult, pv_tune
 from aquakv.weights.quantize import (
                                      average_bits,
                                      candidate_grids,
@@ -48,7 +53,8 @@ from aquakv.weights.rtn import (
 from aquakv.weights.sensitivities import Sensitivities, measure_sensitivities
 
 __all__ = [
-    "Allocation", "DEFAULT_GROUP_SIZE", "HiggsLinear", "InfeasibleBudget", "LayerTable", "Sensitivities",
+    "Allocation", "DEFAULT_GROUP_SIZE", "HiggsLinear", "InfeasibleBudget", "LayerTable", "PVTuneConfig",
+    "PVTuneResult", "Sensitivities", "encode_with_scales", "pv_tune",
     "allocate_bits", "average_bits", "candidate_grids", "check_budget", "default_grid",
     "higgs_quantize_dequantize_weight", "higgs_weight_cost", "layer_costs", "load_quantized", "measure_layer_errors",
     "measure_sensitivities", "predicted_delta_nll", "quantizable_linears", "quantize_model", "rtn_bits_per_weight",
