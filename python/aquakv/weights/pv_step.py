@@ -14,44 +14,6 @@ import torch
 
 from aquakv import ops
 
-_MAX_SCORES = 1 << 22  # [vectors, grid points] floats held at once by the nearest-point search (16 MiB)
-
-
-def _half_norms(grid: torch.Tensor) -> torch.Tensor:
-    """||g_j||^2 / 2 per grid point, summed over the dims in order, like the kernels (csrc/include/aquakv/grid.h)."""
-    total = grid[:, 0] * grid[:, 0]
-    for k in range(1, grid.shape[1]):
-        total = total + grid[:, k] * grid[:, k]
-    return 0.5 * total
-
-
-def _scores(y: torch.Tensor, grid: torch.Tensor, half_norm: torch.Tensor) -> torch.Tensor:
-    """<y_i, g_j> - ||g_j||^2/2: [M, d] x [n, d] -> [M, n], with the kernels' order of additions for d in {1, 2, 4}."""
-    d = grid.shape[1]
-    terms = [y[:, k: k + 1] * grid[:, k] for k in range(d)]
-    if d == 4:
-        dot = (terms[0] + terms[1]) + (terms[2] + terms[3])
-    else:
-        dot = terms[0]
-        for t in terms[1:]:
-            dot = dot + t
-    return dot - half_norm
-
-
-def nearest_grid_points(y: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest grid point of every d-vector: y float32 [M, d], grid float32 [n, d] -> int64 [M].
-
-    argmin_j ||y - g_j||^2 = argmax_j <y, g_j> - ||g_j||^2/2; the lowest index wins exact ties and a NaN score
-    never wins (a vector holding NaN gets 0), as in the kernels. Searched in chunks of vectors so the score
-    matrix stays below 16 MiB whatever the grid."""
-    half_norm = _half_norms(grid)
-    out = torch.empty(y.shape[0], dtype=torch.long, device=y.device)
-    chunk = max(1, _MAX_SCORES // grid.shape[0])
-    for start in range(0, y.shape[0], chunk):
-        s = _scores(y[start: start + chunk], grid, half_norm)
-        out[start: start + chunk] = torch.nan_to_num(s, nan=-math.inf).argmax(dim=1)
-    return out
-
 
 def rotate_normalise(x: torch.Tensor, scales: torch.Tensor, signs: torch.Tensor, group_size: int) -> torch.Tensor:
     """y = sqrt(G)/s * H_orth(signs * x_g) = H(signs * x_g) / s per group, computed as the kernel does (the
@@ -74,8 +36,7 @@ def encode_with_scales(x: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor
     y = sqrt(G)/s * H_orth(signs * x_g), code_i = argmin_j ||y_i - grid_j||^2 (lowest j on ties).
     With the group norms as scales this gives higgs_quantize's codes (tests/test_pv_tune.py).
 
-    This is the Python stand-in for the op torch.ops.aquakv.higgs_quantize_scaled (same arguments, same result);
-    once that op is built, this body becomes one call to it.
+    The search is the op `aquakv.ops.higgs_quantize_scaled` (CPU and CUDA kernels); this checks the shapes.
     """
     if x.dim() != 2 or x.shape[-1] % group_size:
         raise ValueError(f"encode_with_scales: x must be [rows, C] with C a multiple of group_size {group_size}, "
@@ -83,11 +44,7 @@ def encode_with_scales(x: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor
     if scales.shape != (x.shape[0], x.shape[1] // group_size):
         raise ValueError(f"encode_with_scales: scales must be [{x.shape[0]}, {x.shape[1] // group_size}] "
                          f"(one per group), got {tuple(scales.shape)}")
-    n, d = grid.shape
-    code_bits = round(math.log2(n))
-    y = rotate_normalise(x, scales, signs, group_size)
-    idx = nearest_grid_points(y.reshape(-1, d), grid)
-    return ops.pack_bits(idx.to(torch.int32).view(x.shape[0], x.shape[1] // d), code_bits)
+    return ops.higgs_quantize_scaled(x, scales, grid, signs, group_size)
 
 
 @dataclass(frozen=True)
