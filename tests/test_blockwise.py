@@ -87,8 +87,8 @@ def test_blockwise_cache_gives_the_materialized_logits(model, preds, name, block
     ref = _feed(model, ids, CACHES[name](model, preds), STEPS)
     cache = CACHES[name](model, preds, attention="blockwise", block_tokens=block_tokens)
     decoded = []
-    decode_range = cache.codec.decode_range
-    cache.codec.decode_range = lambda *a: decoded.append(a[3] - a[2]) or decode_range(*a)
+    decode_block = cache.codec.decode_block  # (layer, store, start, stop, ...): one call per block read
+    cache.codec.decode_block = lambda *a: decoded.append(a[3] - a[2]) or decode_block(*a)
     got = _feed(model, ids, cache, STEPS)
     torch.testing.assert_close(got, ref, **CACHE_TOL)
     assert model.config._attn_implementation == NAME
