@@ -35,6 +35,48 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _weight_widths() -> str:
+    from aquakv.grids import bits_per_value_choices
+
+    return ", ".join(f"{w:g}" for w in bits_per_value_choices())
+
+
+def finite_positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text}")
+    return value
+
+
+def weight_bits(text: str) -> float:
+    from aquakv.grids import bits_per_value_choices
+
+    value = finite_positive(text)
+    if not any(abs(value - w) < 1e-9 for w in bits_per_value_choices()):
+        raise argparse.ArgumentTypeError(f"{text} is not a shipped HIGGS grid width (choose one of {_weight_widths()})")
+    return value
+
+
+def power_of_two(text: str) -> int:
+    value = positive_int(text)
+    if value < 2 or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two >= 2, got {text}")
+    return value
+
+
+def add_weight_target(p: argparse.ArgumentParser) -> None:
+    """The required choice of a HIGGS weight target: --bits B (uniform) or --budget AVG_BITS (the DP allocation)."""
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--bits", type=weight_bits, metavar="B",
+                        help=f"uniform HIGGS code bits per weight, a shipped grid width: {_weight_widths()}")
+    target.add_argument("--budget", type=finite_positive, metavar="AVG_BITS",
+                        help="average bits per weight INCLUDING scales (3 bits at group 256 cost 3.0625) for the DP "
+                             "allocation")
+
+
 positive_int.__name__ = "positive integer"
 
 

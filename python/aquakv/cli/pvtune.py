@@ -14,11 +14,13 @@ from aquakv.cli.common import (
     add_common_options,
     add_model_options,
     add_text_option,
+    add_weight_target,
     check_files,
     check_model_args,
+    finite_positive,
     positive_int,
+    power_of_two,
 )
-from aquakv.cli.weights import _bits, _finite_positive, _power_of_two
 
 DESCRIPTION = """\
 Fine-tune a HIGGS-quantized model against its unquantized self (the teacher) with PV-Tuning (docs/pv_tuning.md):
@@ -47,7 +49,7 @@ examples:
 
 
 def _fraction(text: str) -> float:
-    value = _finite_positive(text)
+    value = finite_positive(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
     return value
@@ -68,10 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("pv-tune", help="PV-Tuning: fine-tune HIGGS codes and scales against the unquantized model",
                               description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(p)
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--bits", type=_bits, metavar="B", help="uniform HIGGS code bits per weight (a shipped width)")
-    target.add_argument("--budget", type=_finite_positive, metavar="AVG_BITS",
-                        help="average bits per weight including scales, allocated by the DP (as quantize-weights)")
+    add_weight_target(p)
     add_text_option(p, "calibration")
     p.add_argument("--eval-text", nargs="+", metavar="FILE", help="held-out text (default: the bundled evaluation text)")
     p.add_argument("--steps", type=positive_int, required=True, metavar="N", help="optimizer steps in total")
@@ -79,15 +78,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("pv", "ste", "p-only"), default="pv", help="pv (default), ste or p-only")
     p.add_argument("--batch-size", type=positive_int, default=2, help="windows per step (default 2)")
     p.add_argument("--window", type=positive_int, default=256, help="tokens per window (default 256)")
-    p.add_argument("--lr", type=_finite_positive, default=1e-3, help="Adam learning rate of the scales (default 1e-3)")
-    p.add_argument("--code-lr", type=_finite_positive, default=1e-2, help="Adam learning rate of W~ (default 1e-2)")
+    p.add_argument("--lr", type=finite_positive, default=1e-3, help="Adam learning rate of the scales (default 1e-3)")
+    p.add_argument("--code-lr", type=finite_positive, default=1e-2, help="Adam learning rate of W~ (default 1e-2)")
     p.add_argument("--max-code-change", type=_fraction, default=0.01,
                    help="largest fraction of a layer's code vectors one V step re-encodes (default 0.01)")
-    p.add_argument("--trust-ratio", type=_finite_positive, default=0.1,
+    p.add_argument("--trust-ratio", type=finite_positive, default=0.1,
                    help="a V step moves a layer by at most this x ||W|| (default 0.1; at least one code changes)")
     p.add_argument("--delta-decay", type=_unit_interval, default=0.0,
                    help="after a V step W~ moves this fraction of the way to the new weight (0 keep, 1 reset; default 0)")
-    p.add_argument("--group-size", type=_power_of_two, default=256, help="values per scale (default 256)")
+    p.add_argument("--group-size", type=power_of_two, default=256, help="values per scale (default 256)")
     p.add_argument("--eval-every", type=positive_int, default=None, metavar="N",
                    help="held-out perplexity every N steps (always at the start and the end)")
     p.add_argument("--eval-windows", type=positive_int, default=16, help="held-out windows of --window tokens (default 16)")

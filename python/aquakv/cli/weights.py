@@ -3,7 +3,6 @@ aquakv.weights.pipeline.quantize_weights; this module parses, checks what it can
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from aquakv.cli import common
@@ -11,9 +10,12 @@ from aquakv.cli.common import (
     UserError,
     add_common_options,
     add_model_options,
+    add_weight_target,
     check_files,
     check_model_args,
+    finite_positive,
     positive_int,
+    power_of_two,
 )
 
 DESCRIPTION = """\
@@ -37,55 +39,19 @@ examples:
 """
 
 
-def _widths() -> str:
-    from aquakv.grids import bits_per_value_choices
-
-    return ", ".join(f"{w:g}" for w in bits_per_value_choices())
-
-
-def _finite_positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text}")
-    return value
-
-
-def _bits(text: str) -> float:
-    from aquakv.grids import bits_per_value_choices
-
-    value = _finite_positive(text)
-    if not any(abs(value - w) < 1e-9 for w in bits_per_value_choices()):
-        raise argparse.ArgumentTypeError(f"{text} is not a shipped HIGGS grid width (choose one of {_widths()})")
-    return value
-
-
-def _power_of_two(text: str) -> int:
-    value = positive_int(text)
-    if value < 2 or value & (value - 1):
-        raise argparse.ArgumentTypeError(f"must be a power of two >= 2, got {text}")
-    return value
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `quantize-weights` on an argparse subparsers object; the parser's default func is `run`."""
     p = subparsers.add_parser("quantize-weights", help="HIGGS weight quantization with optional DP bit allocation",
                               description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(p)
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--bits", type=_bits, metavar="B",
-                        help=f"uniform HIGGS code bits per weight, a shipped grid width: {_widths()}")
-    target.add_argument("--budget", type=_finite_positive, metavar="AVG_BITS",
-                        help="average bits per weight INCLUDING scales (3 bits at group 256 cost 3.0625) for the DP allocation")
+    add_weight_target(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created when the first file is written)")
-    p.add_argument("--group-size", type=_power_of_two, default=256, help="values per scale and Hadamard block (power of two; default 256)")
+    p.add_argument("--group-size", type=power_of_two, default=256, help="values per scale and Hadamard block (power of two; default 256)")
     p.add_argument("--include-lm-head", action="store_true", help="also quantize the output head")
-    p.add_argument("--min-bits", type=_finite_positive, default=2.0, help="smallest candidate grid width for the DP (default 2)")
-    p.add_argument("--max-bits", type=_finite_positive, default=8.0, help="largest candidate grid width for the DP (default 8)")
+    p.add_argument("--min-bits", type=finite_positive, default=2.0, help="smallest candidate grid width for the DP (default 2)")
+    p.add_argument("--max-bits", type=finite_positive, default=8.0, help="largest candidate grid width for the DP (default 8)")
     p.add_argument("--sensitivities", metavar="FILE", help="reuse a sensitivities.json from an earlier run instead of measuring")
-    p.add_argument("--noise", type=_finite_positive, default=0.01, help="relative MSE t^2 of the noise injected per layer (default 0.01)")
+    p.add_argument("--noise", type=finite_positive, default=0.01, help="relative MSE t^2 of the noise injected per layer (default 0.01)")
     p.add_argument("--calib-windows", type=positive_int, default=4, help="calibration windows for sensitivities (default 4)")
     p.add_argument("--calib-len", type=positive_int, default=128, help="tokens per calibration window (default 128)")
     p.add_argument("--eval", action="store_true",
