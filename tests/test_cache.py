@@ -10,6 +10,7 @@ from aquakv.hf_compat import cache_kwargs
 from aquakv.kv import AquaKVCache, ChunkedKVCache, HiggsCache
 from aquakv.kv.calibration import calibrate
 from aquakv.kv.predictors import AquaKVPredictors
+from aquakv.kv.window import WindowLayer
 from tiny_llama import make_tiny_llama, random_token_windows
 from transformers import DynamicCache
 
@@ -65,11 +66,14 @@ def _record_updates(cache):
 
 
 def _chunk_errors(cache, seen) -> list[tuple[float, float]]:
-    """Per layer (keys, values): relative squared error of the quantized tokens as the cache hands them back,
-    against the states the model handed the cache for those very tokens."""
-    chunk = slice(cache.layers[0].num_sinks, cache.layers[0].num_sinks + cache.layers[0].num_quantized)
-    errs = []
-    for (k_hat, v_hat), (k, v) in zip(cache.materialize(), (seen[i] for i in range(len(seen)))):
+    """Per compressed layer (keys, values), in order: relative squared error of the quantized tokens as the cache
+    hands them back, against the states the model handed the cache for those very tokens. Exact local layers of a
+    hybrid model (aquakv.kv.window) are left out: the first entry is the first compressed layer."""
+    compressed = [i for i, layer in enumerate(cache.layers) if not isinstance(layer, WindowLayer)]
+    first = cache.layers[compressed[0]]
+    chunk = slice(first.num_sinks, first.num_sinks + first.num_quantized)
+    errs, states = [], cache.materialize()
+    for (k_hat, v_hat), (k, v) in ((states[i], seen[i]) for i in compressed):
         errs.append(tuple(((a[:, :, chunk] - b[:, :, chunk]).pow(2).sum() / b[:, :, chunk].pow(2).sum()).item()
                           for a, b in ((k_hat, k), (v_hat, v))))
     return errs

@@ -40,7 +40,7 @@ FAMILIES = {
         ROPE, rope_type="dynamic", factor=2.0))),
     "mistral-sliding": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=12)),
     "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM",  # layers >= max_window_layers slide
-                      dict(sliding_window=12, use_sliding_window=True, max_window_layers=1)),
+                      dict(sliding_window=12, use_sliding_window=True, max_window_layers=2)),
     "llama-renamed-rotary": ("LlamaConfig", "LlamaForCausalLM", {}),
 }
 

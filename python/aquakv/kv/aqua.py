@@ -38,10 +38,11 @@ class AquaKVCodec(HiggsRowsCodec):
         return self.predictors.quantizer(layer_idx)
 
     def _prev_rows(self, layer_idx: int, prev: KV | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if layer_idx == 0:
+        source = self.predictors.sources[layer_idx]
+        if source is None:
             return None, None
         if prev is None:
-            raise RuntimeError(f"AquaKVCodec: layer {layer_idx} needs layer {layer_idx - 1}'s reconstruction")
+            raise RuntimeError(f"AquaKVCodec: layer {layer_idx} needs layer {source}'s reconstruction")
         return _rows(prev[0]), _rows(prev[1])
 
     @staticmethod

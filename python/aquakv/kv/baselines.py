@@ -7,6 +7,8 @@ from typing import Callable, Optional
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from aquakv.kv.window import WindowLayer, sliding_layers
+
 
 class Fp16Layer(DynamicLayer):
     """A DynamicLayer that stores fp16 and hands the model its own dtype."""
@@ -23,11 +25,14 @@ class Fp16Layer(DynamicLayer):
 
 class Fp16Cache(Cache):
     """Unquantized cache storing keys and values in fp16 whatever the model's dtype: the usual serving baseline
-    (an fp32 CPU model's DynamicCache would hold 32 bits per value)."""
+    (an fp32 CPU model's DynamicCache would hold 32 bits per value). Sliding-window layers keep only their window,
+    as in DynamicCache(config=...)."""
 
     def __init__(self, model: torch.nn.Module):
         cfg = model.config.get_text_config(decoder=True)
-        super().__init__(layers=[Fp16Layer() for _ in range(cfg.num_hidden_layers)])
+        sliding = sliding_layers(cfg)
+        super().__init__(layers=[WindowLayer(sliding[i], torch.float16) if i in sliding else Fp16Layer()
+                                 for i in range(cfg.num_hidden_layers)])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers

@@ -20,6 +20,7 @@ from aquakv.kv.capture import iter_layer_states
 from aquakv.kv.fit import _SequentialFit, structure_groups
 from aquakv.kv.predictors import AquaKVPredictors, AquaKVSettings, _layer0_bits
 from aquakv.kv.support import check_supported
+from aquakv.kv.window import window_layers
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
     data: 1-D LongTensors of token ids (any length, cut into windows of `window` tokens) or strings + tokenizer=.
     bits: code bits per value for layers >= 1 (HIGGS grid (grid_dim, 2**(bits*grid_dim)), group_size = head_dim
       by default). layer0_bits: bits of layer 0's centered quantizer, or "fp16" to keep layer 0 exact.
+      A hybrid model's local layers are kept exact by the cache and not fitted (aquakv.kv.window); its first
+      compressed layer takes layer 0's part.
     rank: reduced-rank predictors (two factors of rank r) instead of dense C x C / 2C x C maps.
     structure: "full" (dense maps, the default) or "per-head": block-diagonal maps, KV head g of a layer predicted
       from head g of its inputs alone (a third of the weights and FLOPs on 3 heads; heads stay independent, as
@@ -113,18 +116,19 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
     info = AquaKVPredictors.model_info_of(model)
     settings = AquaKVSettings(bits=bits, grid_dim=grid_dim, seed=seed, layer0_bits=_layer0_bits(layer0_bits),
                               group_size=group_size or AquaKVPredictors.default_group_size(info["head_dim"]))
-    settings.quantizer(0), settings.quantizer(1)  # validates bits/grid/group before the slow part
+    settings.quantizer_for(True), settings.quantizer_for(False)  # validates bits/grid/group before the slow part
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be >= 1 or None, got {rank}")
     groups = structure_groups(structure, info["num_kv_heads"])  # refuses an unknown structure, naming it
     windows = make_windows(data, tokenizer, window, max_windows, min_tokens=sinks + 1)
     n_fit, _ = _split(windows, sinks, held_out)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    exact = window_layers(model.config)  # a hybrid model's local layers: kept exact, not fitted
     fit = _SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device,
                          structure, groups)
     with tqdm(total=info["num_layers"], desc="aquakv: calibrating layers", unit="layer", disable=not progress) as bar:
-        for _, keys, values in iter_layer_states(model, windows, sinks, offload=offload, progress=bar):
-            fit.add_layer(keys, values)
+        for layer, keys, values in iter_layer_states(model, windows, sinks, offload=offload, progress=bar):
+            fit.add_layer(keys, values, exact=layer in exact)
     preds = fit.predictors(info)
     preds.calibration.update({"windows": len(windows), "window": window, "sinks": sinks,
                               "seconds": round(time.perf_counter() - t0, 1)})
@@ -133,13 +137,14 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
 
 
 def _log_summary(preds: AquaKVPredictors) -> None:
-    def mean(key: str) -> float:
-        vals = [r[key] for r in preds.report[1:]] or [r[key] for r in preds.report]
+    def mean(key: str) -> float:  # over predicted layers (those with a source), else over all
+        predicted = [r for r in preds.report if preds.sources[r["layer"]] is not None]
+        vals = [r[key] for r in predicted] or [r[key] for r in preds.report]
         return sum(vals) / len(vals)
 
     log.info("calibrated %r on %d tokens (%d held out) in %.1f s", preds, preds.calibration["fit_tokens"],
              preds.calibration["held_out_tokens"], preds.calibration.get("seconds", math.nan))
-    log.info("held-out relative MSE, mean over layers >= 1: prediction K %.4f V %.4f; reconstruction K %.4f V %.4f "
+    log.info("held-out relative MSE, mean over predicted layers: prediction K %.4f V %.4f; reconstruction K %.4f V %.4f "
              "(HIGGS alone: K %.4f V %.4f)", mean("key_pred_rel_mse"), mean("value_pred_rel_mse"),
              mean("key_rel_err"), mean("value_rel_err"), mean("key_higgs_rel_err"), mean("value_higgs_rel_err"))
 

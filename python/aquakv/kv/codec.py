@@ -28,7 +28,9 @@ class KVCodec(ABC):
     """
 
     pre_rope: bool = True  # keys arrive un-rotated and decoded keys get re-rotated by the policy
-    needs_previous_layer: bool = False  # encode/decode get prev = layer l-1's reconstruction of the same tokens
+    # encode/decode get prev = the previous compressed layer's reconstruction of the same tokens (layer l-1 unless
+    # the model has exact local layers: aquakv.kv.window.chain_sources)
+    needs_previous_layer: bool = False
 
     @abstractmethod
     def encode(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, prev: KV | None

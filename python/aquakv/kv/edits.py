@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from aquakv.kv.codec import checked_batch_index, compact
+from aquakv.kv.window import WindowLayer
 
 
 class CacheEdits:
@@ -65,7 +66,11 @@ class CacheEdits:
         total = self.get_seq_length()
         if tokens_to_remove == 0 or total == 0:
             return
-        self._edit(who, lambda: self._apply_crop(max(total + tokens_to_remove, 0)))
+        keep = max(total + tokens_to_remove, 0)
+        for layer in self.layers:
+            if isinstance(layer, WindowLayer) and layer.is_initialized:
+                layer.check_keep_first(keep, who)
+        self._edit(who, lambda: self._apply_crop(keep))
 
     def _apply_crop(self, keep: int) -> None:
         for layer in self.layers:

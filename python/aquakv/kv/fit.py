@@ -157,32 +157,42 @@ def _reconstruct(amap: AffineMap | None, inputs: list[torch.Tensor], target: tor
 
 class _SequentialFit:
     """Fits the predictors one layer at a time, in order, with quantization in the loop: each layer's regression
-    inputs are the previous layer's reconstructions, exactly as inference will see them. Only the previous layer's
-    reconstructions (float32 [N, C], on `store`) are kept between layers."""
+    inputs are the previous compressed layer's reconstructions, exactly as inference will see them. Only those
+    reconstructions (float32 [N, C], on `store`) are kept between layers. Exact layers (a hybrid model's local
+    layers, aquakv.kv.window) get no maps and leave the chain as it was."""
 
     def __init__(self, n_fit: int, settings: AquaKVSettings, rank: int | None, damping: float, device: torch.device,
                  store: torch.device, structure: str = "full", groups: int = 1):
         self.n_fit, self.settings, self.rank, self.damping = n_fit, settings, rank, damping
         self.structure, self.groups = structure, groups  # groups: G of the block-diagonal maps (1: dense)
         self.device, self.store = device, store
-        self.quantizers = [settings.quantizer(0), settings.quantizer(1)]
-        self.key_maps: list[AffineMap] = []
-        self.value_maps: list[AffineMap] = []
+        self.quantizers = {True: settings.quantizer_for(True), False: settings.quantizer_for(False)}
+        self.key_maps: list[AffineMap | None] = []
+        self.value_maps: list[AffineMap | None] = []
+        self.exact_layers: list[int] = []
         self.report: list[dict] = []
         self.n_rows = 0
-        self._prev: tuple[torch.Tensor, torch.Tensor] | None = None  # K^_{l-1}, V^_{l-1}
+        self._prev: tuple[torch.Tensor, torch.Tensor] | None = None  # K^_s, V^_s of the last compressed layer s
 
-    def add_layer(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys, values: the next layer's captured states [N, C] (fit rows first, held-out rows last)."""
+    def add_layer(self, keys: torch.Tensor, values: torch.Tensor, exact: bool = False) -> None:
+        """keys, values: the next layer's captured states [N, C] (fit rows first, held-out rows last).
+        exact: the layer is kept exact by the cache (no maps; keys and values are not used)."""
         layer, n_fit, device = len(self.key_maps), self.n_fit, self.device
-        quantizer = self.quantizers[min(layer, 1)]
-        if layer == 0:
+        self.n_rows = keys.shape[0]
+        if exact:
+            self.key_maps.append(None)
+            self.value_maps.append(None)
+            self.exact_layers.append(layer)
+            return
+        start = self._prev is None  # nothing to predict from: intercept only, layer 0's quantizer
+        quantizer = self.quantizers[start]
+        if start:
             k_map, k_inputs = _mean_map(keys, n_fit, device), []
         else:
             k_inputs = [self._prev[0]]
             k_map = self._fit(k_inputs, keys)
         k_hat, k_err = _reconstruct(k_map, k_inputs, keys, quantizer, n_fit, device, self.store)
-        if layer == 0:
+        if start:
             v_map, v_inputs = _mean_map(values, n_fit, device), []
         else:
             v_inputs = [k_hat, self._prev[1]]
@@ -193,7 +203,6 @@ class _SequentialFit:
         self.report.append({"layer": layer, **k_err.relative("key"), **v_err.relative("value")})
         log.debug("layer %d: %s", layer, self.report[-1])
         self._prev = (k_hat, v_hat)
-        self.n_rows = keys.shape[0]
 
     def _fit(self, inputs: list[torch.Tensor], target: torch.Tensor) -> AffineMap:
         m = _moments(inputs, target, self.n_fit, self.device)
@@ -204,20 +213,24 @@ class _SequentialFit:
     def predictors(self, model_info: dict) -> AquaKVPredictors:
         calibration = {"fit_tokens": self.n_fit, "held_out_tokens": self.n_rows - self.n_fit,
                        "damping": self.damping, "rank": self.rank, "structure": self.structure}
-        return AquaKVPredictors(self.key_maps, self.value_maps, self.settings, model_info, self.report, calibration)
+        return AquaKVPredictors(self.key_maps, self.value_maps, self.settings, model_info, self.report, calibration,
+                                exact_layers=self.exact_layers)
 
 
 @torch.no_grad()
 def fit_predictors(keys: list[torch.Tensor], values: list[torch.Tensor], n_fit: int, settings: AquaKVSettings,
                    model_info: dict, *, rank: int | None = None, structure: str = "full", damping: float = 1e-3,
-                   device: torch.device | str = "cpu", offload: bool = True, progress: bool = True
-                   ) -> AquaKVPredictors:
+                   device: torch.device | str = "cpu", offload: bool = True, progress: bool = True,
+                   exact_layers=()) -> AquaKVPredictors:
     """The fitting half of `calibrate`, on captured states (see `aquakv.kv.capture.capture_states`): rows [N, C] per
     layer, the first n_fit rows for fitting and the rest held out for the report. The lists are not modified.
-    structure: "full" (dense maps) or "per-head" (block diagonal over model_info's KV heads)."""
+    structure: "full" (dense maps) or "per-head" (block diagonal over model_info's KV heads).
+    exact_layers: layers the cache keeps exact (`aquakv.kv.window.window_layers(model.config)`)."""
     device = torch.device(device)
     fit = _SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device,
                          structure, structure_groups(structure, model_info["num_kv_heads"]))
-    for k, v in tqdm(list(zip(keys, values)), desc="aquakv: fitting layers", disable=not progress, unit="layer"):
-        fit.add_layer(k if offload else k.to(device), v if offload else v.to(device))
+    exact = set(exact_layers)
+    for layer, (k, v) in enumerate(tqdm(list(zip(keys, values)), desc="aquakv: fitting layers", disable=not progress,
+                                        unit="layer")):
+        fit.add_layer(k if offload else k.to(device), v if offload else v.to(device), exact=layer in exact)
     return fit.predictors(model_info)

@@ -7,9 +7,10 @@ Per layer the policy keeps
   buffer: the newest tokens, post-RoPE, in the storage dtype, until it holds >= `buffer` tokens; then it is
           encoded once as a chunk. The forward that flushes still attends to the exact states; the quantized
           ones are used from the next forward on.
-Every layer holds the same token layout, so layer l's chunk can be predicted from layer l-1's reconstruction of
-the same tokens, which the cache keeps transiently from the previous `update` call of the same forward (dropped
-after the last layer). An update completes or leaves its layer as it was; a forward that fails half-way leaves a
+Every compressed layer holds the same token layout, so layer l's chunk can be predicted from the previous compressed
+layer's reconstruction of the same tokens, which the cache keeps transiently from that layer's `update` call in the
+same forward (dropped after the last layer). The local layers of a hybrid model (Gemma 3) are not compressed: they
+are exact rolling windows (`aquakv.kv.window.WindowLayer`), as in transformers' DynamicCache. An update completes or leaves its layer as it was; a forward that fails half-way leaves a
 cache that refuses every call until `reset()`. More in docs/kv_cache.md (in this repository).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from aquakv.kv.codec import KV, ChunkedLayer, KVCodec, _cat
 from aquakv.kv.edits import CacheEdits
 from aquakv.kv.rope import RotaryTracker, rotate, unrotate
 from aquakv.kv.support import check_supported
+from aquakv.kv.window import WindowLayer, chain_sources, window_layers
 
 ATTENTION_MODES = ("materialize", "blockwise")
 
@@ -70,15 +72,18 @@ class ChunkedKVCache(CacheEdits, Cache):
             attention_module.install(model)
         check_supported(model, who=type(self).__name__, pre_rope=codec.pre_rope)
         cfg = model.config.get_text_config(decoder=True)
-        super().__init__(layers=[ChunkedLayer() for _ in range(cfg.num_hidden_layers)])
+        model_dtype = next(model.parameters()).dtype
+        self.storage_dtype = storage_dtype or (torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float16)
+        windows = window_layers(cfg)
+        super().__init__(layers=[WindowLayer(windows[i], self.storage_dtype) if i in windows else ChunkedLayer()
+                                 for i in range(cfg.num_hidden_layers)])
+        self.sources = chain_sources(cfg.num_hidden_layers, windows)  # the layer each compressed layer is predicted from
         self.codec = codec
         self.sinks = sinks
         self.buffer = buffer
-        model_dtype = next(model.parameters()).dtype
-        self.storage_dtype = storage_dtype or (torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float16)
         self.tracker = RotaryTracker(model, rotary) if codec.pre_rope else None
         self.positions: torch.Tensor | None = None  # [B, T] int32, every cached token's rotary position
-        self._prev: tuple[int, KV] | None = None  # (layer, reconstruction of its quantized tokens) in this forward
+        self._prev: tuple[int, KV] | None = None  # (last compressed layer, its quantized tokens' reconstruction)
         self._rope: tuple[tuple[int, int], dict] | None = None  # per layer kind, cos/sin of the quantized tokens
         self._forward_changed = False  # some layer took the tokens of the forward in progress
         self.attention, self.block_tokens = attention, block_tokens
@@ -152,6 +157,12 @@ class ChunkedKVCache(CacheEdits, Cache):
             raise RuntimeError(f"{who}: {layer.get_seq_length()} cached + {length} new tokens but layer 0 holds "
                                f"{self.layers[0].get_seq_length()}: layers must be updated in order 0..L-1 in every "
                                f"forward")
+        if isinstance(layer, WindowLayer):  # an exact local layer: nothing to compress, nothing to predict
+            keys, values = layer.update(key_states, value_states)
+            self._forward_changed = True
+            self.positions = positions
+            self._end_of_layer(layer_idx)
+            return keys, values
 
         # The layer's next state, built aside: nothing below changes the layer until every step has succeeded.
         k_new, v_new = key_states.to(self.storage_dtype), value_states.to(self.storage_dtype)
@@ -193,15 +204,20 @@ class ChunkedKVCache(CacheEdits, Cache):
             layer.store, layer.num_quantized, buf_k, buf_v, buffered = store, old + buffered, None, None, 0
         layer.buf_k, layer.buf_v, layer.num_buffered = buf_k, buf_v, buffered
         self.positions = positions
-        # The previous layer's reconstruction and the cos/sin serve only the forward in progress.
-        last = layer_idx == len(self.layers) - 1
-        self._prev = None if last or prev is None else (layer_idx, prev)
-        self._rope = None if last else self._rope
-        self._forward_changed = not last  # a complete forward leaves nothing half-done
+        if prev is not None:
+            self._prev = (layer_idx, prev)
+        self._end_of_layer(layer_idx)
         self._deferred = deferred
         if deferred is not None:
             attention_module.defer(deferred)
         return keys, values
+
+    def _end_of_layer(self, layer_idx: int) -> None:
+        """The reconstruction kept for the next compressed layer and the cos/sin serve only the forward in
+        progress: dropped after the last layer, which leaves nothing half-done."""
+        if layer_idx == len(self.layers) - 1:
+            self._prev = self._rope = None
+            self._forward_changed = False
 
     def _cos_sin(self, positions: torch.Tensor, start: int, stop: int, layer_idx: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,11 +233,12 @@ class ChunkedKVCache(CacheEdits, Cache):
         return per_kind[kind]
 
     def _previous(self, layer_idx: int, num_tokens: int) -> KV | None:
-        if not self.codec.needs_previous_layer or layer_idx == 0:
+        source = self.sources[layer_idx]
+        if not self.codec.needs_previous_layer or source is None:
             return None
-        if self._prev is None or self._prev[0] != layer_idx - 1 or self._prev[1][0].shape[2] != num_tokens:
+        if self._prev is None or self._prev[0] != source or self._prev[1][0].shape[2] != num_tokens:
             got = "nothing" if self._prev is None else f"layer {self._prev[0]} with {self._prev[1][0].shape[2]} tokens"
-            raise RuntimeError(f"{type(self).__name__}: layer {layer_idx} needs layer {layer_idx - 1}'s reconstruction "
+            raise RuntimeError(f"{type(self).__name__}: layer {layer_idx} needs layer {source}'s reconstruction "
                                f"of {num_tokens} tokens from this forward, found {got}")
         return self._prev[1]
 
@@ -290,7 +307,7 @@ class ChunkedKVCache(CacheEdits, Cache):
         codec, device = self.codec, keys.device
         prev, cos, sin = self._inputs(layer_idx, positions, start, n_old + n_new, device)
         hat = None
-        if codec.needs_previous_layer and layer_idx < len(self.layers) - 1:
+        if codec.needs_previous_layer and layer_idx in self.sources:  # a later layer is predicted from this one
             b, h, _, d = keys.shape
             rows = torch.empty((2, b, n_old + n_new, h * d), dtype=torch.float32, device=device)
             hat = tuple(r.view(b, n_old + n_new, h, d).transpose(1, 2) for r in rows)  # [B, H, T, D] views of rows
@@ -323,15 +340,20 @@ class ChunkedKVCache(CacheEdits, Cache):
         self._check_usable(f"{type(self).__name__}.materialize")
         out, prev, cos_sin = [], None, {}  # cos/sin per layer kind (RotaryTracker.kind)
         for layer_idx, layer in enumerate(self.layers):
+            if isinstance(layer, WindowLayer):  # what the next forward reads of it: the window
+                out.append((layer.keys.to(dtype), layer.values.to(dtype)) if layer.num_buffered else
+                           (torch.empty(0), torch.empty(0)))
+                continue
             parts = []
             if layer.num_sinks:
                 parts.append((layer.sink_k, layer.sink_v))
             if layer.num_quantized:
-                k_hat, v_hat = self.codec.decode(layer_idx, layer.store, _on(prev, layer.device) if layer_idx else None)
+                source = None if self.sources[layer_idx] is None else _on(prev, layer.device)
+                k_hat, v_hat = self.codec.decode(layer_idx, layer.store, source)
                 prev = (k_hat, v_hat)
                 if self.codec.pre_rope:
                     kind = self.tracker.kind(layer_idx)
-                    if kind not in cos_sin:  # every layer holds the same token layout: one range of positions
+                    if kind not in cos_sin:  # compressed layers hold the same token layout: one range of positions
                         start = layer.num_sinks
                         cos_sin[kind] = self.tracker.cos_sin(self.positions[:, start:start + layer.num_quantized],
                                                              layer_idx)

@@ -5,6 +5,10 @@ reconstruction, plus the quantizer settings they were calibrated with (DESIGN.md
     P^K_l = K^_{l-1} A_l + a_l,  P^V_l = [K^_l ; V^_{l-1}] B_l + b_l     (l >= 1)
     K^_l = P^K_l + Q_l(K_l - P^K_l),  V^_l likewise
 
+In a hybrid model (Gemma 3) the local layers are kept exact (`exact_layers`, aquakv.kv.window): they have no maps,
+and every other layer is predicted from the previous compressed one (`sources`; "l - 1" above), the first compressed
+layer taking layer 0's part.
+
 All states are rows of C = num_kv_heads * head_dim values (heads concatenated, pre-RoPE keys), float32.
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import PurePath
 
 import torch
 
+from aquakv.kv.window import chain_sources, window_layers
 from aquakv.quantizer import HiggsQuantizer
 
 log = logging.getLogger(__name__)
@@ -27,7 +32,8 @@ class AquaKVSettings:
     """Quantizer settings shared by calibration and the cache.
 
     bits: bits per value (log2(n) / grid_dim) for layers >= 1 (HIGGS grid (grid_dim, n = 2**(bits*grid_dim))).
-    layer0_bits: bits per value for layer 0, or None to keep layer 0 in fp16 (no quantization).
+    layer0_bits: bits per value for layer 0 (the first compressed layer: it has nothing to be predicted from), or
+      None to keep it in fp16 (no quantization).
     group_size: HIGGS group (values sharing a scale and a Hadamard rotation); defaults to head_dim.
     """
 
@@ -37,9 +43,10 @@ class AquaKVSettings:
     seed: int
     layer0_bits: float | None
 
-    def quantizer(self, layer_idx: int) -> HiggsQuantizer | None:
-        """The residual quantizer of a layer; None means the layer is stored in fp16."""
-        bits = self.layer0_bits if layer_idx == 0 else self.bits
+    def quantizer_for(self, chain_start: bool) -> HiggsQuantizer | None:
+        """The residual quantizer of the first compressed layer (chain_start) or of any later one; None means the
+        layer is stored in fp16."""
+        bits = self.layer0_bits if chain_start else self.bits
         if bits is None:
             return None
         return HiggsQuantizer(bits=bits, dim=self.grid_dim, group_size=self.group_size, seed=self.seed)
@@ -183,17 +190,25 @@ class AquaKVPredictors:
     """Per-layer key/value predictors, quantizer settings and metadata: the calibration artifact.
 
     key_maps[l] / value_maps[l]: AffineMap or None (None predicts zero, i.e. plain HIGGS on the states).
-    For l >= 1 a key map takes K^_{l-1} [.., C]; a value map takes (K^_l, V^_{l-1}) [.., 2C]. For l = 0 the maps
-    are intercept-only (the calibrated per-channel means).
+    A key map takes K^_s [.., C], s = sources[l] the previous compressed layer (l - 1 unless the model has exact
+    layers); a value map takes (K^_l, V^_s) [.., 2C]. Where there is no source (layer 0, or the first compressed
+    layer) the maps are intercept-only (the calibrated per-channel means).
+    exact_layers: layers the cache keeps exact, neither predicted nor quantized (the local layers of a hybrid model,
+    `aquakv.kv.window.window_layers`); their maps are None.
     """
 
     def __init__(self, key_maps: list[AffineMap | None], value_maps: list[AffineMap | None],
                  settings: AquaKVSettings, model_info: dict, report: list[dict] | None = None,
-                 calibration: dict | None = None):
+                 calibration: dict | None = None, exact_layers=()):
         if len(key_maps) != len(value_maps):
             raise ValueError(f"AquaKVPredictors: {len(key_maps)} key maps but {len(value_maps)} value maps")
         self.key_maps = list(key_maps)
         self.value_maps = list(value_maps)
+        self.exact_layers = tuple(sorted(set(int(i) for i in exact_layers)))
+        if any(not 0 <= i < len(self.key_maps) for i in self.exact_layers):
+            raise ValueError(f"AquaKVPredictors: exact layers {list(self.exact_layers)} beyond {len(self.key_maps)} "
+                             f"layers")
+        self.sources = chain_sources(len(self.key_maps), set(self.exact_layers))
         self.settings = settings
         self.model_info = dict(model_info)
         self.report = list(report or [])  # per layer: held-out relative errors (see aquakv.calibrate)
@@ -222,18 +237,24 @@ class AquaKVPredictors:
     @property
     def has_adapters(self) -> bool:
         """False for the HIGGS-only variant (`zeros`)."""
-        return any(m is not None for m in self.key_maps[1:] + self.value_maps[1:])
+        return any(m is not None for maps in (self.key_maps, self.value_maps) for layer, m in enumerate(maps)
+                   if self.sources[layer] is not None)
+
+    def compressed_layers(self) -> list[int]:
+        return [layer for layer in range(self.num_layers) if layer not in self.exact_layers]
 
     def quantizer(self, layer_idx: int) -> HiggsQuantizer | None:
-        """The residual quantizer of a layer (None: stored in fp16)."""
+        """The residual quantizer of a compressed layer (None: stored in fp16)."""
         if layer_idx not in self._quantizers:
-            self._quantizers[layer_idx] = self.settings.quantizer(layer_idx)
+            start = self.sources[layer_idx] is None
+            self._quantizers[layer_idx] = self.settings.quantizer_for(chain_start=start)
         return self._quantizers[layer_idx]
 
     def bits_per_value(self) -> float:
-        """Nominal storage cost per cached value averaged over layers, layer 0 and HIGGS scales included."""
+        """Nominal storage cost per compressed value averaged over compressed layers, layer 0 and HIGGS scales
+        included."""
         costs = []
-        for layer in range(self.num_layers):
+        for layer in self.compressed_layers():
             q = self.quantizer(layer)
             costs.append(16.0 if q is None else q.bits_per_value + 16.0 * (-self.kv_width % q.settings.group_size)
                          / self.kv_width)
@@ -241,7 +262,7 @@ class AquaKVPredictors:
 
     # ---- prediction ----------------------------------------------------------------------------------
     def predict_keys(self, layer_idx: int, prev_keys: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-        """P^K_l: [..., C] float32, or None for a zero prediction. prev_keys: K^_{l-1} [..., C] (None at l = 0);
+        """P^K_l: [..., C] float32, or None for a zero prediction. prev_keys: K^_s [..., C] (None without a source);
         like: a tensor [..., C] giving the leading shape and device."""
         m = self.key_maps[layer_idx]
         if m is None:
@@ -252,7 +273,8 @@ class AquaKVPredictors:
 
     def predict_values(self, layer_idx: int, keys_hat: torch.Tensor, prev_values: torch.Tensor | None
                        ) -> torch.Tensor | None:
-        """P^V_l: [..., C] float32 or None. keys_hat: K^_l [..., C]; prev_values: V^_{l-1} [..., C] (None at l = 0)."""
+        """P^V_l: [..., C] float32 or None. keys_hat: K^_l [..., C]; prev_values: V^_s [..., C] (None without a
+        source)."""
         m = self.value_maps[layer_idx]
         if m is None:
             return None
@@ -293,9 +315,9 @@ class AquaKVPredictors:
         settings = AquaKVSettings(bits=bits, grid_dim=grid_dim,
                                   group_size=group_size or cls.default_group_size(info["head_dim"]), seed=seed,
                                   layer0_bits=_layer0_bits(bits if layer0_bits is None else layer0_bits))
-        settings.quantizer(0), settings.quantizer(1)  # validate (bits, grid) before anyone uses them
+        settings.quantizer_for(True), settings.quantizer_for(False)  # validate (bits, grid) before anyone uses them
         n = info["num_layers"]
-        return cls([None] * n, [None] * n, settings, info)
+        return cls([None] * n, [None] * n, settings, info, exact_layers=window_layers(model.config))
 
     # ---- compatibility ---------------------------------------------------------------------------------
     def check_compatible(self, model) -> None:
@@ -304,6 +326,11 @@ class AquaKVPredictors:
         info = self.model_info_of(model)
         diffs = [f"{key}: predictors have {self.model_info[key]}, model has {info[key]}"
                  for key in ("num_layers", "num_kv_heads", "head_dim", "kv_width") if self.model_info[key] != info[key]]
+        exact = tuple(sorted(window_layers(model.config)))
+        if not diffs and exact != self.exact_layers:
+            diffs.append(f"layers kept exact (local layers of a hybrid model): predictors have "
+                         f"{list(self.exact_layers) or 'none'}, model has {list(exact) or 'none'} (predictors "
+                         f"calibrated before aquakv kept local layers exact must be calibrated again)")
         if diffs:
             raise ValueError("AquaKVPredictors do not fit this model (" + "; ".join(diffs) + ")")
         ours = portable_model_name(str(self.model_info.get("name_or_path", "")))
@@ -335,9 +362,10 @@ class AquaKVPredictors:
                                                                                for r in ranks)
         groups = sorted({m.groups for m in self.key_maps + self.value_maps if m is not None and m.in_features})
         per_head = "" if groups in ([], [1]) else f", per-head blocks G={'/'.join(map(str, groups))}"
+        exact = f", {len(self.exact_layers)} local layers exact" if self.exact_layers else ""
         return (f"AquaKVPredictors({kind}, {self.num_layers} layers, C={self.kv_width}, bits={s.bits}, "
                 f"grid_dim={s.grid_dim}, group_size={s.group_size}, layer0={'fp16' if s.layer0_bits is None else s.layer0_bits}"
-                f", rank={rank}{per_head}, compressed part {self.bits_per_value():.3f} bits/value)")
+                f", rank={rank}{per_head}{exact}, compressed part {self.bits_per_value():.3f} bits/value)")
 
 
 def _layer0_bits(layer0_bits: float | str | None) -> float | None:

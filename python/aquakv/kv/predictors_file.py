@@ -9,10 +9,11 @@ Tensors (float32, finite), C = model.kv_width:
   or, block diagonal over G groups of whole KV heads (format_version 2; G >= 2 divides model.num_kv_heads):
     <kind>.<l>.block_weight.<i>                 [G, C/G, C/G]  per input i (keys: i = 0; values: 0 = K^_l, 1 = V^_{l-1})
     <kind>.<l>.block_down.<i> / .block_up       [G, C/G, r] per input / [G, r, C/G]  rank r per group, 1 <= r <= C/G
-Either every layer 0..num_layers-1 has a key and a value map, or there are no tensors at all (HIGGS-only).
-Metadata: the header entry "aquakv" holds JSON {format, format_version, model, settings, report, calibration}.
-Files without block-diagonal maps are written as format_version 1, byte for byte as before they existed; version 1
-files holding block tensors are refused.
+Either every compressed layer has a key and a value map, or there are no tensors at all (HIGGS-only).
+Metadata: the header entry "aquakv" holds JSON {format, format_version, model, settings, report, calibration} and,
+for a hybrid model, exact_layers: the local layers the cache keeps exact (format_version 3; they have no tensors, and
+the first compressed layer is intercept-only like layer 0). Files without block-diagonal maps or exact layers are
+written as format_version 1, byte for byte as before those existed; older versions holding either are refused.
 
 Loading refuses anything else before it allocates more than the file holds: every failure is one ValueError whose
 message starts with the file's path and names the field (a missing file stays a FileNotFoundError).
@@ -29,9 +30,10 @@ import torch
 
 from aquakv.files import save_safetensors_atomic
 from aquakv.kv.predictors import AffineMap, AquaKVPredictors, AquaKVSettings
+from aquakv.kv.window import chain_sources
 
 FORMAT = "aquakv-predictors"
-FORMAT_VERSION = 2  # 2: block-diagonal (per-head) maps; files without them are still written as 1
+FORMAT_VERSION = 3  # 2: block-diagonal (per-head) maps; 3: exact layers; files without either are written as 1
 MAX_LAYERS = 4096  # far beyond any decoder (SmolLM2: 30); bounds what a header may make us allocate
 _MAX_INT = 2 ** 31
 
@@ -40,7 +42,7 @@ _MODEL_INTS = ("num_layers", "num_kv_heads", "head_dim", "kv_width")
 _MODEL_STRS = ("name_or_path", "model_type", "aquakv_version")
 _SETTINGS = ("bits", "grid_dim", "group_size", "seed", "layer0_bits")
 _TOP_REQUIRED = ("format", "format_version", "model", "settings")
-_TOP_OPTIONAL = ("report", "calibration")
+_TOP_OPTIONAL = ("report", "calibration", "exact_layers")
 
 
 class _Invalid(ValueError):
@@ -60,12 +62,16 @@ def save_predictors(preds: AquaKVPredictors, path: str | os.PathLike) -> None:
                 for name, t in m.tensors().items():
                     tensors[f"{kind}.{layer}.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
     blocks = any(m is not None and m.blocks is not None for m in preds.key_maps + preds.value_maps)
-    meta = {"format": FORMAT, "format_version": 2 if blocks else 1, "model": preds.model_info,
-            "settings": asdict(preds.settings), "report": preds.report, "calibration": preds.calibration}
+    meta = {"format": FORMAT, "format_version": 3 if preds.exact_layers else 2 if blocks else 1,
+            "model": preds.model_info, "settings": asdict(preds.settings), "report": preds.report,
+            "calibration": preds.calibration}
+    if preds.exact_layers:
+        meta["exact_layers"] = list(preds.exact_layers)
     header = json.dumps(meta)
     try:  # the same schema as load: never write a file that cannot be read back
-        _check_metadata(json.loads(header))
-        _check_tensors({k: (tuple(t.shape), "F32") for k, t in tensors.items()}, preds.model_info, meta["format_version"])
+        exact = _check_metadata(json.loads(header))[4]
+        _check_tensors({k: (tuple(t.shape), "F32") for k, t in tensors.items()}, preds.model_info,
+                       meta["format_version"], exact)
         _check_values(tensors)
     except _Invalid as e:
         raise ValueError(f"AquaKVPredictors.save: refusing to write {os.fspath(path)}: {e}") from None
@@ -88,12 +94,12 @@ def load_predictors(path: str | os.PathLike) -> AquaKVPredictors:
             if header is None:
                 raise ValueError(f"{path}: a safetensors file without aquakv metadata (not an AquaKVPredictors file)")
             meta = _parse(header)
-            settings, info, report, calibration = _check_metadata(meta)
+            settings, info, report, calibration, exact = _check_metadata(meta)
             specs = {}
             for name in f.keys():
                 view = f.get_slice(name)
                 specs[name] = (tuple(view.get_shape()), view.get_dtype())
-            layout = _check_tensors(specs, info, meta["format_version"])
+            layout = _check_tensors(specs, info, meta["format_version"], exact)
             tensors = {name: f.get_tensor(name) for name in specs}
         _check_values(tensors)
     except _Invalid as e:
@@ -106,11 +112,11 @@ def load_predictors(path: str | os.PathLike) -> AquaKVPredictors:
         raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     maps: dict[str, list[AffineMap | None]] = {"key": [], "value": []}
     for kind in maps:
-        for layer in range(info["num_layers"] if layout else 0):
-            maps[kind].append(AffineMap.from_tensors({p: tensors[f"{kind}.{layer}.{p}"] for p in layout[kind, layer]}))
-        if not layout:
-            maps[kind] = [None] * info["num_layers"]
-    return AquaKVPredictors(maps["key"], maps["value"], settings, info, report, calibration)
+        for layer in range(info["num_layers"]):
+            parts = layout.get((kind, layer))
+            maps[kind].append(None if parts is None else
+                              AffineMap.from_tensors({p: tensors[f"{kind}.{layer}.{p}"] for p in parts}))
+    return AquaKVPredictors(maps["key"], maps["value"], settings, info, report, calibration, exact_layers=exact)
 
 
 def _parse(header: str):
@@ -121,7 +127,7 @@ def _parse(header: str):
 
 
 # ---- the schema ---------------------------------------------------------------------------------------------------
-def _check_metadata(meta) -> tuple[AquaKVSettings, dict, list[dict], dict]:
+def _check_metadata(meta) -> tuple[AquaKVSettings, dict, list[dict], dict, tuple[int, ...]]:
     _check_keys(meta, "metadata", _TOP_REQUIRED, _TOP_OPTIONAL)
     if meta["format"] != FORMAT:
         raise _Invalid("format", f"is {meta['format']!r}; this library reads {FORMAT!r}")
@@ -146,7 +152,14 @@ def _check_metadata(meta) -> tuple[AquaKVSettings, dict, list[dict], dict]:
         _check_flat(entry, f"report[{i}]")
     calibration = meta.get("calibration", {})
     _check_flat(calibration, "calibration")
-    return settings, info, report, calibration
+    exact = meta.get("exact_layers", [])
+    if "exact_layers" in meta and version < 3:
+        raise _Invalid("exact_layers", f"exact layers need format_version 3, the file says {version}")
+    if (not isinstance(exact, list) or not all(_is_int(i) and 0 <= i < info["num_layers"] for i in exact)
+            or exact != sorted(set(exact)) or len(exact) >= info["num_layers"]):
+        raise _Invalid("exact_layers", f"must be increasing layer indices below model.num_layers = "
+                                       f"{info['num_layers']}, leaving at least one layer compressed; got {exact!r}")
+    return settings, info, report, calibration, tuple(exact)
 
 
 def _check_settings(raw) -> AquaKVSettings:
@@ -161,9 +174,9 @@ def _check_settings(raw) -> AquaKVSettings:
         if not _is_int(raw[key]):
             raise _Invalid(f"settings.{key}", f"must be an integer, got {raw[key]!r}")
     settings = AquaKVSettings(**raw)
-    for layer, key in ((1, "bits"), (0, "layer0_bits")):  # the quantizers the cache will build, built now
+    for start, key in ((False, "bits"), (True, "layer0_bits")):  # the quantizers the cache will build, built now
         try:
-            settings.quantizer(layer)
+            settings.quantizer_for(start)
         except ValueError as e:
             text = str(e)
             field = next((f for f in ("group_size", "seed", "bits") if f in text), "grid_dim")
@@ -172,10 +185,12 @@ def _check_settings(raw) -> AquaKVSettings:
     return settings
 
 
-def _check_tensors(specs: dict[str, tuple[tuple[int, ...], str]], info: dict, version: int
+def _check_tensors(specs: dict[str, tuple[tuple[int, ...], str]], info: dict, version: int, exact=()
                    ) -> dict[tuple[str, int], tuple]:
-    """specs: {name: (shape, safetensors dtype)} -> {(kind, layer): the parts present}; {} when there are none."""
+    """specs: {name: (shape, safetensors dtype)} -> {(kind, layer): the parts present}; {} when there are none.
+    exact: layers that must have no tensors."""
     c, n = info["kv_width"], info["num_layers"]
+    sources = chain_sources(n, set(exact))
     parts: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
     for name, (shape, dtype) in specs.items():
         match = _TENSOR.fullmatch(name)
@@ -185,6 +200,8 @@ def _check_tensors(specs: dict[str, tuple[tuple[int, ...], str]], info: dict, ve
         kind, layer, part = match[1], int(match[2]), match[3]
         if layer >= n:
             raise _Invalid(f"tensor {name!r}", f"layer {layer} is beyond model.num_layers = {n}")
+        if layer in exact:
+            raise _Invalid(f"tensor {name!r}", f"layer {layer} is kept exact (exact_layers) and has no maps")
         if dtype != "F32":
             raise _Invalid(f"tensor {name!r}", f"dtype is {dtype}; predictors are float32 (F32)")
         if part.startswith("block") and version < 2:
@@ -196,19 +213,24 @@ def _check_tensors(specs: dict[str, tuple[tuple[int, ...], str]], info: dict, ve
     for kind in ("key", "value"):
         inputs = 1 if kind == "key" else 2
         for layer in range(n):
+            if layer in exact:
+                continue
             found = parts.get((kind, layer))
             if found is None:
                 raise _Invalid(f"tensor '{kind}.{layer}.bias'", f"missing: the file has maps for some layers but not "
                                                                 f"for {kind} layer {layer} (model.num_layers = {n})")
-            if any(p.startswith("block") for p in found) and layer > 0:
+            start = sources[layer] is None
+            if any(p.startswith("block") for p in found) and not start:
                 layout[kind, layer] = _check_blocks(kind, layer, found, inputs, info)
             else:
-                layout[kind, layer] = _check_map(kind, layer, found, inputs * c, c)
+                layout[kind, layer] = _check_map(kind, layer, found, inputs * c, c, start)
     return layout
 
 
-def _check_map(kind: str, layer: int, shapes: dict[str, tuple[int, ...]], c_in: int, c: int) -> tuple[str, ...]:
-    allowed = [("bias",)] if layer == 0 else [("bias", "weight"), ("bias", "down", "up")]
+def _check_map(kind: str, layer: int, shapes: dict[str, tuple[int, ...]], c_in: int, c: int, start: bool
+               ) -> tuple[str, ...]:
+    """start: the first compressed layer (layer 0 unless exact layers precede it): intercept only."""
+    allowed = [("bias",)] if start else [("bias", "weight"), ("bias", "down", "up")]
     present = tuple(p for p in ("bias", "weight", "down", "up") if p in shapes)
     if present not in allowed or len(present) != len(shapes):
         want = " or ".join("+".join(a) for a in allowed)
