@@ -16,6 +16,10 @@ so rows differ only in what the method does. Two disjoint slices of the bundled 
 value runs each method identically. Writes OUT/pv_bench.json (settings, teacher and data-free perplexity, every
 run's curves, tokens and wall time) and OUT/pv_curves.png. Run with OMP_NUM_THREADS=1 on a shared CPU;
 --device cuda trains the student on a GPU.
+
+    python bench/bench_pv_tune.py --plot-from runs/dp3 runs/dp3_ste --out runs/dp3_all   # one PNG, no training
+
+--plot-from redraws the curves of several runs of the same start (their OUT directories) into OUT/pv_curves.png.
 """
 from __future__ import annotations
 
@@ -55,9 +59,9 @@ def _code_lrs(entries: list[str], methods: list[str]) -> dict[str, list[float]]:
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    target = p.add_mutually_exclusive_group(required=True)
+    target = p.add_mutually_exclusive_group(required="--plot-from" not in argv)  # redrawing needs no target
     target.add_argument("--bits", type=float, help="uniform HIGGS code bits per weight (a shipped grid width)")
     target.add_argument("--budget", type=float, help="average bits per weight for the DP allocation (scales included)")
     p.add_argument("--out", required=True, help="output directory")
@@ -82,11 +86,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="where the student trains (default: where it loads, the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument("--plot-from", nargs="+", metavar="DIR", help="only redraw the curves of these runs' OUT dirs")
     return p
 
 
+def _plot_from(dirs: list[str], out: Path) -> int:
+    """One PNG of the runs in several pv_bench.json files, which must share their data-free start."""
+    import json
+
+    from aquakv.weights.pv_plot import plot_pv_curves
+    from aquakv.weights.pv_tune import PVTuneResult
+
+    reports = [json.loads((Path(d) / "pv_bench.json").read_text()) for d in dirs]
+    if len({round(r["data_free"]["held_out"], 6) for r in reports}) != 1:
+        raise SystemExit("--plot-from: the runs do not share a data-free start (their data-free perplexities differ)")
+    runs = {}
+    for r in reports:
+        for x in r["runs"]:
+            label = x["method"] if x["code_lr"] is None else f"{x['method']} code_lr={x['code_lr']:g}"
+            runs[label] = PVTuneResult(method=x["method"], steps=x["steps"], tokens=x["tokens"], seconds=x["seconds"],
+                                       loss=x["loss"], codes_changed=x["codes_changed"], eval_steps=x["eval_steps"],
+                                       eval_ppl=x["eval_ppl"], n_codes=x["n_codes"])
+    s = reports[0]["settings"]
+    target = f"{s['bits']:g} bits" if s["bits"] is not None else f"DP allocation, budget {s['budget']:g}"
+    out.mkdir(parents=True, exist_ok=True)
+    plot_pv_curves(runs, out / "pv_curves.png", baseline_ppl=reports[0]["teacher"]["held_out"],
+                   title=f"SmolLM2-135M, {target}: {s['steps']} steps x {s['batch_size']} x {s['window']} tokens")
+    print(f"wrote {out / 'pv_curves.png'} ({len(runs)} runs)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(argv).parse_args(argv)
+    if args.plot_from:
+        return _plot_from(args.plot_from, Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
