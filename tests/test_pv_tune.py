@@ -125,6 +125,24 @@ def test_v_step_respects_the_trust_ratio_and_keeps_at_least_one_change(trust):
         assert out.changed == 1
 
 
+@pytest.mark.parametrize("dim", [1, 2, 4])
+def test_ste_v_step_reencodes_every_code_and_reports_the_real_move(dim):
+    layer = _layer(seed=2, dim=dim)
+    out, w = _v_step(layer, 1.0, max_code_change_per_step=0.01, code_trust_ratio=1e-9, select=False)
+    grid, signs = layer.quantizer._grid_and_signs(w.device)
+    target = w + 1.0 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out.codes, encode_with_scales(_flat_groups(target, GROUP), layer.scales, grid, signs, GROUP))
+    old = ops.unpack_bits(layer.codes, layer.grid.code_bits, GROUP // dim).long()
+    new = ops.unpack_bits(out.codes, layer.grid.code_bits, GROUP // dim).long()
+    assert out.changed == int((old != new).sum()) > 1 and out.candidates == old.numel()  # no selection, no limit
+    # The move summed over all codes (unchanged ones add 0) is the one reported, computed on the changed ones only.
+    every = (grid[new] - grid[old]).square().sum(-1) * (layer.scales.float().square() / GROUP)
+    assert out.moved == pytest.approx(float(every.sum().sqrt()), rel=1e-6)
+    layer_new = copy.deepcopy(layer)
+    layer_new.codes.copy_(out.codes)
+    assert float((layer_new.dequantize_weight() - w).norm()) == pytest.approx(out.moved, rel=1e-3)
+
+
 # ---- whole runs on the tiny model -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def teacher():
@@ -233,6 +251,44 @@ def test_tuned_model_saves_and_loads_in_the_quantize_weights_format(teacher, ids
     with torch.no_grad():
         assert torch.equal(student(ids[None, :64]).logits, loaded(ids[None, :64]).logits)
 
+
+def test_tuned_norms_are_saved_and_loaded_with_the_layers(teacher, ids, tmp_path):
+    import json
+
+    student, _ = _run(teacher, ids, steps=3, tune_norms=True, lr=3e-2)
+    names = student.aquakv_tuned_norms
+    params = dict(student.named_parameters())
+    originals = dict(teacher.named_parameters())
+    assert names and all(n.endswith("norm.weight") for n in names)
+    assert any(not torch.equal(params[n], originals[n]) for n in names), "the norms must have moved"
+    save_quantized(student, tmp_path)
+    assert json.loads((tmp_path / "higgs_weights.json").read_text())["norms"] == sorted(names)
+    loaded = load_quantized(copy.deepcopy(teacher), tmp_path)
+    got = dict(loaded.named_parameters())
+    assert all(torch.equal(got[n], params[n]) for n in names) and loaded.aquakv_tuned_norms == names
+    with torch.no_grad():
+        assert torch.equal(student(ids[None, :64]).logits, loaded(ids[None, :64]).logits)
+    # A re-save of the loaded model keeps them; a model without tuned norms writes no "norms" field.
+    save_quantized(loaded, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "higgs_weights.json").read_text())["norms"] == sorted(names)
+    plain, _ = _run(teacher, ids, steps=1)
+    save_quantized(plain, tmp_path / "plain")
+    assert "norms" not in json.loads((tmp_path / "plain" / "higgs_weights.json").read_text())
+
+
+def test_stored_norms_must_be_parameters_of_the_model(teacher, ids, tmp_path):
+    import json
+
+    student, _ = _run(teacher, ids, steps=1, tune_norms=True)
+    save_quantized(student, tmp_path)
+    meta = tmp_path / "higgs_weights.json"
+    header = json.loads(meta.read_text())
+    header["norms"] = header["norms"][:-1] + ["model.nowhere.weight"]
+    meta.write_text(json.dumps(header))
+    fresh = copy.deepcopy(teacher)
+    with pytest.raises(ValueError, match="norms: 'model.nowhere.weight' is not a parameter"):
+        load_quantized(fresh, tmp_path)
+    assert not higgs_layers(fresh), "a refused file leaves the model untouched"
 
 def test_eval_curve_and_bad_options(teacher, ids):
     _, result = _run(teacher, ids, steps=4, eval_data=ids[:256], eval_every=2, eval_window=64)

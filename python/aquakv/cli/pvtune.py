@@ -86,6 +86,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a V step moves a layer by at most this x ||W|| (default 0.1; at least one code changes)")
     p.add_argument("--delta-decay", type=_unit_interval, default=0.0,
                    help="after a V step W~ moves this fraction of the way to the new weight (0 keep, 1 reset; default 0)")
+    p.add_argument("--tune-norms", action="store_true",
+                   help="also tune the RMSNorm weights (P step, --lr); they are saved with the layers")
     p.add_argument("--group-size", type=power_of_two, default=256, help="values per scale (default 256)")
     p.add_argument("--eval-every", type=positive_int, default=None, metavar="N",
                    help="held-out perplexity every N steps (always at the start and the end)")
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
                      eval_data=eval_ids, eval_every=args.eval_every, eval_windows=args.eval_windows,
                      checkpoint_dir=out / "checkpoint" if args.checkpoint_every or args.resume else None,
                      checkpoint_every=args.checkpoint_every, resume=args.resume, delta_decay=args.delta_decay,
-                     activation_checkpointing=args.activation_checkpointing, progress=common.show_progress(args))
+                     activation_checkpointing=args.activation_checkpointing, tune_norms=args.tune_norms, progress=common.show_progress(args))
     save_quantized(student, out)
     from aquakv.files import write_json_atomic
 

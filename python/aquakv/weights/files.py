@@ -3,7 +3,11 @@
     higgs_weights.safetensors   {layer}.codes uint8, {layer}.scales float16, {layer}.bias (the layer's dtype)
     higgs_weights.json          {format, format_version, library_version, average_bits, tensors_sha256,
                                  layers: {name: {dim, n_points, group_size, seed, in_features, out_features,
-                                                 bias, dtype}}}
+                                                 bias, dtype}}, norms (optional)}
+
+norms: the names of full-precision parameters stored with the layers, written only for a model that PV-Tuning
+trained them in (pv_tune(tune_norms=True) names its RMSNorm weights in `model.aquakv_tuned_norms`); their tensors
+are stored under those names, and loading copies them into the model, so tuned norms are never lost on a save.
 
 The JSON names the SHA-256 of the tensors file it was written with, so a directory whose two files come from
 different saves (an interrupted save, a copied file) is refused rather than decoded with the wrong settings.
@@ -34,6 +38,7 @@ _ST_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32", tor
 _TOP_REQUIRED = ("format", "format_version", "library_version", "average_bits", "layers")
 _LAYER_INTS = ("dim", "n_points", "group_size", "seed", "in_features", "out_features")
 _LAYER_KEYS = _LAYER_INTS + ("bias", "dtype")
+TUNED_NORMS_ATTR = "aquakv_tuned_norms"  # on a model: names of the parameters save_quantized stores as well
 
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -58,9 +63,14 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
         meta[name] = dict(dim=m.dim, n_points=m.n_points, group_size=m.group_size, seed=m.seed,
                           in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None,
                           dtype=str(m.compute_dtype).removeprefix("torch."))
+    norms = _tuned_norms(model)
+    for name, p in norms.items():
+        tensors[name] = p.detach().cpu().contiguous()
     data = save(tensors, metadata={"format": FORMAT})
     header = dict(format=FORMAT, format_version=FORMAT_VERSION, library_version=aquakv.__version__,
                   average_bits=average_bits(model), tensors_sha256=hashlib.sha256(data).hexdigest(), layers=meta)
+    if norms:
+        header["norms"] = sorted(norms)
     write_bytes_atomic(directory / TENSORS_FILE, data)  # tensors first: the JSON names their hash
     write_json_atomic(directory / METADATA_FILE, header)
     return directory
@@ -81,10 +91,41 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     new = {}
     for name, cfg in header["layers"].items():
         new[name] = _empty_layer(meta_path, name, cfg, modules.get(name))
-    _fill(tensor_path, header, new)
+    norms = _stored_norms(meta_path, header, model, set(header["layers"]))
+    _fill(tensor_path, header, new, norms)
     for name, module in new.items():
         _set_submodule(model, name, module)
+    for name, value in norms.items():
+        dict(model.named_parameters())[name].copy_(value)
+    if norms:
+        setattr(model, TUNED_NORMS_ATTR, tuple(sorted(norms)))
     return model
+
+
+def _tuned_norms(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters named in model.aquakv_tuned_norms (set by pv_tune with tune_norms=True), by name."""
+    names = getattr(model, TUNED_NORMS_ATTR, None) or ()
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"save_quantized: the model names {missing[0]!r} among its tuned norms, but has no such "
+                         f"parameter")
+    return {n: params[n] for n in names}
+
+
+def _stored_norms(path: Path, header: dict, model: nn.Module, layers: set[str]) -> dict[str, torch.Tensor]:
+    """name -> an empty tensor shaped like the model's parameter, for every name in the header's norms, after
+    checking that each is a parameter of the model outside the quantized layers."""
+    names = header.get("norms", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{path}: norms: must be a list of distinct parameter names, got {names!r}")
+    params = dict(model.named_parameters())
+    out = {}
+    for name in names:
+        if name not in params or name.rpartition(".")[0] in layers:
+            raise ValueError(f"{path}: norms: {name!r} is not a parameter of this model outside the quantized layers")
+        out[name] = torch.empty_like(params[name].detach())
+    return out
 
 
 # ---- the JSON header ----------------------------------------------------------------------------------------------
@@ -104,7 +145,7 @@ def _read_header(path: Path) -> dict:
     for key in _TOP_REQUIRED:
         if key not in header:
             raise ValueError(f"{path}: {key}: missing")
-    unknown = sorted(set(header) - set(_TOP_REQUIRED) - {"tensors_sha256"})
+    unknown = sorted(set(header) - set(_TOP_REQUIRED) - {"tensors_sha256", "norms"})
     if unknown:
         raise ValueError(f"{path}: {unknown[0]}: unknown field")
     if header["format"] != FORMAT or header["format_version"] != FORMAT_VERSION or isinstance(
@@ -166,12 +207,14 @@ def _empty_layer(path: Path, name: str, cfg: dict, old: nn.Module | None) -> Hig
 
 
 # ---- the tensors --------------------------------------------------------------------------------------------------
-def _fill(path: Path, header: dict, new: dict[str, HiggsLinear]) -> None:
-    """Copy the stored tensors into the new layers, after checking names, dtypes and shapes from the header."""
+def _fill(path: Path, header: dict, new: dict[str, HiggsLinear], norms: dict[str, torch.Tensor]) -> None:
+    """Copy the stored tensors into the new layers and the norms' tensors, after checking names, dtypes and shapes
+    from the header."""
     from safetensors import safe_open
 
     expected = {f"{name}.{key}": (name, key) for name, m in new.items()
                 for key in ("codes", "scales") + (("bias",) if m.bias is not None else ())}
+    expected.update({name: (name, None) for name in norms})
     sha = header.get("tensors_sha256")
     if sha is not None and file_sha256(path) != sha:
         raise ValueError(f"{path}: tensors_sha256: the file does not match the hash in {path.with_name(METADATA_FILE)}"
@@ -189,7 +232,7 @@ def _fill(path: Path, header: dict, new: dict[str, HiggsLinear]) -> None:
             which = f"unknown tensor {unknown[0]!r}" if unknown else f"tensor {missing[0]!r} missing"
             raise ValueError(f"{path}: {which} (the tensors must be exactly those of the layers in {METADATA_FILE})")
         for tensor_name, (name, key) in expected.items():
-            target = getattr(new[name], key)
+            target = norms[name] if key is None else getattr(new[name], key)
             view = f.get_slice(tensor_name)
             shape, dtype = tuple(view.get_shape()), view.get_dtype()
             if shape != tuple(target.shape) or dtype != _ST_DTYPES[target.dtype]:

@@ -85,8 +85,11 @@ def v_step_codes(target: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
         new_codes = encode_with_scales(target, scales, grid, signs, group_size)
         new = ops.unpack_bits(new_codes, code_bits, per_group).long()
         diff = new != old
-        step = (grid[new] - grid[old]).square().sum(-1) * (scales.float().square() / group_size)
-        return VStepOutcome(new_codes, int(diff.sum()), old.numel(), float(step[diff].sum().sqrt()))
+        # The move of the changed codes only (the same sum as over all, whose other terms are 0, in the same order).
+        rows_changed = diff.nonzero()[:, 0]
+        step = (grid[new[diff]] - grid[old[diff]]).square().sum(-1) * (
+            scales.float().reshape(-1)[rows_changed].square() / group_size)
+        return VStepOutcome(new_codes, int(rows_changed.numel()), old.numel(), float(step.sum().sqrt()))
 
     weight_scale = scales.float() / math.sqrt(group_size)  # [R, 1]: weight-space length of a unit move in y
     y = rotate_normalise(target, scales, signs, group_size).view(rows, per_group, d)

@@ -29,6 +29,7 @@ from aquakv.weights.pv_checkpoint import (
     save_checkpoint,
 )
 from aquakv.weights.pv_data import BatchSchedule, as_windows, eval_ids
+from aquakv.weights.files import TUNED_NORMS_ATTR
 from aquakv.weights.pv_layer import TunedHiggsLinear, check_layer_valid
 from aquakv.weights.pv_loss import check_head_matches, kl_window_loss
 from aquakv.weights.quantize import _set_submodule, higgs_layers
@@ -103,7 +104,9 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
     texts (str or list of str, with `tokenizer`), cut into windows of `window` tokens; each step draws
     `batch_size` of them in a seeded order that reshuffles every epoch. method: "pv" (PV-Tuning), "ste" (every
     code re-encoded from W~ every step, W~ never reset), "p-only" (scales only). delta_decay: after a PV V step,
-    W~ moves this fraction of the way to the new dequantized weight (0 keeps it, 1 resets it).
+    W~ moves this fraction of the way to the new dequantized weight (0 keeps it, 1 resets it). tune_norms: the
+    RMSNorm weights join the P step; the student then names them in `student.aquakv_tuned_norms`, and
+    save_quantized stores them with the layers (load_quantized restores them).
     eval_data (ids or texts): held-out perplexity at the start, every eval_every steps and at the end (windows of
     eval_window tokens, default window; at most eval_windows). checkpoint_dir + checkpoint_every: an atomic
     checkpoint every N steps and at the end; resume=True continues from the one in checkpoint_dir (refused if its
@@ -137,6 +140,9 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
     tuned = {name: TunedHiggsLinear(m, with_buffer=method != "p-only") for name, m in layers.items()}
     codes_shapes = {name: m.codes.shape for name, m in layers.items()}
     norms = _norm_weights(student) if tune_norms else {}
+    if norms:  # save_quantized stores the parameters named here along with the layers (weights/files.py)
+        marked = set(getattr(student, TUNED_NORMS_ATTR, None) or ())
+        setattr(student, TUNED_NORMS_ATTR, tuple(sorted(marked | set(norms))))
     frozen = {p: p.requires_grad for p in student.parameters()}
     for p in frozen:
         p.requires_grad_(False)
