@@ -10,8 +10,9 @@ Per layer the policy keeps
 Every compressed layer holds the same token layout, so layer l's chunk can be predicted from the previous compressed
 layer's reconstruction of the same tokens, which the cache keeps transiently from that layer's `update` call in the
 same forward (dropped after the last layer). The local layers of a hybrid model (Gemma 3) are not compressed: they
-are exact rolling windows (`aquakv.kv.window.WindowLayer`), as in transformers' DynamicCache. An update completes or leaves its layer as it was; a forward that fails half-way leaves a
-cache that refuses every call until `reset()`. More in docs/kv_cache.md (in this repository).
+are exact rolling windows (`aquakv.kv.window.WindowLayer`), as in transformers' DynamicCache. An update completes
+or leaves its layer as it was; a forward that fails half-way leaves a cache that refuses every call until
+`reset()`. More in docs/kv_cache.md (in this repository).
 """
 from __future__ import annotations
 
