@@ -111,6 +111,6 @@ def test_blockwise_equals_materialized_on_a_hybrid_model(gemma):
     model, preds = gemma
     ids = torch.stack(random_token_windows(2, 90, seed=8))
     steps = [40] + [10] * 5
-    ref = _feed(model, ids, AquaKVCache(model, preds, buffer=16), steps)
+    ref = _feed(model, ids, AquaKVCache(model, preds, buffer=16, chain_dtype=torch.float16), steps)
     got = _feed(model, ids, AquaKVCache(model, preds, buffer=16, attention="blockwise", block_tokens=16), steps)
     torch.testing.assert_close(got, ref, **EXACT)

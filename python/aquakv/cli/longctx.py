@@ -215,7 +215,8 @@ def add_longctx(sub) -> None:
     p.add_argument("--attention", choices=("materialize", "blockwise"), default="materialize",
                    help="how the compressed caches (kivi, higgs, aquakv) serve attention: hand it every layer's whole "
                         "reconstruction (materialize, the default), or rebuild it block by block inside attention "
-                        "(blockwise: memory bounded, the same numbers up to float rounding)")
+                        "(blockwise: memory bounded; the same numbers up to float rounding, except AQUA-KV's chain "
+                        "between layers, kept in fp16 there)")
     add_text_option(p, "evaluation")
     g = p.add_argument_group("needle")
     g.add_argument("--depths", type=_depth, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D",

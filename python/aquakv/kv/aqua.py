@@ -43,7 +43,7 @@ class AquaKVCodec(HiggsRowsCodec):
             return None, None
         if prev is None:
             raise RuntimeError(f"AquaKVCodec: layer {layer_idx} needs layer {source}'s reconstruction")
-        return _rows(prev[0]), _rows(prev[1])
+        return _rows(prev[0]).float(), _rows(prev[1]).float()  # blockwise caches keep it in their storage dtype
 
     @staticmethod
     def _add(pred: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -75,17 +75,22 @@ class AquaKVCodec(HiggsRowsCodec):
     def decode_block(self, layer_idx, store, start, stop, prev, cos, sin, dtype, hat):
         """One fused `aquakv.ops.aqua_reconstruct` per part: dequantize, predict, add, re-rotate (keys) and write in
         the model's dtype, with the reconstruction written for the next layer, in one pass. Layers the op does not
-        serve (stored unquantized, or groups padded past C) take the composed path."""
+        serve (stored unquantized, or groups padded past C) take the composed path. The op reads and writes float32
+        reconstructions; one kept in another dtype (blockwise caches keep it in their storage dtype) passes through
+        float32 copies of this block only."""
         q = self._quantizer(layer_idx) if self.quantize else None
         hat_rows = None if hat is None else (_rows_view(hat[0]), _rows_view(hat[1]))
         if (q is None or not isinstance(store.keys, QuantizedTensor) or store.keys.shape[-1] % q.settings.group_size
                 or (hat_rows is not None and None in hat_rows)):
             return super().decode_block(layer_idx, store, start, stop, prev, cos, sin, dtype, hat)
+        kept = hat_rows  # where the next layer reads this block's reconstruction
+        if hat_rows is not None and hat_rows[0].dtype != torch.float32:
+            hat_rows = tuple(torch.empty(r.shape, dtype=torch.float32, device=r.device) for r in hat_rows)
         b, t, c = store.keys.shape
         n, h = stop - start, self.predictors.num_kv_heads
         device = store.keys.device
         grid, signs = q._grid_and_signs(device)
-        prev_k, prev_v = (None, None) if prev is None else (_rows(prev[0]), _rows(prev[1]))
+        prev_k, prev_v = (None, None) if prev is None else (_rows(prev[0]).float(), _rows(prev[1]).float())
         keys = torch.empty((b, h, n, c // h), dtype=dtype, device=device)
         values = torch.empty_like(keys)
         k_hat, v_hat = hat_rows or (None, None)
@@ -100,6 +105,9 @@ class AquaKVCodec(HiggsRowsCodec):
             ops.aqua_reconstruct(codes, scales, grid, signs, q.settings.group_size,
                                  inputs=list(inputs[:len(weights)]) if weights else (), weights=weights, up=up,
                                  bias=bias, out=out, cos=rotation[0], sin=rotation[1], hat_out=hat_out)
+        if kept is not hat_rows:
+            kept[0].copy_(hat_rows[0])
+            kept[1].copy_(hat_rows[1])
         return keys, values
 
     def _op_map(self, layer_idx: int, kind: str, device: torch.device, width: int):
@@ -138,12 +146,13 @@ class AquaKVCache(ChunkedKVCache):
 
     def __init__(self, model, predictors: AquaKVPredictors, *, sinks: int = 4, buffer: int = 128,
                  quantize: bool = True, storage_dtype: torch.dtype | None = None,
-                 rotary: torch.nn.Module | None = None, attention: str = "materialize", block_tokens: int = 1024):
+                 rotary: torch.nn.Module | None = None, attention: str = "materialize",
+                 block_tokens: int | None = None, chain_dtype: torch.dtype | None = None):
         predictors.check_compatible(model)
         model_dtype = next(model.parameters()).dtype
         if not quantize and storage_dtype is None:
             storage_dtype = model_dtype
         codec = AquaKVCodec(predictors, quantize=quantize, exact_dtype=model_dtype)
         super().__init__(model, codec, sinks=sinks, buffer=buffer, storage_dtype=storage_dtype, rotary=rotary,
-                         attention=attention, block_tokens=block_tokens)
+                         attention=attention, block_tokens=block_tokens, chain_dtype=chain_dtype)
         self.predictors = predictors

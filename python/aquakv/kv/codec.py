@@ -51,8 +51,8 @@ class KVCodec(ABC):
     def decode_block(self, layer_idx: int, store: Any, start: int, stop: int, prev: KV | None,
                      cos: torch.Tensor | None, sin: torch.Tensor | None, dtype: torch.dtype, hat: KV | None) -> KV:
         """Tokens [start, stop) as attention reads them: (keys, values) [B, H, stop - start, D] in `dtype`, keys
-        re-rotated with cos/sin [B, stop - start, D] when the codec is pre-RoPE. hat: float32 [B, H, T_b, D] views
-        that receive the un-rotated reconstruction (what the next layer's predictor reads), or None.
+        re-rotated with cos/sin [B, stop - start, D] when the codec is pre-RoPE. hat: [B, H, T_b, D] views (any float
+        dtype) that receive the un-rotated reconstruction (what the next layer's predictor reads), or None.
         Codecs with a fused kernel override this; the default composes decode_range and rotate."""
         k_hat, v_hat = self.decode_range(layer_idx, store, start, stop, prev)
         if hat is not None:

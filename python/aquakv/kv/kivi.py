@@ -164,7 +164,7 @@ class KiviCache(ChunkedKVCache):
 
     def __init__(self, model, bits: int = 2, *, group_size: int = 32, sinks: int = 4, buffer: int = 128,
                  pre_rope: bool = False, storage_dtype: torch.dtype | None = None, attention: str = "materialize",
-                 block_tokens: int = 1024):
+                 block_tokens: int | None = None):
         super().__init__(model, KiviCodec(bits, group_size, pre_rope), sinks=sinks, buffer=buffer,
                          storage_dtype=storage_dtype, attention=attention, block_tokens=block_tokens)
 

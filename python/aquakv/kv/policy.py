@@ -29,6 +29,10 @@ from aquakv.kv.support import check_supported
 from aquakv.kv.window import WindowLayer, chain_sources, window_layers
 
 ATTENTION_MODES = ("materialize", "blockwise")
+# What one block of blockwise attention may hold when block_tokens is None: its float32 scores for every query, its
+# rebuilt keys and values and their float32 reconstructions. 4 MiB: at 8k tokens a few percent of fp16's cache.
+BLOCK_BYTES = 4 << 20
+MIN_BLOCK_TOKENS = 64  # below this, a block's Python-level merge costs more than its arithmetic
 
 
 def _tokens(pair: KV | None, start: int, stop: int) -> KV | None:
@@ -50,22 +54,29 @@ class ChunkedKVCache(CacheEdits, Cache):
     storage_dtype: dtype of sinks and buffer; default fp16 (bf16 for bf16 models, whose states may exceed fp16).
     attention: "materialize" hands attention every layer's whole reconstruction (any attention implementation);
     "blockwise" switches the model to `aquakv.kv.attention` (from SDPA or eager), which rebuilds the quantized
-    tokens `block_tokens` at a time inside attention, so a forward's transient memory does not grow with a whole
-    layer's reconstruction in the model's dtype (docs/long_context.md).
+    tokens a block at a time inside attention, so a forward's transient memory does not grow with a whole layer's
+    reconstruction in the model's dtype (docs/long_context.md). block_tokens: tokens per block; None sizes each
+    forward's blocks so that one block's scores and rebuilt keys and values take about BLOCK_BYTES (long prefill
+    pieces get short blocks, a decode step long ones).
+    chain_dtype: dtype of the reconstruction a layer keeps, during a forward, for the next layer's predictor (AQUA-KV);
+    default float32 when materialized, storage_dtype when blockwise, where it is the one transient that grows with
+    the context. Encoding and decoding read the same rounded values.
     Remove the rotary hook with `close()` or `with cache: ...`; it also goes when the cache is garbage-collected.
     """
 
     def __init__(self, model, codec: KVCodec, *, sinks: int = 4, buffer: int = 128,
                  storage_dtype: torch.dtype | None = None, rotary: torch.nn.Module | None = None,
-                 attention: str = "materialize", block_tokens: int = 1024):
+                 attention: str = "materialize", block_tokens: int | None = None,
+                 chain_dtype: torch.dtype | None = None):
         if sinks < 0:
             raise ValueError(f"sinks must be >= 0, got {sinks}")
         if buffer < 1:
             raise ValueError(f"buffer must be >= 1, got {buffer}")
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens < 1:
-            raise ValueError(f"block_tokens must be a positive integer, got {block_tokens!r}")
+        if block_tokens is not None and (isinstance(block_tokens, bool) or not isinstance(block_tokens, int)
+                                         or block_tokens < 1):
+            raise ValueError(f"block_tokens must be a positive integer or None, got {block_tokens!r}")
         if attention == "blockwise":
             if not codec.decodes_ranges:
                 raise ValueError(f"attention='blockwise' needs a codec that decodes token ranges; "
@@ -75,6 +86,9 @@ class ChunkedKVCache(CacheEdits, Cache):
         cfg = model.config.get_text_config(decoder=True)
         model_dtype = next(model.parameters()).dtype
         self.storage_dtype = storage_dtype or (torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float16)
+        if chain_dtype is not None and not (isinstance(chain_dtype, torch.dtype) and chain_dtype.is_floating_point):
+            raise ValueError(f"chain_dtype must be a floating-point torch.dtype, got {chain_dtype!r}")
+        self.chain_dtype = chain_dtype or (self.storage_dtype if attention == "blockwise" else torch.float32)
         windows = window_layers(cfg)
         super().__init__(layers=[WindowLayer(windows[i], self.storage_dtype) if i in windows else ChunkedLayer()
                                  for i in range(cfg.num_hidden_layers)])
@@ -89,6 +103,7 @@ class ChunkedKVCache(CacheEdits, Cache):
         self._forward_changed = False  # some layer took the tokens of the forward in progress
         self.attention, self.block_tokens = attention, block_tokens
         self._model_config = model.config  # its attention implementation is checked at every update
+        self._query_heads = cfg.num_attention_heads
         self._deferred: attention_module.DeferredLayer | None = None  # left by the last update for attention
         self._broken: str | None = None  # why the layers disagree after a failure; reset() clears it
 
@@ -190,7 +205,8 @@ class ChunkedKVCache(CacheEdits, Cache):
         store, prev, deferred = layer.store, None, None
         if defer:
             store, prev, deferred = self._defer_quantized(layer_idx, layer.store, positions, sinks, old,
-                                                          buffered if flush else 0, buf_k, buf_v, keys, values)
+                                                          buffered if flush else 0, buf_k, buf_v, keys, values,
+                                                          length)
         elif old or flush:
             store, prev = self._update_quantized(layer_idx, layer.store, positions, sinks, old, buffered if flush else 0,
                                                  buf_k, buf_v, keys[:, :, sinks:sinks + old],
@@ -292,25 +308,27 @@ class ChunkedKVCache(CacheEdits, Cache):
         if not codec.needs_previous_layer:
             return store, None
         if len(hat_k) == 1:
-            return store, (hat_k[0], hat_v[0])
-        return store, (torch.cat(hat_k, dim=2), torch.cat(hat_v, dim=2))
+            return store, (hat_k[0].to(self.chain_dtype), hat_v[0].to(self.chain_dtype))
+        return store, (torch.cat(hat_k, dim=2).to(self.chain_dtype), torch.cat(hat_v, dim=2).to(self.chain_dtype))
 
     def _defer_quantized(self, layer_idx: int, store, positions: torch.Tensor | None, start: int, n_old: int,
                          n_new: int, buf_k: torch.Tensor | None, buf_v: torch.Tensor | None, keys: torch.Tensor,
-                         values: torch.Tensor) -> tuple[object, KV | None, attention_module.DeferredLayer]:
+                         values: torch.Tensor, q_len: int) -> tuple[object, KV | None, attention_module.DeferredLayer]:
         """`_update_quantized` for attention="blockwise": the new chunk (if n_new) is encoded now; the n_old stored
         tokens are decoded later, block by block, by the attention that consumes the returned DeferredLayer.
 
         Returns (the store with the new chunk, this layer's reconstruction of all its quantized tokens for the next
-        layer (float32 [B, H, n_old + n_new, D], filled as attention reads the blocks) or None, the DeferredLayer).
-        keys / values: the exact tokens returned to attention (sinks | buffer).
+        layer ([B, H, n_old + n_new, D] in the storage dtype, filled as attention reads the blocks) or None, the
+        DeferredLayer). keys / values: the exact tokens returned to attention (sinks | buffer); q_len: the queries.
+
+        That reconstruction (in chain_dtype) is the one part of a blockwise forward that grows with the context.
         """
         codec, device = self.codec, keys.device
         prev, cos, sin = self._inputs(layer_idx, positions, start, n_old + n_new, device)
         hat = None
         if codec.needs_previous_layer and layer_idx in self.sources:  # a later layer is predicted from this one
             b, h, _, d = keys.shape
-            rows = torch.empty((2, b, n_old + n_new, h * d), dtype=torch.float32, device=device)
+            rows = torch.empty((2, b, n_old + n_new, h * d), dtype=self.chain_dtype, device=device)
             hat = tuple(r.view(b, n_old + n_new, h, d).transpose(1, 2) for r in rows)  # [B, H, T, D] views of rows
         new_store = store
         if n_new:
@@ -318,7 +336,7 @@ class ChunkedKVCache(CacheEdits, Cache):
             if hat is not None:
                 hat[0][:, :, n_old:].copy_(k_hat_new)
                 hat[1][:, :, n_old:].copy_(v_hat_new)
-        dtype, step = keys.dtype, self.block_tokens
+        dtype, step = keys.dtype, self._block_tokens(q_len, keys.shape[1] * keys.shape[3])
 
         def blocks():
             for t0 in range(0, n_old, step):
@@ -330,6 +348,13 @@ class ChunkedKVCache(CacheEdits, Cache):
 
         deferred = attention_module.DeferredLayer(layer_idx, keys, values, start, n_old, blocks)
         return new_store, hat, deferred
+
+    def _block_tokens(self, q_len: int, channels: int) -> int:
+        """Tokens per block of blockwise attention for q_len queries over `channels` = H * D."""
+        if self.block_tokens is not None:
+            return self.block_tokens
+        per_token = 4 * self._query_heads * q_len + 16 * channels  # scores; keys, values and their float32 hats
+        return max(MIN_BLOCK_TOKENS, BLOCK_BYTES // per_token)
 
     @torch.no_grad()
     def materialize(self, dtype: torch.dtype = torch.float32) -> list[KV]:
@@ -351,7 +376,7 @@ class ChunkedKVCache(CacheEdits, Cache):
             if layer.num_quantized:
                 source = None if self.sources[layer_idx] is None else _on(prev, layer.device)
                 k_hat, v_hat = self.codec.decode(layer_idx, layer.store, source)
-                prev = (k_hat, v_hat)
+                prev = (k_hat.to(self.chain_dtype), v_hat.to(self.chain_dtype))  # what the next layer's forward reads
                 if self.codec.pre_rope:
                     kind = self.tracker.kind(layer_idx)
                     if kind not in cos_sin:  # compressed layers hold the same token layout: one range of positions
