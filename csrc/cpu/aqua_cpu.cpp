@@ -5,6 +5,7 @@
 // The CUDA epilogue (csrc/include/aquakv/aqua.cuh) does the same float32 operations in the same order.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "aqua_prediction.h"
@@ -52,7 +53,7 @@ void aqua_reconstruct_cpu(const at::Tensor& codes_in, const at::Tensor& scales_i
     scalar_t* op = out.data_ptr<scalar_t>();
     AQUAKV_DISPATCH_BITS(s.higgs.code_bits, B, [&] {
       at::parallel_for(0, rows, grain_for(C), [&](int64_t begin, int64_t end) {
-        std::vector<float> hat(C), y(G);
+        std::vector<float> hat(C), y(G), rotated(D);
         std::vector<int32_t> code(m);
         for (int64_t row = begin; row < end; ++row) {
           const int64_t b = row / s.tokens, t = row % s.tokens;
@@ -65,26 +66,42 @@ void aqua_reconstruct_cpu(const at::Tensor& codes_in, const at::Tensor& scales_i
             fwht_f32(y.data(), G);
             store_row(y.data(), static_cast<float>(sp[at]) * inv_g, sg, hat.data() + g * G, G);
           }
-          for (int64_t c = 0; c < C; ++c) {
-            const float p = pp ? pp[(c / pred_cols) * pred_group_stride + row * pred_cols + c % pred_cols] : 0.f;
-            hat[c] = (p + bp[c]) + hat[c];
+          // hat = (pred + bias) + r. The loops below run over contiguous channels (one predictor group, one
+          // half head) so that they vectorise; each value sees the same float32 operations as the CUDA epilogue.
+          if (pp) {
+            for (int64_t pg = 0; pg < s.pred_groups; ++pg) {
+              const float* pr = pp + pg * pred_group_stride + row * pred_cols;
+              const float* bc = bp + pg * pred_cols;
+              float* hc = hat.data() + pg * pred_cols;
+              for (int64_t j = 0; j < pred_cols; ++j) hc[j] = (pr[j] + bc[j]) + hc[j];
+            }
+          } else {
+            for (int64_t c = 0; c < C; ++c) hat[c] = (0.f + bp[c]) + hat[c];
           }
           if (hp) {
-            for (int64_t c = 0; c < C; ++c) hp[b * hs0 + t * hs1 + c * hs2] = hat[c];
+            float* dst = hp + b * hs0 + t * hs1;
+            if (hs2 == 1) {
+              std::copy(hat.begin(), hat.end(), dst);
+            } else {
+              for (int64_t c = 0; c < C; ++c) dst[c * hs2] = hat[c];
+            }
           }
           for (int64_t h = 0; h < s.heads; ++h) {
             const float* x = hat.data() + h * D;
-            scalar_t* dst = op + b * os0 + h * os1 + t * os2;
+            float* v = rotated.data();
             if (cp) {
               const float* cs = cp + row * D;
               const float* sn = snp + row * D;
-              for (int64_t k = 0; k < D; ++k) {
-                const float rot = k < half ? -x[k + half] : x[k - half];
-                const float v = x[k] * cs[k] + rot * sn[k];
-                dst[k * os3] = static_cast<scalar_t>(v);
-              }
+              for (int64_t k = 0; k < half; ++k) v[k] = x[k] * cs[k] + -x[k + half] * sn[k];
+              for (int64_t k = half; k < D; ++k) v[k] = x[k] * cs[k] + x[k - half] * sn[k];
             } else {
-              for (int64_t k = 0; k < D; ++k) dst[k * os3] = static_cast<scalar_t>(x[k]);
+              std::copy(x, x + D, v);
+            }
+            scalar_t* dst = op + b * os0 + h * os1 + t * os2;
+            if (os3 == 1) {
+              for (int64_t k = 0; k < D; ++k) dst[k] = static_cast<scalar_t>(v[k]);
+            } else {
+              for (int64_t k = 0; k < D; ++k) dst[k * os3] = static_cast<scalar_t>(v[k]);
             }
           }
         }
