@@ -65,23 +65,29 @@ def cache_factories(model, text: torch.Tensor, predictors_path: str | None, seed
     from aquakv.kv.kivi import KiviCache
     from aquakv.kv.predictors import AquaKVPredictors
 
-    def quick(rank: int | None) -> AquaKVPredictors:  # speed does not depend on how well the predictors fit
-        return calibrate(model, [text[-2048:]], bits=2, window=512, rank=rank, seed=seed, progress=False)
+    def quick(rank: int | None, structure: str = "full") -> AquaKVPredictors:  # speed does not depend on the fit
+        return calibrate(model, [text[-2048:]], bits=2, window=512, rank=rank, structure=structure, seed=seed,
+                         progress=False)
 
     preds = AquaKVPredictors.load(predictors_path) if predictors_path else quick(None)
-    @functools.cache
-    def low_rank() -> AquaKVPredictors:  # docs/method.md's reduced-rank variant, fitted only when its row runs
-        return quick(64)
+    # The cheaper structures of docs/predictor_structures.md, fitted only when their rows run.
+    low_rank = functools.cache(lambda: quick(64))
+    per_head = functools.cache(lambda: quick(None, "per-head"))
 
-    aqua = f"AQUA-KV-{preds.settings.bits:g}"
+    aqua, bf16 = f"AQUA-KV-{preds.settings.bits:g}", dict(predictor_dtype=torch.bfloat16)
     return {"fp16 (unquantized)": Fp16Cache,
             "KIVI-2": lambda m: KiviCache(m, 2),
             "HIGGS-2": lambda m: HiggsCache(m, 2, seed=seed),
             aqua: lambda m: AquaKVCache(m, preds),
+            f"{aqua}, bf16 predictors": lambda m: AquaKVCache(m, preds, **bf16),
             "AQUA-KV-2, rank 64": lambda m: AquaKVCache(m, low_rank()),
+            "AQUA-KV-2, per-head": lambda m: AquaKVCache(m, per_head()),
             "KIVI-2, blockwise": lambda m: KiviCache(m, 2, attention="blockwise"),
             "HIGGS-2, blockwise": lambda m: HiggsCache(m, 2, seed=seed, attention="blockwise"),
-            f"{aqua}, blockwise": lambda m: AquaKVCache(m, preds, attention="blockwise")}
+            f"{aqua}, blockwise": lambda m: AquaKVCache(m, preds, attention="blockwise"),
+            f"{aqua}, blockwise, bf16 predictors": lambda m: AquaKVCache(m, preds, attention="blockwise", **bf16),
+            "AQUA-KV-2, per-head, blockwise, bf16 predictors":
+                lambda m: AquaKVCache(m, per_head(), attention="blockwise", **bf16)}
 
 
 @torch.no_grad()

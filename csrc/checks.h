@@ -257,6 +257,15 @@ inline HiggsShape check_higgs_dequantize_args(const at::Tensor& codes, const at:
 
 // ---- aqua_reconstruct --------------------------------------------------------------------------
 
+// The prediction's tensors (inputs, weights, up) share one dtype, float32 or bfloat16: inputs[0]'s.
+inline void check_prediction_dtype(const char* op, const char* name, const at::Tensor& t, const at::Tensor& first) {
+  const at::ScalarType want = first.scalar_type();
+  TORCH_CHECK(want == at::kFloat || want == at::kBFloat16, op, ": inputs[0] must be torch.float32 or ",
+              "torch.bfloat16 (the prediction's matmul dtype), got ", dtype_name(want));
+  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must be ", dtype_name(want), " like inputs[0] (inputs, ",
+              "weights and up share the prediction's matmul dtype), got ", dtype_name(t.scalar_type()));
+}
+
 // What the reconstruct launchers need, all derived from validated arguments.
 struct ReconShape {
   HiggsShape higgs;  // the residual's codes (rows = B * T, channels = C)
@@ -271,8 +280,8 @@ struct ReconShape {
 };
 
 // aqua_reconstruct(codes, scales, grid, signs, group_size, inputs, weights, up, bias, cos, sin, out, hat_out):
-// codes uint8 [B, T, bytes], scales fp16 [B, T, C/group_size]; inputs[i] float32 [B, T, C_i] with
-// weights[i] float32 [G, C_i/G, M]; up float32 [G, r, C/G] or None; bias float32 [C]; cos, sin float32
+// codes uint8 [B, T, bytes], scales fp16 [B, T, C/group_size]; inputs[i] [B, T, C_i] with weights[i]
+// [G, C_i/G, M] and up [G, r, C/G] or None, all float32 or all bfloat16; bias float32 [C]; cos, sin float32
 // [B, T, D] or both None; out float [B, H, T, D] (any strides); hat_out float32 [B, T, C] or None.
 inline ReconShape check_aqua_reconstruct_args(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& grid,
                                               const at::Tensor& signs, int64_t group_size, at::TensorList inputs,
@@ -299,11 +308,11 @@ inline ReconShape check_aqua_reconstruct_args(const at::Tensor& codes, const at:
     const std::string x_name = "inputs[" + std::to_string(i) + "]", w_name = "weights[" + std::to_string(i) + "]";
     const at::Tensor& x = inputs[i];
     const at::Tensor& w = weights[i];
-    check_dtype(op, x_name.c_str(), x, at::kFloat);
+    check_prediction_dtype(op, x_name.c_str(), x, inputs[0]);
     TORCH_CHECK(x.dim() == 3 && x.size(0) == r.batch && x.size(1) == r.tokens, op, ": ", x_name,
                 " must be [B, T, C_i] with B, T = ", r.batch, ", ", r.tokens, " (scales' leading dims), got shape ",
                 x.sizes());
-    check_dtype(op, w_name.c_str(), w, at::kFloat);
+    check_prediction_dtype(op, w_name.c_str(), w, inputs[0]);
     TORCH_CHECK(w.dim() == 3, op, ": ", w_name, " must be 3-D [G, C_i/G, M], got shape ", w.sizes());
     if (i == 0) {
       r.pred_groups = w.size(0);
@@ -311,7 +320,7 @@ inline ReconShape check_aqua_reconstruct_args(const at::Tensor& codes, const at:
       TORCH_CHECK(C % r.pred_groups == 0, op, ": C = ", C, " channels (scales last dim * group_size) is not a ",
                   "multiple of G = ", r.pred_groups, " (weights' first dim)");
       if (up.has_value()) {
-        check_dtype(op, "up", *up, at::kFloat);
+        check_prediction_dtype(op, "up", *up, inputs[0]);
         TORCH_CHECK(up->dim() == 3 && up->size(0) == r.pred_groups && up->size(2) == C / r.pred_groups, op,
                     ": up must be [G, r, C/G] = [", r.pred_groups, ", r, ", C / r.pred_groups, "], got shape ",
                     up->sizes());

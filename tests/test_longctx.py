@@ -326,7 +326,7 @@ def test_cli_ppl_end_to_end(capsys, tmp_path, tiny_cli):
     assert "| fp16 | 256 |" in out and "| +0.00% |" in out and "| higgs2 | 256 |" in out
 
 
-def test_cli_defaults_and_user_errors(capsys, tmp_path, tiny_cli, preds):
+def test_cli_defaults_and_user_errors(capsys, tmp_path, tiny_cli, preds, model):
     args = parse()
     assert (args.task, args.context, args.depths, args.samples) == ("needle", [1024, 2048, 4096, 8192],
                                                                    [0.0, 0.25, 0.5, 0.75, 1.0], 3)
@@ -342,6 +342,10 @@ def test_cli_defaults_and_user_errors(capsys, tmp_path, tiny_cli, preds):
     with pytest.raises(common.UserError, match="calibrated at 2 bits"):
         cache_factories(["aquakv3"], preds)
     assert [n for n, _ in cache_factories(["aquakv2", "dynamic"], preds)] == ["aquakv2", "dynamic"]
+    (name, factory), = cache_factories(["aquakv2-bf16"], preds)
+    assert name == "aquakv2-bf16" and factory(model).codec.predictor_dtype == torch.bfloat16
+    with pytest.raises(common.UserError, match="calibrated at 2 bits"):
+        cache_factories(["aquakv3-bf16"], preds)
 
 
 def test_cli_help_explains_every_option(capsys):

@@ -24,6 +24,7 @@ from aquakv import reference as ref
 from sweeps import (
     FLOAT_DTYPES,
     check_close,
+    float_budget,
     devices,
     random_grid,
     random_values,
@@ -224,3 +225,60 @@ def test_non_contiguous_arguments_give_the_same_bits() -> None:
     strided["inputs"] = [x.transpose(0, 1).contiguous().transpose(0, 1) for x in args["inputs"]]
     ops.aqua_reconstruct(**strided)
     assert torch.equal(strided["out"], args["out"])
+
+
+def bfloat16_prediction(args: dict) -> dict:
+    """The same call with the prediction in bfloat16: inputs, weights and up rounded to it."""
+    bf = lambda t: None if t is None else t.bfloat16()  # noqa: E731
+    return dict(args, inputs=[bf(x) for x in args["inputs"]], weights=[bf(w) for w in args["weights"]],
+                up=bf(args["up"]))
+
+
+def bfloat16_error_bound(args: dict, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """What rounding the prediction to bfloat16 may cost, per value of (out, hat), on top of the float32 budget.
+
+    Each input's matmul product is rounded once to bfloat16 (relative error <= 2**-9) and summed in float32; with up,
+    that sum is rounded to bfloat16 too (2**-9, carried through |up|) and the low-rank product rounded once more.
+    All of it is bounded by 2**-7 * the prediction computed from |inputs|, |weights| and |up| (no bias): the 2**-9
+    roundings are at most three deep, and four of them are still within 2**-7. RoPE mixes a channel with its partner
+    (|cos|, |sin| <= 1), so out's bound is the sum of the two channels' bounds: 2 x the head's largest."""
+    absolute = lambda t: None if t is None else np.abs(to_f64(t.float()))  # noqa: E731
+    bound = ref.aqua_prediction([absolute(x) for x in args["inputs"]], [absolute(w) for w in args["weights"]],
+                                absolute(args["up"]), np.zeros(args["bias"].shape[0])) * 2.0**-7
+    b, t, c = bound.shape
+    per_head = bound.reshape(b, t, c // head_dim, head_dim).max(axis=-1, keepdims=True).transpose(0, 2, 1, 3)
+    return 2 * np.broadcast_to(per_head, (b, c // head_dim, t, head_dim)), bound
+
+
+@pytest.mark.parametrize("device", devices("aqua_reconstruct"))
+@pytest.mark.parametrize("case", [c for c in CASES if c.in_widths][:24], ids=str)
+def test_bfloat16_prediction_matches_reference(device: str, case: ReconCase) -> None:
+    # The reference takes the bfloat16-rounded inputs and weights exactly (float64 inside); the op's differences
+    # from it are the float32 budget of test_reconstruct_matches_reference plus the bfloat16 products' roundings.
+    args = bfloat16_prediction(case.tensors(device))
+    ops.aqua_reconstruct(**args)
+    host = bfloat16_prediction(case.tensors())
+    out64, hat64 = reference(host, case.head_dim, np.float64)
+    out32, hat32 = reference(host, case.head_dim, np.float32)
+    out_bound, hat_bound = bfloat16_error_bound(host, case.head_dim)
+    pairs = [(args["out"].cpu(), out64, out32, out_bound)]
+    if args["hat_out"] is not None:
+        pairs.append((args["hat_out"].cpu(), hat64, hat32, hat_bound))
+    for got, ref64, ref32, bound in pairs:
+        err = np.abs(to_f64(got) - ref64) - bound
+        budget = float_budget(ref64, ref32, got.dtype)
+        assert float(err.max(initial=0.0)) <= budget, f"{case}: bfloat16 prediction off the reference beyond its bound"
+
+
+def test_bfloat16_prediction_rounds_the_products() -> None:
+    # Not a float32 matmul in disguise: the bfloat16 result differs from float32 over the same rounded operands.
+    case = ReconCase(2, 17, 2, 64, 64, 2, 16, (128, 128), 1, None, True, torch.float32, "contiguous", "contiguous",
+                     seed=11)
+    args = bfloat16_prediction(case.tensors())
+    ops.aqua_reconstruct(**args)
+    as_float = {k: v for k, v in args.items()}
+    as_float.update(inputs=[x.float() for x in args["inputs"]], weights=[w.float() for w in args["weights"]],
+                    out=case.out_buffer(), hat_out=case.hat_buffer())
+    ops.aqua_reconstruct(**as_float)
+    diff = (args["hat_out"] - as_float["hat_out"]).abs().max().item()
+    assert 0 < diff <= 2.0**-7 * as_float["hat_out"].abs().max().item() * 4

@@ -46,11 +46,17 @@ BAD = [
      "aqua_reconstruct: codes last dim 31 does not match 2 groups \\(scales last dim\\) \\* 16 bytes per group"),
     (edit(scales=lambda a: a["scales"][:, :2]), "aqua_reconstruct: codes .* and scales .* must have the same leading"),
     (edit(weights=[]), "aqua_reconstruct: got 1 inputs but 0 weights; each input needs its weight"),
-    (edit(inputs=lambda a: [a["inputs"][0].half()]), "aqua_reconstruct: inputs\\[0\\] must be torch.float32, got "
-     "torch.float16"),
+    (edit(inputs=lambda a: [a["inputs"][0].half()]), "aqua_reconstruct: inputs\\[0\\] must be torch.float32 or "
+     "torch.bfloat16 \\(the prediction's matmul dtype\\), got torch.float16"),
+    (edit(inputs=lambda a: [a["inputs"][0].bfloat16()]), "aqua_reconstruct: weights\\[0\\] must be torch.bfloat16 "
+     "like inputs\\[0\\] \\(inputs, weights and up share the prediction's matmul dtype\\), got torch.float32"),
+    (lambda a: dict(two_inputs(a), inputs=[a["inputs"][0], a["inputs"][0].bfloat16()]),
+     "aqua_reconstruct: inputs\\[1\\] must be torch.float32 like inputs\\[0\\]"),
+    (edit(inputs=lambda a: [a["inputs"][0].bfloat16()], weights=lambda a: [a["weights"][0].bfloat16()]), None),
     (edit(inputs=lambda a: [a["inputs"][0][:, :2]]), "aqua_reconstruct: inputs\\[0\\] must be \\[B, T, C_i\\] with "
      "B, T = 2, 3 \\(scales' leading dims\\), got shape \\[2, 2, 128\\]"),
-    (edit(weights=lambda a: [a["weights"][0].double()]), "aqua_reconstruct: weights\\[0\\] must be torch.float32"),
+    (edit(weights=lambda a: [a["weights"][0].double()]), "aqua_reconstruct: weights\\[0\\] must be torch.float32 "
+     "like inputs\\[0\\]"),
     (edit(weights=lambda a: [a["weights"][0][0]]), "aqua_reconstruct: weights\\[0\\] must be 3-D \\[G, C_i/G, M\\]"),
     (edit(weights=[torch.zeros(0, 64, 64)]), "aqua_reconstruct: weights\\[0\\] has G = 0 groups; G must be >= 1"),
     (edit(weights=[torch.zeros(3, 42, 42)]), "aqua_reconstruct: C = 128 channels \\(scales last dim \\* group_size\\) "
@@ -63,7 +69,8 @@ BAD = [
     (lambda a: dict(with_up(a), up=torch.zeros(2, 8, 32)), "aqua_reconstruct: up must be \\[G, r, C/G\\] = "
      "\\[2, r, 64\\], got shape \\[2, 8, 32\\]"),
     (lambda a: dict(with_up(a), up=torch.zeros(2, 8, 64, dtype=torch.float16)), "aqua_reconstruct: up must be "
-     "torch.float32, got torch.float16"),
+     "torch.float32 like inputs\\[0\\] \\(inputs, weights and up share the prediction's matmul dtype\\), got "
+     "torch.float16"),
     (lambda a: dict(with_up(a), weights=[torch.zeros(2, 64, 64)]), "aqua_reconstruct: weights\\[0\\] must be "
      "\\[G, C_i/G, M\\] = \\[2, 64, 8\\] \\(M = the rank, up's second dim\\)"),
     (edit(inputs=[], weights=[], up=torch.zeros(1, 4, 128)), "aqua_reconstruct: up must be None when there are no "
@@ -145,6 +152,9 @@ def samples() -> list[tuple[str, dict]]:
         ("low-rank", with_up(args)),
         ("two-inputs", two_inputs(args)),
         ("intercept", dict(args, inputs=[], weights=[])),
+        ("bf16-prediction", dict(with_up(args), inputs=[x.bfloat16() for x in args["inputs"]],
+                                 weights=[w.bfloat16() for w in with_up(args)["weights"]],
+                                 up=with_up(args)["up"].bfloat16())),
         ("slice-bf16", dict(args, out=torch.zeros(2, 2, 9, 64, dtype=torch.bfloat16)[:, :, 3:6])),
         ("empty", ReconCase(0, 3, 2, 16, 16, 2, 16, (32,), 1, None, True, torch.float32, "contiguous", "contiguous",
                             seed=2).tensors()),

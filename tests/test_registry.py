@@ -12,13 +12,13 @@ def model():
 
 
 def test_names_and_labels(model):
-    assert registry.names() == ("fp16", "dynamic", "kivi4", "kivi2", "higgs2", "higgs3", "higgs", "aquakv", "fp8",
-                                "quanto", "hqq")
+    assert registry.names() == ("fp16", "dynamic", "kivi4", "kivi2", "higgs2", "higgs3", "higgs", "aquakv",
+                                "aquakv-bf16", "fp8", "quanto", "hqq")
     preds = AquaKVPredictors.zeros(model, 3)
     labels = {n: registry.get(n).label(preds) for n in registry.names()}
     assert labels["fp16"] == "fp16 (unquantized)" and labels["kivi2"] == "KIVI-2"
     assert labels["higgs2"] == "HIGGS-2 (no predictors)" and labels["higgs"] == "HIGGS-3 (no predictors)"
-    assert labels["aquakv"] == "AQUA-KV-3"
+    assert labels["aquakv"] == "AQUA-KV-3" and labels["aquakv-bf16"] == "AQUA-KV-3 (bf16 predictors)"
     assert labels["quanto"] == "transformers QuantizedCache (quanto, 2-bit)"
     del labels["higgs"]  # at 3-bit predictors it is HIGGS-3, like higgs3 (same bits, the predictors' groups)
     assert len(set(labels.values())) == len(labels)
@@ -34,7 +34,8 @@ def test_predictor_rows_need_predictors():
         registry.get("aquakv").factory()
 
 
-@pytest.mark.parametrize("name", ["fp16", "kivi4", "kivi2", "higgs2", "higgs3", "higgs", "aquakv", "fp8"])
+@pytest.mark.parametrize("name", ["fp16", "kivi4", "kivi2", "higgs2", "higgs3", "higgs", "aquakv", "aquakv-bf16",
+                                  "fp8"])
 def test_every_available_factory_builds_a_cache_that_serves_the_model(model, name):
     from aquakv.hf_compat import cache_kwargs
 

@@ -167,6 +167,15 @@ def _check_higgs_dequantize_args(codes, scales, grid, signs, group_size: int, dt
     _check_same_device(op, ("codes", codes), ("scales", scales), ("grid", grid), ("signs", signs))
 
 
+def _check_prediction_dtype(op: str, name: str, t: torch.Tensor, first: torch.Tensor) -> None:
+    """The prediction's tensors (inputs, weights, up) share one dtype, float32 or bfloat16: inputs[0]'s."""
+    want = first.dtype
+    _require(want in (torch.float32, torch.bfloat16), lambda: f"{op}: inputs[0] must be torch.float32 or "
+             f"torch.bfloat16 (the prediction's matmul dtype), got {want}")
+    _require(t.dtype == want, lambda: f"{op}: {name} must be {want} like inputs[0] (inputs, weights and up share "
+             f"the prediction's matmul dtype), got {t.dtype}")
+
+
 def _check_aqua_reconstruct_args(codes, scales, grid, signs, group_size: int, inputs, weights, up, bias, cos, sin,
                                  out, hat_out) -> None:
     op = "aqua_reconstruct"
@@ -181,10 +190,10 @@ def _check_aqua_reconstruct_args(codes, scales, grid, signs, group_size: int, in
              lambda: f"{op}: got {len(inputs)} inputs but {len(weights)} weights; each input needs its weight")
     groups = inner = 0
     for i, (x, w) in enumerate(zip(inputs, weights)):
-        _check_dtype(op, f"inputs[{i}]", x, torch.float32)
+        _check_prediction_dtype(op, f"inputs[{i}]", x, inputs[0])
         _require(x.dim() == 3 and x.shape[0] == b and x.shape[1] == t, lambda: f"{op}: inputs[{i}] must be "
                  f"[B, T, C_i] with B, T = {b}, {t} (scales' leading dims), got shape {_sizes(x)}")
-        _check_dtype(op, f"weights[{i}]", w, torch.float32)
+        _check_prediction_dtype(op, f"weights[{i}]", w, inputs[0])
         _require(w.dim() == 3, lambda: f"{op}: weights[{i}] must be 3-D [G, C_i/G, M], got shape {_sizes(w)}")
         if i == 0:
             groups = w.shape[0]
@@ -192,7 +201,7 @@ def _check_aqua_reconstruct_args(codes, scales, grid, signs, group_size: int, in
             _require(c % groups == 0, lambda: f"{op}: C = {c} channels (scales last dim * group_size) is not a "
                      f"multiple of G = {groups} (weights' first dim)")
             if up is not None:
-                _check_dtype(op, "up", up, torch.float32)
+                _check_prediction_dtype(op, "up", up, inputs[0])
                 _require(up.dim() == 3 and up.shape[0] == groups and up.shape[2] == c // groups,
                          lambda: f"{op}: up must be [G, r, C/G] = [{groups}, r, {c // groups}], got shape {_sizes(up)}")
                 inner = up.shape[1]

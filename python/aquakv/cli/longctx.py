@@ -28,8 +28,9 @@ alone (docs/long_context.md states both protocols).
 
 LONGCTX_EPILOG = """\
 caches (--caches): the names of the cache registry that `aquakv eval --help` describes (fp16, dynamic, kivi4,
-  kivi2, higgs2, higgs3, higgs, aquakv, fp8, quanto, hqq), plus aquakvB: AQUA-KV with the --predictors file, checking
-  that it was calibrated at B bits. The first cache is the baseline every row is compared with.
+  kivi2, higgs2, higgs3, higgs, aquakv, aquakv-bf16, fp8, quanto, hqq), plus aquakvB and aquakvB-bf16: AQUA-KV with
+  the --predictors file, checking that it was calibrated at B bits (-bf16: predictor matmuls in bfloat16). The first
+  cache is the baseline every row is compared with.
 
 examples:
   aquakv longctx --task needle --context 1024 2048 4096 8192 --samples 3 --caches fp16 kivi2 higgs2 aquakv2 \\
@@ -46,10 +47,11 @@ def cache_factories(names: Sequence[str], predictors=None, attention: str = "mat
 
     out: list[tuple[str, Callable]] = []
     for name in names:
-        m = re.fullmatch(r"aquakv(\d+(?:\.\d+)?)", name)
-        entry_name = "aquakv" if m else name
+        m = re.fullmatch(r"aquakv(\d+(?:\.\d+)?)(-bf16)?", name)
+        entry_name = ("aquakv" + (m.group(2) or "")) if m else name
         if entry_name not in registry.names():
-            raise UserError(f"--caches {name!r} is not a cache name: {', '.join(registry.names())} or aquakvB")
+            raise UserError(f"--caches {name!r} is not a cache name: {', '.join(registry.names())}, aquakvB or "
+                            "aquakvB-bf16")
         entry = registry.get(entry_name)
         if entry.needs_predictors and predictors is None:
             raise UserError(f"--caches {name} needs --predictors (a file from `aquakv calibrate`)")

@@ -23,15 +23,21 @@ class AquaKVCodec(HiggsRowsCodec):
 
     The residuals live in HIGGS's row storage (`HiggsRowsCodec`: append, batch selection, truncation, bytes).
     quantize=False stores the residuals unquantized in `exact_dtype` (the whole pipeline without its loss: for
-    testing and for measuring what quantization alone costs).
+    testing and for measuring what quantization alone costs). predictor_dtype: the predictor matmuls' dtype,
+    float32 or bfloat16 (inputs and matrices rounded to bfloat16, products summed in float32: 2-3x faster on CPUs
+    with AVX512-BF16 or AMX and on GPUs, docs/kv_cache.md has its cost in perplexity).
     """
 
     needs_previous_layer = True
 
     def __init__(self, predictors: AquaKVPredictors, *, quantize: bool = True,
-                 exact_dtype: torch.dtype = torch.float32):
+                 exact_dtype: torch.dtype = torch.float32, predictor_dtype: torch.dtype = torch.float32):
+        if predictor_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"AquaKVCodec: predictor_dtype must be torch.float32 or torch.bfloat16, got "
+                             f"{predictor_dtype}")
         super().__init__(quantize=quantize, exact_dtype=exact_dtype)
         self.predictors = predictors
+        self.predictor_dtype = predictor_dtype
         self._op_maps: dict = {}  # (layer, key|value, device) -> the map in aqua_reconstruct's layout
 
     def _quantizer(self, layer_idx: int) -> HiggsQuantizer | None:
@@ -43,7 +49,7 @@ class AquaKVCodec(HiggsRowsCodec):
             return None, None
         if prev is None:
             raise RuntimeError(f"AquaKVCodec: layer {layer_idx} needs layer {source}'s reconstruction")
-        return _rows(prev[0]).float(), _rows(prev[1]).float()  # blockwise caches keep it in their storage dtype
+        return _rows(prev[0]), _rows(prev[1])  # in the chain's dtype: the maps cast it to the matmuls'
 
     @staticmethod
     def _add(pred: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -53,10 +59,10 @@ class AquaKVCodec(HiggsRowsCodec):
         preds = self.predictors
         prev_k, prev_v = self._prev_rows(layer_idx, prev)
         k, v = _rows(keys.float()), _rows(values.float())
-        pk = preds.predict_keys(layer_idx, prev_k, like=k)
+        pk = preds.predict_keys(layer_idx, prev_k, like=k, matmul_dtype=self.predictor_dtype)
         k_part, k_res = self._encode_part(layer_idx, k if pk is None else k - pk)
         k_hat = self._add(pk, k_res)
-        pv = preds.predict_values(layer_idx, k_hat, prev_v)
+        pv = preds.predict_values(layer_idx, k_hat, prev_v, matmul_dtype=self.predictor_dtype)
         v_part, v_res = self._encode_part(layer_idx, v if pv is None else v - pv)
         v_hat = self._add(pv, v_res)
         h = keys.shape[1]
@@ -66,18 +72,18 @@ class AquaKVCodec(HiggsRowsCodec):
         preds = self.predictors
         prev_k, prev_v = self._prev_rows(layer_idx, prev)
         k_res = self._decode_part(layer_idx, store.keys)
-        k_hat = self._add(preds.predict_keys(layer_idx, prev_k, like=k_res), k_res)
+        k_hat = self._add(preds.predict_keys(layer_idx, prev_k, like=k_res, matmul_dtype=self.predictor_dtype), k_res)
         v_res = self._decode_part(layer_idx, store.values)
-        v_hat = self._add(preds.predict_values(layer_idx, k_hat, prev_v), v_res)
+        v_hat = self._add(preds.predict_values(layer_idx, k_hat, prev_v, matmul_dtype=self.predictor_dtype), v_res)
         h = self.predictors.num_kv_heads
         return _heads(k_hat, h), _heads(v_hat, h)
 
     def decode_block(self, layer_idx, store, start, stop, prev, cos, sin, dtype, hat):
         """One fused `aquakv.ops.aqua_reconstruct` per part: dequantize, predict, add, re-rotate (keys) and write in
         the model's dtype, with the reconstruction written for the next layer, in one pass. Layers the op does not
-        serve (stored unquantized, or groups padded past C) take the composed path. The op reads and writes float32
-        reconstructions; one kept in another dtype (blockwise caches keep it in their storage dtype) passes through
-        float32 copies of this block only."""
+        serve (stored unquantized, or groups padded past C) take the composed path. The op reads its inputs in the
+        predictor dtype and writes float32 reconstructions; a chain kept in another dtype (blockwise caches keep it
+        in their storage dtype) passes through copies of this block only."""
         q = self._quantizer(layer_idx) if self.quantize else None
         hat_rows = None if hat is None else (_rows_view(hat[0]), _rows_view(hat[1]))
         if (q is None or not isinstance(store.keys, QuantizedTensor) or store.keys.shape[-1] % q.settings.group_size
@@ -90,16 +96,18 @@ class AquaKVCodec(HiggsRowsCodec):
         n, h = stop - start, self.predictors.num_kv_heads
         device = store.keys.device
         grid, signs = q._grid_and_signs(device)
-        prev_k, prev_v = (None, None) if prev is None else (_rows(prev[0]).float(), _rows(prev[1]).float())
+        mm = self.predictor_dtype
+        prev_k, prev_v = (None, None) if prev is None else (_rows(prev[0]).to(mm), _rows(prev[1]).to(mm))
         keys = torch.empty((b, h, n, c // h), dtype=dtype, device=device)
         values = torch.empty_like(keys)
         k_hat, v_hat = hat_rows or (None, None)
         if k_hat is None:  # the value predictor reads this layer's reconstructed keys even when nobody keeps them
             k_hat = torch.empty((b, n, c), dtype=torch.float32, device=device)
         for part, out, hat_out, inputs, rotation, kind in (
-                (store.keys, keys, k_hat, (prev_k,), (cos, sin), "key"),
-                (store.values, values, v_hat, (k_hat, prev_v), (None, None), "value")):
+                (store.keys, keys, k_hat, lambda: (prev_k,), (cos, sin), "key"),
+                (store.values, values, v_hat, lambda: (k_hat.to(mm), prev_v), (None, None), "value")):
             weights, up, bias = self._op_map(layer_idx, kind, device, c)
+            inputs = inputs()  # the value part reads the keys the key part has just written
             codes = part.codes.view(b, t, -1)[:, start:stop]
             scales = part.scales.view(b, t, -1)[:, start:stop]
             ops.aqua_reconstruct(codes, scales, grid, signs, q.settings.group_size,
@@ -111,7 +119,8 @@ class AquaKVCodec(HiggsRowsCodec):
         return keys, values
 
     def _op_map(self, layer_idx: int, kind: str, device: torch.device, width: int):
-        """(weights, up, bias) of a layer's key or value map in the op's layout, on `device` (kept per device)."""
+        """(weights, up, bias) of a layer's key or value map in the op's layout, on `device`, matrices in the
+        predictor dtype (kept per device)."""
         key = (layer_idx, kind, device)
         cached = self._op_maps.get(key)
         if cached is None:
@@ -119,7 +128,7 @@ class AquaKVCodec(HiggsRowsCodec):
             if m is None:  # a zero prediction
                 cached = ([], None, torch.zeros(width, dtype=torch.float32, device=device))
             else:
-                weights, up, bias = m._params(device).op_weights()
+                weights, up, bias = m._params(device, self.predictor_dtype).op_weights()
                 cached = ([w.contiguous() for w in weights], None if up is None else up.contiguous(), bias.contiguous())
             self._op_maps[key] = cached
         return cached
@@ -142,17 +151,19 @@ class AquaKVCache(ChunkedKVCache):
     quantize=False runs the same pipeline (un-rotation, predictors, chunks) without quantization, storing exact
     states in the model's dtype: it reproduces DynamicCache up to float rounding.
     attention="blockwise" rebuilds the quantized tokens block by block inside attention (see ChunkedKVCache).
+    predictor_dtype=torch.bfloat16 runs the predictor matmuls in bfloat16 (see AquaKVCodec).
     """
 
     def __init__(self, model, predictors: AquaKVPredictors, *, sinks: int = 4, buffer: int = 128,
                  quantize: bool = True, storage_dtype: torch.dtype | None = None,
                  rotary: torch.nn.Module | None = None, attention: str = "materialize",
-                 block_tokens: int | None = None, chain_dtype: torch.dtype | None = None):
+                 block_tokens: int | None = None, chain_dtype: torch.dtype | None = None,
+                 predictor_dtype: torch.dtype = torch.float32):
         predictors.check_compatible(model)
         model_dtype = next(model.parameters()).dtype
         if not quantize and storage_dtype is None:
             storage_dtype = model_dtype
-        codec = AquaKVCodec(predictors, quantize=quantize, exact_dtype=model_dtype)
+        codec = AquaKVCodec(predictors, quantize=quantize, exact_dtype=model_dtype, predictor_dtype=predictor_dtype)
         super().__init__(model, codec, sinks=sinks, buffer=buffer, storage_dtype=storage_dtype, rotary=rotary,
                          attention=attention, block_tokens=block_tokens, chain_dtype=chain_dtype)
         self.predictors = predictors

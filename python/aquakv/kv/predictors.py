@@ -125,11 +125,14 @@ class AffineMap:
         blocks = [named[k] for k in sorted((k for k in named if "." in k), key=lambda k: int(k.split(".")[1]))]
         return cls(**plain, blocks=tuple(blocks) if blocks else None, block_up=named.get("block_up"))
 
-    def _params(self, device: torch.device) -> "AffineMap":
-        if device not in self._on_device:
-            moved = {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors().items()}
-            self._on_device[device] = AffineMap.from_tensors(moved)
-        return self._on_device[device]
+    def _params(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "AffineMap":
+        """This map on `device` with its matrices in `dtype` (the matmuls' dtype) and its bias in float32; kept."""
+        key = (device, dtype)
+        if key not in self._on_device:
+            moved = {k: v.to(device=device, dtype=torch.float32 if k == "bias" else dtype)
+                     for k, v in self.tensors().items()}
+            self._on_device[key] = AffineMap.from_tensors(moved)
+        return self._on_device[key]
 
     def op_weights(self, in_widths: list[int] | None = None
                    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
@@ -149,9 +152,13 @@ class AffineMap:
         up = None if self.up is None else self.up.unsqueeze(0)
         return [part.unsqueeze(0) for part in w.split(list(in_widths))], up, self.bias
 
-    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
-        """xs: tensors [..., C_i] whose last dims add up to C_in (none for an intercept-only map) -> [..., C_out]."""
-        p = self._params(xs[0].device if xs else self.bias.device)
+    def __call__(self, *xs: torch.Tensor, matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """xs: tensors [..., C_i] whose last dims add up to C_in (none for an intercept-only map) -> [..., C_out]
+        float32. matmul_dtype: float32, or bfloat16 (inputs and matrices rounded to it, each product rounded once
+        and summed in float32, as `aquakv.ops.aqua_reconstruct` does it)."""
+        if matmul_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"AffineMap: matmul_dtype must be torch.float32 or torch.bfloat16, got {matmul_dtype}")
+        p = self._params(xs[0].device if xs else self.bias.device, matmul_dtype)
         if p.blocks is not None:
             return p._block_diagonal(xs)
         if p.weight is None and p.down is None:
@@ -163,11 +170,11 @@ class AffineMap:
             raise ValueError(f"AffineMap: inputs of widths {[x.shape[-1] for x in xs]} do not add up to {w.shape[0]}")
         out, start = None, 0
         for x in xs:  # x_1 @ W[rows_1] + x_2 @ W[rows_2]: no concatenated copy of the inputs
-            part = x.float() @ w[start:start + x.shape[-1]]
+            part = (x.to(w.dtype) @ w[start:start + x.shape[-1]]).float()
             out = part if out is None else out + part
             start += x.shape[-1]
         if p.up is not None:
-            out = out @ p.up
+            out = (out.to(p.up.dtype) @ p.up).float()
         return out + p.bias
 
     def _block_diagonal(self, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -179,10 +186,10 @@ class AffineMap:
         rows = math.prod(lead)
         out = None
         for x, b in zip(xs, self.blocks):  # [G, N, C_i/G] @ [G, C_i/G, M]: one matmul per group, batched
-            part = torch.bmm(x.float().reshape(rows, g, b.shape[1]).transpose(0, 1), b)
+            part = torch.bmm(x.to(b.dtype).reshape(rows, g, b.shape[1]).transpose(0, 1), b).float()
             out = part if out is None else out + part
         if self.block_up is not None:
-            out = torch.bmm(out, self.block_up)
+            out = torch.bmm(out.to(self.block_up.dtype), self.block_up).float()
         return out.transpose(0, 1).reshape(*lead, self.bias.shape[0]) + self.bias
 
 
@@ -261,26 +268,27 @@ class AquaKVPredictors:
         return sum(costs) / len(costs)
 
     # ---- prediction ----------------------------------------------------------------------------------
-    def predict_keys(self, layer_idx: int, prev_keys: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    def predict_keys(self, layer_idx: int, prev_keys: torch.Tensor | None, like: torch.Tensor,
+                     matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """P^K_l: [..., C] float32, or None for a zero prediction. prev_keys: K^_s [..., C] (None without a source);
-        like: a tensor [..., C] giving the leading shape and device."""
+        like: a tensor [..., C] giving the leading shape and device; matmul_dtype: as `AffineMap.__call__`."""
         m = self.key_maps[layer_idx]
         if m is None:
             return None
         if m.in_features is None:
             return m._params(like.device).bias.expand(like.shape)
-        return m(prev_keys)
+        return m(prev_keys, matmul_dtype=matmul_dtype)
 
-    def predict_values(self, layer_idx: int, keys_hat: torch.Tensor, prev_values: torch.Tensor | None
-                       ) -> torch.Tensor | None:
+    def predict_values(self, layer_idx: int, keys_hat: torch.Tensor, prev_values: torch.Tensor | None,
+                       matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """P^V_l: [..., C] float32 or None. keys_hat: K^_l [..., C]; prev_values: V^_s [..., C] (None without a
-        source)."""
+        source); matmul_dtype: as `AffineMap.__call__`."""
         m = self.value_maps[layer_idx]
         if m is None:
             return None
         if m.in_features is None:
             return m._params(keys_hat.device).bias.expand(keys_hat.shape)
-        return m(keys_hat, prev_values)
+        return m(keys_hat, prev_values, matmul_dtype=matmul_dtype)
 
     # ---- construction --------------------------------------------------------------------------------
     @staticmethod

@@ -101,10 +101,15 @@ def _higgs_like(preds, _seed, attention):
                                     attention=attention)
 
 
-def _aquakv(preds, _seed, attention):
-    from aquakv.kv.aqua import AquaKVCache
+def _aquakv(predictor_dtype: str):
+    def build(preds, _seed, attention):
+        import torch
 
-    return lambda model: AquaKVCache(model, preds, attention=attention)
+        from aquakv.kv.aqua import AquaKVCache
+
+        dtype = getattr(torch, predictor_dtype)
+        return lambda model: AquaKVCache(model, preds, attention=attention, predictor_dtype=dtype)
+    return build
 
 
 def _hf(backend: str, bits: int):
@@ -139,7 +144,10 @@ _ENTRIES = (
     CacheEntry("higgs", "HIGGS without predictors at the predictors' bits, grid and group size (the ablation of "
                "AQUA-KV)", True, lambda p: f"HIGGS-{p.settings.bits:g} (no predictors)", _higgs_like),
     CacheEntry("aquakv", "AQUA-KV: the predictors from `aquakv calibrate` plus HIGGS on the residual", True,
-               lambda p: f"AQUA-KV-{p.settings.bits:g}", _aquakv),
+               lambda p: f"AQUA-KV-{p.settings.bits:g}", _aquakv("float32")),
+    CacheEntry("aquakv-bf16", "AQUA-KV with its predictor matmuls in bfloat16 (products summed in float32): 2-3x "
+               "faster matmuls on CPUs with AVX512-BF16 or AMX and on GPUs", True,
+               lambda p: f"AQUA-KV-{p.settings.bits:g} (bf16 predictors)", _aquakv("bfloat16")),
     CacheEntry("fp8", "transformers' QuantizedCache, fp8 backend (built into transformers)", False,
                lambda p: "transformers QuantizedCache (fp8)", _hf("fp8", _HF_BITS), _hf_missing("fp8")),
     CacheEntry("quanto", f"transformers' QuantizedCache, quanto backend at {_HF_BITS} bits (needs optimum-quanto)",
