@@ -237,10 +237,10 @@ def bfloat16_prediction(args: dict) -> dict:
 def bfloat16_error_bound(args: dict, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """What rounding the prediction to bfloat16 may cost, per value of (out, hat), on top of the float32 budget.
 
-    Each input's matmul product is rounded once to bfloat16 (relative error <= 2**-9) and summed in float32; with up,
-    that sum is rounded to bfloat16 too (2**-9, carried through |up|) and the low-rank product rounded once more.
-    All of it is bounded by 2**-7 * the prediction computed from |inputs|, |weights| and |up| (no bias): the 2**-9
-    roundings are at most three deep, and four of them are still within 2**-7. RoPE mixes a channel with its partner
+    The one matmul over the concatenated inputs accumulates in float32 and is rounded once to bfloat16 (relative
+    error <= 2**-9); with up, that rounded result is carried through |up| and the low-rank product rounded once more.
+    All of it is bounded by 2**-7 * the prediction computed from |inputs|, |weights| and |up| (no bias): two 2**-9
+    roundings deep, with room for the float32 accumulation order. RoPE mixes a channel with its partner
     (|cos|, |sin| <= 1), so out's bound is the sum of the two channels' bounds: 2 x the head's largest."""
     absolute = lambda t: None if t is None else np.abs(to_f64(t.float()))  # noqa: E731
     bound = ref.aqua_prediction([absolute(x) for x in args["inputs"]], [absolute(w) for w in args["weights"]],
@@ -254,7 +254,7 @@ def bfloat16_error_bound(args: dict, head_dim: int) -> tuple[np.ndarray, np.ndar
 @pytest.mark.parametrize("case", [c for c in CASES if c.in_widths][:24], ids=str)
 def test_bfloat16_prediction_matches_reference(device: str, case: ReconCase) -> None:
     # The reference takes the bfloat16-rounded inputs and weights exactly (float64 inside); the op's differences
-    # from it are the float32 budget of test_reconstruct_matches_reference plus the bfloat16 products' roundings.
+    # from it are the float32 budget of test_reconstruct_matches_reference plus the bfloat16 roundings.
     args = bfloat16_prediction(case.tensors(device))
     ops.aqua_reconstruct(**args)
     host = bfloat16_prediction(case.tensors())

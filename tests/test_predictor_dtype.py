@@ -1,4 +1,4 @@
-"""predictor_dtype=torch.bfloat16: AQUA-KV's predictor matmuls in bfloat16, products summed in float32.
+"""predictor_dtype=torch.bfloat16: AQUA-KV's predictor matmuls in bfloat16, accumulated in float32.
 
 Three things are checked: the map alone against float32 (error of bfloat16 rounding, not more), both attention paths
 agreeing with each other in bfloat16, and what it costs in quality: next to the exact cache, the bfloat16 logits are
@@ -37,8 +37,8 @@ def test_map_in_bfloat16_is_float32_up_to_its_rounding(structure):
     exact = m(*xs)
     got = m(*xs, matmul_dtype=torch.bfloat16)
     assert got.dtype == torch.float32 and not torch.equal(got, exact)
-    # Inputs and matrices rounded (2**-9 each), each product rounded once (twice with up, whose input is rounded
-    # too): at most five 2**-9 roundings deep, so within 2**-6 of the same map over |inputs| and |matrices|.
+    # Inputs and matrices rounded (2**-9 each), the matmul's result rounded once (twice with up): at most four
+    # 2**-9 roundings deep, so within 2**-6 of the same map over |inputs| and |matrices|.
     absolute = AffineMap.from_tensors({k: v.abs() for k, v in m.tensors().items()})
     bound = 2.0**-6 * (absolute(*(x.abs() for x in xs)) - m.bias.abs())
     assert ((got - exact).abs() <= bound).all()
@@ -51,7 +51,7 @@ def test_blockwise_gives_the_materialized_logits_in_bfloat16(model, preds):
     bf = dict(buffer=16, predictor_dtype=torch.bfloat16)
     ref = _feed(model, ids, AquaKVCache(model, preds, chain_dtype=torch.float16, **bf), STEPS)
     got = _feed(model, ids, AquaKVCache(model, preds, attention="blockwise", block_tokens=7, **bf), STEPS)
-    # Both round the same products to bfloat16; the blockwise op and the map may differ by a bfloat16 ulp of a
+    # Both round the same matmul to bfloat16; the blockwise op and the map may differ by a bfloat16 ulp of a
     # prediction where the float32 sums before rounding differ in their last bits, hence 10x the float-order budget.
     torch.testing.assert_close(got, ref, rtol=10 * CACHE_TOL["rtol"], atol=10 * CACHE_TOL["atol"])
 

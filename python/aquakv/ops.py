@@ -136,9 +136,9 @@ def aqua_reconstruct(
     codes uint8 [B, T, C/d*code_bits/8] and scales float16 [B, T, C/group_size], as `higgs_dequantize`
     takes them. inputs: [B, T, C_i] (none: an intercept-only predictor, pred = bias); weights: one per
     input, [G, C_i/G, M] with G >= 1 dividing C_i and C; M = C/G without `up`, the rank r with up
-    [G, r, C/G]. inputs, weights and up share one dtype, the matmuls' own: float32, or bfloat16 (each
-    product rounded once to bfloat16, summed in float32; 2-3x faster on CPUs with AVX512-BF16 or AMX and
-    on tensor cores). G = 1 is a dense map, G = H a per-head block-diagonal one. bias float32
+    [G, r, C/G]. inputs, weights and up share one dtype, the matmuls' own: float32, or bfloat16 (one
+    matmul over the concatenated inputs, accumulated in float32 and rounded once to bfloat16, and once more
+    after up; 2-4x faster on CPUs with AVX512-BF16 or AMX and on tensor cores). G = 1 is a dense map, G = H a per-head block-diagonal one. bias float32
     [C]. cos, sin: float32 [B, T, D] (D even), or both None for no rotation (then D = out.shape[-1]).
     out: float32/float16/bfloat16 [B, H, T, D] with any strides (e.g. a slice [:, :, t0:t1] of the
     buffer attention reads). hat_out: float32 [B, T, C] (any strides) or None.

@@ -24,7 +24,7 @@ class AquaKVCodec(HiggsRowsCodec):
     The residuals live in HIGGS's row storage (`HiggsRowsCodec`: append, batch selection, truncation, bytes).
     quantize=False stores the residuals unquantized in `exact_dtype` (the whole pipeline without its loss: for
     testing and for measuring what quantization alone costs). predictor_dtype: the predictor matmuls' dtype,
-    float32 or bfloat16 (inputs and matrices rounded to bfloat16, products summed in float32: 2-3x faster on CPUs
+    float32 or bfloat16 (inputs and matrices rounded to bfloat16, accumulated in float32: 2-4x faster on CPUs
     with AVX512-BF16 or AMX and on GPUs, docs/kv_cache.md has its cost in perplexity).
     """
 

@@ -154,8 +154,8 @@ class AffineMap:
 
     def __call__(self, *xs: torch.Tensor, matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """xs: tensors [..., C_i] whose last dims add up to C_in (none for an intercept-only map) -> [..., C_out]
-        float32. matmul_dtype: float32, or bfloat16 (inputs and matrices rounded to it, each product rounded once
-        and summed in float32, as `aquakv.ops.aqua_reconstruct` does it)."""
+        float32. matmul_dtype: float32, or bfloat16 (inputs and matrices rounded to it, one matmul over the
+        concatenated inputs accumulating in float32 and rounded once, as `aquakv.ops.aqua_reconstruct` does it)."""
         if matmul_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"AffineMap: matmul_dtype must be torch.float32 or torch.bfloat16, got {matmul_dtype}")
         p = self._params(xs[0].device if xs else self.bias.device, matmul_dtype)
@@ -168,14 +168,17 @@ class AffineMap:
         w = p.weight if p.weight is not None else p.down
         if sum(x.shape[-1] for x in xs) != w.shape[0]:
             raise ValueError(f"AffineMap: inputs of widths {[x.shape[-1] for x in xs]} do not add up to {w.shape[0]}")
-        out, start = None, 0
-        for x in xs:  # x_1 @ W[rows_1] + x_2 @ W[rows_2]: no concatenated copy of the inputs
-            part = (x.to(w.dtype) @ w[start:start + x.shape[-1]]).float()
-            out = part if out is None else out + part
-            start += x.shape[-1]
+        if w.dtype == torch.float32:
+            out, start = None, 0
+            for x in xs:  # x_1 @ W[rows_1] + x_2 @ W[rows_2]: no concatenated copy of the inputs
+                part = x.float() @ w[start:start + x.shape[-1]]
+                out = part if out is None else out + part
+                start += x.shape[-1]
+        else:  # the inputs are converted (copied) anyway: one matmul over their concatenation, rounded once
+            out = torch.cat([x.to(w.dtype) for x in xs], -1) @ w
         if p.up is not None:
-            out = (out.to(p.up.dtype) @ p.up).float()
-        return out + p.bias
+            out = out @ p.up
+        return out.float() + p.bias
 
     def _block_diagonal(self, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         g = self.groups
@@ -184,13 +187,17 @@ class AffineMap:
             raise ValueError(f"AffineMap: inputs of widths {[x.shape[-1] for x in xs]}, the blocks take {widths}")
         lead = xs[0].shape[:-1]
         rows = math.prod(lead)
-        out = None
-        for x, b in zip(xs, self.blocks):  # [G, N, C_i/G] @ [G, C_i/G, M]: one matmul per group, batched
-            part = torch.bmm(x.to(b.dtype).reshape(rows, g, b.shape[1]).transpose(0, 1), b).float()
-            out = part if out is None else out + part
+        grouped = [x.to(b.dtype).reshape(rows, g, b.shape[1]) for x, b in zip(xs, self.blocks)]
+        if self.blocks[0].dtype == torch.float32:
+            out = None
+            for x, b in zip(grouped, self.blocks):  # [G, N, C_i/G] @ [G, C_i/G, M]: one matmul per group, batched
+                part = torch.bmm(x.transpose(0, 1), b)
+                out = part if out is None else out + part
+        else:  # one matmul over the concatenated inputs, rounded once, as for a dense map
+            out = torch.bmm(torch.cat(grouped, -1).transpose(0, 1), torch.cat(self.blocks, 1))
         if self.block_up is not None:
-            out = torch.bmm(out.to(self.block_up.dtype), self.block_up).float()
-        return out.transpose(0, 1).reshape(*lead, self.bias.shape[0]) + self.bias
+            out = torch.bmm(out, self.block_up)
+        return out.float().transpose(0, 1).reshape(*lead, self.bias.shape[0]) + self.bias
 
 
 class AquaKVPredictors:

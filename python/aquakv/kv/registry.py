@@ -145,7 +145,7 @@ _ENTRIES = (
                "AQUA-KV)", True, lambda p: f"HIGGS-{p.settings.bits:g} (no predictors)", _higgs_like),
     CacheEntry("aquakv", "AQUA-KV: the predictors from `aquakv calibrate` plus HIGGS on the residual", True,
                lambda p: f"AQUA-KV-{p.settings.bits:g}", _aquakv("float32")),
-    CacheEntry("aquakv-bf16", "AQUA-KV with its predictor matmuls in bfloat16 (products summed in float32): 2-3x "
+    CacheEntry("aquakv-bf16", "AQUA-KV with its predictor matmuls in bfloat16 (accumulated in float32): 2-4x "
                "faster matmuls on CPUs with AVX512-BF16 or AMX and on GPUs", True,
                lambda p: f"AQUA-KV-{p.settings.bits:g} (bf16 predictors)", _aquakv("bfloat16")),
     CacheEntry("fp8", "transformers' QuantizedCache, fp8 backend (built into transformers)", False,
