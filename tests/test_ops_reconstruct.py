@@ -184,6 +184,23 @@ def test_intercept_only_is_bitwise_the_composition_of_the_ops(case: ReconCase) -
         assert torch.equal(args["hat_out"], want_hat)
 
 
+@pytest.mark.parametrize("n", [4, 16, 64, 256])
+def test_d2_lookup_table_is_bitwise_the_butterfly(n: int) -> None:
+    # d = 2 grids with groups of >= 8 take the CPU kernel's table path (grid lookup and the first three
+    # FWHT stages as four table rows); smaller groups take the plain lookup + FWHT. Both must give the
+    # bits of higgs_dequantize's butterfly.
+    sizes = valid_group_sizes(2, n, lo=2, hi=128)
+    assert any(g >= 8 for g in sizes)  # n = 16 and 256 also have groups of 4 (the plain path)
+    for group_size in sizes:
+        for i, dtype in enumerate(FLOAT_DTYPES):
+            case = ReconCase(2, 9, 2, 64, group_size, 2, n, (), 1, None, i != 1, dtype, "contiguous", "contiguous",
+                             seed=40 + i + n + group_size)
+            args = case.tensors()
+            ops.aqua_reconstruct(**args)
+            want_out, want_hat = composed(args)
+            assert torch.equal(args["out"], want_out) and torch.equal(args["hat_out"], want_hat), str(case)
+
+
 def test_writes_only_its_slice_of_the_buffer() -> None:
     case = ReconCase(2, 5, 2, 64, 64, 2, 16, (128,), 2, None, True, torch.float16, "contiguous", "none", seed=7)
     args = case.tensors()

@@ -1,7 +1,7 @@
 // CPU kernel of aquakv::aqua_reconstruct: ATen's matmul for the prediction (csrc/aqua_prediction.h),
-// then one fused pass per row (b, t): dequantize the residual's groups (unpack -> grid lookup -> FWHT
-// -> s/G * sign, as higgs_dequantize_cpu), hat = (pred + bias) + r, hat -> hat_out, RoPE per head,
-// one rounding to out's dtype, strided stores into out[b, :, t, :].
+// then one fused pass per row (b, t): unpack the residual's codes here, then in float32 (aqua_row_f32,
+// compiled per ISA): grid lookup -> FWHT -> s/G * sign (as higgs_dequantize_cpu), hat = (pred + bias) + r,
+// RoPE per head; then hat -> hat_out and one rounding to out's dtype, strided stores into out[b, :, t, :].
 // The CUDA epilogue (csrc/include/aquakv/aqua.cuh) does the same float32 operations in the same order.
 #include <torch/library.h>
 
@@ -33,7 +33,7 @@ void aqua_reconstruct_cpu(const at::Tensor& codes_in, const at::Tensor& scales_i
   const at::Tensor cos = s.rotated ? cos_in->contiguous() : at::Tensor();
   const at::Tensor sin = s.rotated ? sin_in->contiguous() : at::Tensor();
 
-  const int64_t G = group_size, d = s.higgs.d, m = G / d, D = s.head_dim, half = D / 2;
+  const int64_t G = group_size, d = s.higgs.d, m = G / d, D = s.head_dim;
   const int64_t groups = s.higgs.groups, group_bytes = s.higgs.group_bytes;
   const int64_t pred_cols = pred.defined() ? C / s.pred_groups : 0, pred_group_stride = rows * pred_cols;
   const float* pp = pred.defined() ? pred.data_ptr<float>() : nullptr;
@@ -49,35 +49,30 @@ void aqua_reconstruct_cpu(const at::Tensor& codes_in, const at::Tensor& scales_i
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2), os3 = out.stride(3);
   const float inv_g = 1.f / static_cast<float>(G);
 
+  const int64_t n = grid.size(0);
+  std::vector<float> pair_table;
+  if (d == 2 && G >= 8) {
+    pair_table.resize(4 * n * 8);
+    fwht8_pair_table(gp, n, pair_table.data());
+  }
+  const AquaRowArgs args{groups, G, d, n, s.pred_groups, pred_cols, pred_group_stride, s.heads, D,
+                         gp, sg, bp, pair_table.empty() ? nullptr : pair_table.data()};
+
   AQUAKV_DISPATCH_FLOAT(out.scalar_type(), "aqua_reconstruct_cpu", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     AQUAKV_DISPATCH_BITS(s.higgs.code_bits, B, [&] {
       at::parallel_for(0, rows, grain_for(C), [&](int64_t begin, int64_t end) {
-        std::vector<float> hat(C), y(G), rotated(D);
-        std::vector<int32_t> code(m);
+        std::vector<float> hat(C), rotated(C), group_scale(groups);
+        std::vector<int32_t> code(groups * m);
         for (int64_t row = begin; row < end; ++row) {
           const int64_t b = row / s.tokens, t = row % s.tokens;
-          // r, group by group, exactly as higgs_dequantize_cpu computes it (float32 output)
           for (int64_t g = 0; g < groups; ++g) {
             const int64_t at = row * groups + g;
-            unpack_row<B>(code_p + at * group_bytes, m, code.data());
-            for (int64_t i = 0; i < m; ++i)
-              for (int64_t k = 0; k < d; ++k) y[i * d + k] = gp[code[i] * d + k];
-            fwht_f32(y.data(), G);
-            store_row(y.data(), static_cast<float>(sp[at]) * inv_g, sg, hat.data() + g * G, G);
+            unpack_row<B>(code_p + at * group_bytes, m, code.data() + g * m);
+            group_scale[g] = static_cast<float>(sp[at]) * inv_g;
           }
-          // hat = (pred + bias) + r. The loops below run over contiguous channels (one predictor group, one
-          // half head) so that they vectorise; each value sees the same float32 operations as the CUDA epilogue.
-          if (pp) {
-            for (int64_t pg = 0; pg < s.pred_groups; ++pg) {
-              const float* pr = pp + pg * pred_group_stride + row * pred_cols;
-              const float* bc = bp + pg * pred_cols;
-              float* hc = hat.data() + pg * pred_cols;
-              for (int64_t j = 0; j < pred_cols; ++j) hc[j] = (pr[j] + bc[j]) + hc[j];
-            }
-          } else {
-            for (int64_t c = 0; c < C; ++c) hat[c] = (0.f + bp[c]) + hat[c];
-          }
+          aqua_row_f32(args, code.data(), group_scale.data(), pp ? pp + row * pred_cols : nullptr,
+                       cp ? cp + row * D : nullptr, cp ? snp + row * D : nullptr, hat.data(), rotated.data());
           if (hp) {
             float* dst = hp + b * hs0 + t * hs1;
             if (hs2 == 1) {
@@ -87,19 +82,10 @@ void aqua_reconstruct_cpu(const at::Tensor& codes_in, const at::Tensor& scales_i
             }
           }
           for (int64_t h = 0; h < s.heads; ++h) {
-            const float* x = hat.data() + h * D;
-            float* v = rotated.data();
-            if (cp) {
-              const float* cs = cp + row * D;
-              const float* sn = snp + row * D;
-              for (int64_t k = 0; k < half; ++k) v[k] = x[k] * cs[k] + -x[k + half] * sn[k];
-              for (int64_t k = half; k < D; ++k) v[k] = x[k] * cs[k] + x[k - half] * sn[k];
-            } else {
-              std::copy(x, x + D, v);
-            }
+            const float* v = rotated.data() + h * D;
             scalar_t* dst = op + b * os0 + h * os1 + t * os2;
             if (os3 == 1) {
-              for (int64_t k = 0; k < D; ++k) dst[k] = static_cast<scalar_t>(v[k]);
+              store_row(v, 1.f, nullptr, dst, D);  // 1.f * v is v exactly: one rounding to scalar_t
             } else {
               for (int64_t k = 0; k < D; ++k) dst[k * os3] = static_cast<scalar_t>(v[k]);
             }

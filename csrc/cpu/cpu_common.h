@@ -53,6 +53,26 @@ inline float sum_squares(const float* __restrict v, int64_t n) {
   return s;
 }
 
+// aqua_reconstruct's float32 epilogue for one row (b, t), cloned per ISA; see aqua_cpu.cpp for the operations.
+// code: the row's unpacked codes, groups * (G / d) of them; group_scale[g] = s_g / G. pred (null without
+// inputs) points at the row's first predictor column; its pred_groups column blocks of pred_cols sit
+// pred_group_stride floats apart. cos/sin: the row's D angles (null: no RoPE). Writes hat [C] and the
+// rotated row [C] (heads of D, or a copy of hat without RoPE).
+// pair_table (optional, d = 2 grids and group_size >= 8 only): from fwht8_pair_table, turns the grid lookup
+// and the FWHT's first three stages into four table rows and three vector adds per 8 values.
+struct AquaRowArgs {
+  int64_t groups, group_size, d, n, pred_groups, pred_cols, pred_group_stride, heads, head_dim;
+  const float *grid, *signs, *bias, *pair_table;
+};
+
+// For a d = 2 grid of n points: table[(j * n + c) * 8 + p] = H8[p][2j] * grid[c][0] + H8[p][2j+1] * grid[c][1],
+// the contribution of code c in pair slot j (values 2j, 2j+1 of a block of 8) to the block's first three
+// FWHT stages (4 * n * 8 floats). Each entry is a value of the butterfly's first stage, +-(g0 +- g1), so
+// (T0 + T1) + (T2 + T3) repeats the radix-8 step's own sums in its own order: the same float32 result.
+void fwht8_pair_table(const float* grid, int64_t n, float* table);
+void aqua_row_f32(const AquaRowArgs& a, const int32_t* code, const float* group_scale, const float* pred,
+                  const float* cos, const float* sin, float* hat, float* rotated);
+
 // Row I/O between a tensor's dtype and float32 math:
 //   load_row:  out[i] = float(x[i]) * signs[i]            (signs may be null: no sign flip)
 //   store_row: out[i] = T(scale * signs[i] * y[i])       (signs may be null)
