@@ -86,6 +86,8 @@ def cache_factories(model, text: torch.Tensor, predictors_path: str | None, seed
             "HIGGS-2, blockwise": lambda m: HiggsCache(m, 2, seed=seed, attention="blockwise"),
             f"{aqua}, blockwise": lambda m: AquaKVCache(m, preds, attention="blockwise"),
             f"{aqua}, blockwise, bf16 predictors": lambda m: AquaKVCache(m, preds, attention="blockwise", **bf16),
+            "AQUA-KV-2, rank 64, blockwise, bf16 predictors":
+                lambda m: AquaKVCache(m, low_rank(), attention="blockwise", **bf16),
             "AQUA-KV-2, per-head, blockwise, bf16 predictors":
                 lambda m: AquaKVCache(m, per_head(), attention="blockwise", **bf16)}
 

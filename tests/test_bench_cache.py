@@ -24,7 +24,7 @@ def test_every_row_decodes_and_compresses(monkeypatch, capsys):
         torch.set_num_threads(threads)
     rows = re.findall(r"^\| 512 \| (.+?) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+) MiB \|$", capsys.readouterr().out, re.M)
     names = [r[0] for r in rows]
-    assert names[0] == "fp16 (unquantized)" and len(names) == len(set(names)) == 12
+    assert names[0] == "fp16 (unquantized)" and len(names) == len(set(names)) == 13
     assert {"AQUA-KV-2, bf16 predictors", "AQUA-KV-2, per-head", "AQUA-KV-2, blockwise, bf16 predictors"} <= set(names)
     fp16_mib = float(rows[0][3])
     for name, ms, _, mib in rows[1:]:

@@ -209,3 +209,27 @@ def test_aqua_blocks_go_through_the_fused_op_and_equal_the_composed_path(model, 
     monkeypatch.setattr(AquaKVCodec, "decode_block", KVCodec.decode_block)
     ref = _feed(model, ids, AquaKVCache(model, preds, buffer=16, attention="blockwise", block_tokens=9), STEPS)
     torch.testing.assert_close(got, ref, **CACHE_TOL)
+
+
+@pytest.mark.parametrize("name", ["aqua", "higgs"])
+def test_materialized_decode_goes_through_the_fused_op_and_equals_the_composed_path(model, preds, name, monkeypatch):
+    """attention="materialize" decodes a HIGGS / AQUA-KV layer with one aqua_reconstruct per part, written straight
+    into the keys and values attention reads (and AQUA-KV's chain into the next layer's buffer): the logits of
+    decode + rotate + copy (fused_decode_block = False), up to float order (the op's RoPE is two products and a
+    sum, rotate's an addcmul; AQUA-KV's matmuls sum in another order)."""
+    from aquakv import ops
+    from aquakv.kv.higgs import HiggsRowsCodec
+
+    ids = torch.stack(random_token_windows(2, sum(STEPS), seed=3))
+    calls = []
+    fused = ops.aqua_reconstruct
+    monkeypatch.setattr(ops, "aqua_reconstruct", lambda *a, **k: calls.append(k["out"].shape[2]) or fused(*a, **k))
+    cache = CACHES[name](model, preds)
+    got = _feed(model, ids, cache, STEPS)
+    layers = model.config.num_hidden_layers
+    assert len(calls) > 2 * layers and max(calls) > 2 * 16  # every layer, whole stores of several chunks
+    monkeypatch.setattr(HiggsRowsCodec, "fused_decode_block", False)
+    calls.clear()
+    ref = _feed(model, ids, CACHES[name](model, preds), STEPS)
+    assert not calls
+    torch.testing.assert_close(got, ref, **CACHE_TOL)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from aquakv import ops
 from aquakv.kv.codec import KV
 from aquakv.kv.higgs import HiggsRowsCodec, HiggsStore, _heads, _rows
 from aquakv.kv.policy import ChunkedKVCache
 from aquakv.kv.predictors import AquaKVPredictors
-from aquakv.quantizer import HiggsQuantizer, QuantizedTensor
+from aquakv.quantizer import HiggsQuantizer
 
 AquaStore = HiggsStore  # the residuals' storage is HIGGS's row storage
 
@@ -39,6 +38,10 @@ class AquaKVCodec(HiggsRowsCodec):
         self.predictors = predictors
         self.predictor_dtype = predictor_dtype
         self._op_maps: dict = {}  # (layer, key|value, device) -> the map in aqua_reconstruct's layout
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.predictors.num_kv_heads
 
     def _quantizer(self, layer_idx: int) -> HiggsQuantizer | None:
         return self.predictors.quantizer(layer_idx)
@@ -78,46 +81,6 @@ class AquaKVCodec(HiggsRowsCodec):
         h = self.predictors.num_kv_heads
         return _heads(k_hat, h), _heads(v_hat, h)
 
-    def decode_block(self, layer_idx, store, start, stop, prev, cos, sin, dtype, hat):
-        """One fused `aquakv.ops.aqua_reconstruct` per part: dequantize, predict, add, re-rotate (keys) and write in
-        the model's dtype, with the reconstruction written for the next layer, in one pass. Layers the op does not
-        serve (stored unquantized, or groups padded past C) take the composed path. The op reads its inputs in the
-        predictor dtype and writes float32 reconstructions; a chain kept in another dtype (blockwise caches keep it
-        in their storage dtype) passes through copies of this block only."""
-        q = self._quantizer(layer_idx) if self.quantize else None
-        hat_rows = None if hat is None else (_rows_view(hat[0]), _rows_view(hat[1]))
-        if (q is None or not isinstance(store.keys, QuantizedTensor) or store.keys.shape[-1] % q.settings.group_size
-                or (hat_rows is not None and None in hat_rows)):
-            return super().decode_block(layer_idx, store, start, stop, prev, cos, sin, dtype, hat)
-        kept = hat_rows  # where the next layer reads this block's reconstruction
-        if hat_rows is not None and hat_rows[0].dtype != torch.float32:
-            hat_rows = tuple(torch.empty(r.shape, dtype=torch.float32, device=r.device) for r in hat_rows)
-        b, t, c = store.keys.shape
-        n, h = stop - start, self.predictors.num_kv_heads
-        device = store.keys.device
-        grid, signs = q._grid_and_signs(device)
-        mm = self.predictor_dtype
-        prev_k, prev_v = (None, None) if prev is None else (_rows(prev[0]).to(mm), _rows(prev[1]).to(mm))
-        keys = torch.empty((b, h, n, c // h), dtype=dtype, device=device)
-        values = torch.empty_like(keys)
-        k_hat, v_hat = hat_rows or (None, None)
-        if k_hat is None:  # the value predictor reads this layer's reconstructed keys even when nobody keeps them
-            k_hat = torch.empty((b, n, c), dtype=torch.float32, device=device)
-        for part, out, hat_out, inputs, rotation, kind in (
-                (store.keys, keys, k_hat, lambda: (prev_k,), (cos, sin), "key"),
-                (store.values, values, v_hat, lambda: (k_hat.to(mm), prev_v), (None, None), "value")):
-            weights, up, bias = self._op_map(layer_idx, kind, device, c)
-            inputs = inputs()  # the value part reads the keys the key part has just written
-            codes = part.codes.view(b, t, -1)[:, start:stop]
-            scales = part.scales.view(b, t, -1)[:, start:stop]
-            ops.aqua_reconstruct(codes, scales, grid, signs, q.settings.group_size,
-                                 inputs=list(inputs[:len(weights)]) if weights else (), weights=weights, up=up,
-                                 bias=bias, out=out, cos=rotation[0], sin=rotation[1], hat_out=hat_out)
-        if kept is not hat_rows:
-            kept[0].copy_(hat_rows[0])
-            kept[1].copy_(hat_rows[1])
-        return keys, values
-
     def _op_map(self, layer_idx: int, kind: str, device: torch.device, width: int):
         """(weights, up, bias) of a layer's key or value map in the op's layout, on `device`, matrices in the
         predictor dtype (kept per device)."""
@@ -132,16 +95,6 @@ class AquaKVCodec(HiggsRowsCodec):
                 cached = ([w.contiguous() for w in weights], None if up is None else up.contiguous(), bias.contiguous())
             self._op_maps[key] = cached
         return cached
-
-
-def _rows_view(x: torch.Tensor) -> torch.Tensor | None:
-    """[B, H, T, D] -> a [B, T, H*D] view of the same memory (writes land in x), or None when x is not laid out as
-    rows."""
-    b, h, t, d = x.shape
-    try:
-        return x.transpose(1, 2).view(b, t, h * d)
-    except RuntimeError:
-        return None
 
 
 class AquaKVCache(ChunkedKVCache):

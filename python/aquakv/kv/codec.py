@@ -42,6 +42,9 @@ class KVCodec(ABC):
         """Every token of the store -> (keys_hat, values_hat)."""
 
     decodes_ranges: bool = False  # decode_range is implemented (attention="blockwise" needs it)
+    # decode_block is one fused kernel: the policy then decodes a materialized layer through it too, straight into
+    # the buffer attention reads, instead of decode + rotate + copy
+    fused_decode_block: bool = False
 
     def decode_range(self, layer_idx: int, store: Any, start: int, stop: int, prev: KV | None) -> KV:
         """Tokens [start, stop) of the store -> (keys_hat, values_hat) [B, H, stop - start, D], touching only what
@@ -49,18 +52,26 @@ class KVCodec(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not decode token ranges")
 
     def decode_block(self, layer_idx: int, store: Any, start: int, stop: int, prev: KV | None,
-                     cos: torch.Tensor | None, sin: torch.Tensor | None, dtype: torch.dtype, hat: KV | None) -> KV:
+                     cos: torch.Tensor | None, sin: torch.Tensor | None, dtype: torch.dtype, hat: KV | None,
+                     out: KV | None = None) -> KV:
         """Tokens [start, stop) as attention reads them: (keys, values) [B, H, stop - start, D] in `dtype`, keys
         re-rotated with cos/sin [B, stop - start, D] when the codec is pre-RoPE. hat: [B, H, T_b, D] views (any float
         dtype) that receive the un-rotated reconstruction (what the next layer's predictor reads), or None.
+        out: [B, H, T_b, D] tensors of `dtype` (views of a larger buffer are fine) to write and return, or None.
         Codecs with a fused kernel override this; the default composes decode_range and rotate."""
         k_hat, v_hat = self.decode_range(layer_idx, store, start, stop, prev)
         if hat is not None:
             hat[0].copy_(k_hat)
             hat[1].copy_(v_hat)
         if self.pre_rope:
-            k_hat = rotate(k_hat, cos, sin, out=torch.empty(k_hat.shape, dtype=dtype, device=k_hat.device))
-        return k_hat.to(dtype), v_hat.to(dtype)
+            k_out = torch.empty(k_hat.shape, dtype=dtype, device=k_hat.device) if out is None else out[0]
+            k_hat = rotate(k_hat, cos, sin, out=k_out)
+        if out is None:
+            return k_hat.to(dtype), v_hat.to(dtype)
+        if k_hat is not out[0]:
+            out[0].copy_(k_hat)
+        out[1].copy_(v_hat)
+        return out
 
     @abstractmethod
     def append(self, store: Any | None, new: Any) -> Any:

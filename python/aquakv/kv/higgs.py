@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from aquakv import ops
 from aquakv.kv.codec import KV, KVCodec, compact
 from aquakv.kv.policy import ChunkedKVCache
 from aquakv.kv.predictors import AquaKVPredictors
@@ -114,6 +115,61 @@ class HiggsRowsCodec(KVCodec):
             return x[:, start:stop]  # a view: the block is read in place
         return self.decode(layer_idx, HiggsStore(_part_map(store.keys, rows), _part_map(store.values, rows)), prev)
 
+    # decode_block below: what its fused op predicts, in which dtype
+    fused_decode_block = True
+    predictor_dtype = torch.float32
+    num_kv_heads: int
+
+    def _op_map(self, layer_idx: int, kind: str, device: torch.device, width: int):
+        """(weights, up, bias) of the prediction added to a layer's key or value residual, in aqua_reconstruct's
+        layout: none here (states quantized directly)."""
+        return [], None, torch.zeros(width, dtype=torch.float32, device=device)
+
+    def decode_block(self, layer_idx, store, start, stop, prev, cos, sin, dtype, hat, out=None):
+        """One fused `aquakv.ops.aqua_reconstruct` per part: dequantize, predict (`_op_map`; HIGGS alone predicts
+        zero), add, re-rotate (keys) and write in the model's dtype, with the reconstruction written for the next
+        layer, in one pass. Layers the op does not serve (stored unquantized, groups padded past C, partial rotary)
+        take the composed path. The op reads its inputs in the predictor dtype and writes float32 reconstructions;
+        a chain kept in another dtype (blockwise caches keep it in their storage dtype) passes through copies of
+        this block only."""
+        q = self._quantizer(layer_idx) if self.quantize else None
+        hat_rows = None if hat is None else (_rows_view(hat[0]), _rows_view(hat[1]))
+        c, h = store.keys.shape[-1], self.num_kv_heads
+        if (q is None or not isinstance(store.keys, QuantizedTensor) or c % q.settings.group_size
+                or (hat_rows is not None and None in hat_rows) or (cos is not None and cos.shape[-1] != c // h)):
+            return super().decode_block(layer_idx, store, start, stop, prev, cos, sin, dtype, hat, out)
+        kept = hat_rows  # where the next layer reads this block's reconstruction
+        if hat_rows is not None and hat_rows[0].dtype != torch.float32:
+            hat_rows = tuple(torch.empty(r.shape, dtype=torch.float32, device=r.device) for r in hat_rows)
+        b, t, _ = store.keys.shape
+        n = stop - start
+        device = store.keys.device
+        grid, signs = q._grid_and_signs(device)
+        mm = self.predictor_dtype
+        prev_k, prev_v = (None, None) if prev is None else (_chain_rows(prev[0], mm), _chain_rows(prev[1], mm))
+        if out is None:
+            keys = torch.empty((b, h, n, c // h), dtype=dtype, device=device)
+            values = torch.empty_like(keys)
+        else:
+            keys, values = out
+        key_map, value_map = (self._op_map(layer_idx, kind, device, c) for kind in ("key", "value"))
+        k_hat, v_hat = hat_rows or (None, None)
+        if k_hat is None and value_map[0]:  # the value predictor reads this layer's keys even when nobody keeps them
+            k_hat = torch.empty((b, n, c), dtype=torch.float32, device=device)
+        for part, dest, hat_out, inputs, rotation, (weights, up, bias) in (
+                (store.keys, keys, k_hat, lambda: (prev_k,), (cos, sin), key_map),
+                (store.values, values, v_hat, lambda: (k_hat.to(mm), prev_v), (None, None), value_map)):
+            inputs = inputs() if weights else ()  # the value part reads the keys the key part has just written
+            codes = part.codes.view(b, t, -1)[:, start:stop]
+            scales = part.scales.view(b, t, -1)[:, start:stop]
+            ops.aqua_reconstruct(codes, scales, grid, signs, q.settings.group_size, inputs=list(inputs[:len(weights)]),
+                                 weights=weights, up=up, bias=bias, out=dest, cos=rotation[0], sin=rotation[1],
+                                 hat_out=hat_out)
+        if kept is not hat_rows:
+            kept[0].copy_(hat_rows[0])
+            kept[1].copy_(hat_rows[1])
+        return keys, values
+
     def append(self, store, new):
         if store is None:
             return new
@@ -134,6 +190,22 @@ class HiggsRowsCodec(KVCodec):
 
     def nbytes(self, store):
         return _part_nbytes(store.keys) + _part_nbytes(store.values)
+
+
+def _chain_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, T, D] -> [B, T, H*D] in `dtype`: a view when the chain is already rows of that dtype (no copy)."""
+    rows = _rows_view(x)
+    return _rows(x).to(dtype) if rows is None else rows.to(dtype)
+
+
+def _rows_view(x: torch.Tensor) -> torch.Tensor | None:
+    """[B, H, T, D] -> a [B, T, H*D] view of the same memory (writes land in x), or None when x is not laid out as
+    rows."""
+    b, h, t, d = x.shape
+    try:
+        return x.transpose(1, 2).view(b, t, h * d)
+    except RuntimeError:
+        return None
 
 
 class HiggsCodec(HiggsRowsCodec):

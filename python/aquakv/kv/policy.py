@@ -290,6 +290,9 @@ class ChunkedKVCache(CacheEdits, Cache):
         """
         codec = self.codec
         prev, cos, sin = self._inputs(layer_idx, positions, start, n_old + n_new, out_k.device)
+        if codec.fused_decode_block:
+            return self._update_quantized_fused(layer_idx, store, prev, cos, sin, n_old, n_new, buf_k, buf_v,
+                                                out_k, out_v)
         hat_k, hat_v = [], []
         if n_old:
             pk = None if prev is None else (prev[0][:, :, :n_old], prev[1][:, :, :n_old])
@@ -310,6 +313,28 @@ class ChunkedKVCache(CacheEdits, Cache):
         if len(hat_k) == 1:
             return store, (hat_k[0].to(self.chain_dtype), hat_v[0].to(self.chain_dtype))
         return store, (torch.cat(hat_k, dim=2).to(self.chain_dtype), torch.cat(hat_v, dim=2).to(self.chain_dtype))
+
+    def _update_quantized_fused(self, layer_idx: int, store, prev: KV | None, cos, sin, n_old: int, n_new: int,
+                                buf_k: torch.Tensor | None, buf_v: torch.Tensor | None, out_k: torch.Tensor,
+                                out_v: torch.Tensor) -> tuple[object, KV | None]:
+        """`_update_quantized` through the codec's fused decode_block: one kernel per part writes the re-rotated keys
+        and the values into out_k / out_v, and the chain straight into the buffer the next layer reads."""
+        codec = self.codec
+        chain = None
+        if codec.needs_previous_layer:
+            b, h, _, d = out_k.shape
+            rows = torch.empty((2, b, n_old + n_new, h * d), dtype=self.chain_dtype, device=out_k.device)
+            chain = tuple(r.view(b, n_old + n_new, h, d).transpose(1, 2) for r in rows)  # [B, H, T, D] views of rows
+        if n_old:
+            c, s = (None, None) if cos is None else (cos[:, :n_old], sin[:, :n_old])
+            codec.decode_block(layer_idx, store, 0, n_old, _tokens(prev, 0, n_old), c, s, out_k.dtype,
+                               _tokens(chain, 0, n_old), out=(out_k, out_v))
+        if n_new:
+            store, k_hat_new, v_hat_new = self._encode(layer_idx, store, prev, cos, sin, n_old, buf_k, buf_v)
+            if chain is not None:
+                chain[0][:, :, n_old:].copy_(k_hat_new)
+                chain[1][:, :, n_old:].copy_(v_hat_new)
+        return store, chain
 
     def _defer_quantized(self, layer_idx: int, store, positions: torch.Tensor | None, start: int, n_old: int,
                          n_new: int, buf_k: torch.Tensor | None, buf_v: torch.Tensor | None, keys: torch.Tensor,
