@@ -4,8 +4,10 @@
     python bench/bench_cache.py --device cuda --random-weights --shape 8b --dtype bfloat16   # Llama-3-8B-like
 
 For each context length every cache is filled with the same prompt (prefill in pieces of 512 tokens, not timed),
-then the model decodes --tokens new tokens one at a time; the figure is the mean wall time per decoded token (the
-buffer flushes every 128 tokens, so a median would hide the flush). AQUA-KV and HIGGS re-decode every quantized
+then the model decodes --tokens new tokens one at a time in every cache, round-robin: step i of each cache before
+step i + 1 of any, so that a machine whose speed drifts (a shared CPU, a GPU's clocks) slows every row alike and
+the ratios hold. The figure is the mean wall time per decoded token (the buffer flushes every 128 tokens, so a
+median would hide the flush). AQUA-KV and HIGGS re-decode every quantized
 chunk of every layer at each step (layer l needs layer l-1's reconstruction; nothing is kept in fp16 across
 steps), so their overhead grows with the context; the table shows by how much, and the KV bytes each cache holds
 at the end. "blockwise" rows run the same cache with attention="blockwise" (docs/long_context.md).
@@ -93,21 +95,28 @@ def cache_factories(model, text: torch.Tensor, predictors_path: str | None, seed
 
 
 @torch.no_grad()
-def decode_ms_per_token(model, cache, prompt: torch.Tensor, tokens: int) -> float:
-    """Prefill `prompt` [1, T] (in pieces of 512, as a server would), then time `tokens` greedy decode steps."""
+def decode_ms_per_token(model, caches: dict, prompt: torch.Tensor, tokens: int) -> dict:
+    """Prefill `prompt` [1, T] into every cache of `caches` (name -> cache; in pieces of 512, as a server would),
+    then time `tokens` greedy decode steps of each, interleaved step by step -> name -> mean ms per token."""
     from aquakv.hf_compat import cache_kwargs
 
-    kw = cache_kwargs(model, cache)
-    for start in range(0, prompt.shape[1], 512):  # last position's logits only: Gemma's vocabulary is 262k
-        logits = model(input_ids=prompt[:, start:start + 512], use_cache=True, logits_to_keep=1, **kw).logits
-    nxt = logits[:, -1:].argmax(-1)
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
+    state = {}
+    for name, cache in caches.items():
+        kw = cache_kwargs(model, cache)
+        for start in range(0, prompt.shape[1], 512):  # last position's logits only: Gemma's vocabulary is 262k
+            logits = model(input_ids=prompt[:, start:start + 512], use_cache=True, logits_to_keep=1, **kw).logits
+        state[name] = (kw, logits[:, -1:].argmax(-1))
+    total = dict.fromkeys(caches, 0.0)
     for _ in range(tokens):
-        nxt = model(input_ids=nxt, use_cache=True, **kw).logits[:, -1:].argmax(-1)
-    sync()
-    return (time.perf_counter() - t0) * 1e3 / tokens
+        for name, (kw, nxt) in state.items():
+            sync()
+            t0 = time.perf_counter()
+            nxt = model(input_ids=nxt, use_cache=True, **kw).logits[:, -1:].argmax(-1)
+            sync()
+            total[name] += time.perf_counter() - t0
+            state[name] = (kw, nxt)
+    return {name: t * 1e3 / tokens for name, t in total.items()}
 
 
 def main() -> None:
@@ -154,15 +163,16 @@ def main() -> None:
             raise SystemExit(f"--contexts {context}: the text has only {text.numel()} tokens")
         prompt = text[:context][None].to(args.device)
         # Warm-up: first calls allocate, pick kernels and (for the quantized caches) load grids onto the device.
-        decode_ms_per_token(model, factories["fp16 (unquantized)"](model), prompt[:, :64], 4)
-        base = None
-        for name, factory in factories.items():
-            cache = factory(model)
-            ms = decode_ms_per_token(model, cache, prompt, args.tokens)
-            base = base or ms
+        decode_ms_per_token(model, {"warm-up": factories["fp16 (unquantized)"](model)}, prompt[:, :64], 4)
+        caches = {name: factory(model) for name, factory in factories.items()}
+        ms = decode_ms_per_token(model, caches, prompt, args.tokens)
+        base = ms["fp16 (unquantized)"]
+        for name, cache in caches.items():
             nbytes = cache_nbytes(cache)
             getattr(cache, "close", lambda: None)()
-            print(f"| {context} | {name} | {ms:.1f} | {ms / base:.2f}x | {nbytes / 2**20:.2f} MiB |", flush=True)
+            print(f"| {context} | {name} | {ms[name]:.1f} | {ms[name] / base:.2f}x | {nbytes / 2**20:.2f} MiB |",
+                  flush=True)
+        del caches
 
 
 if __name__ == "__main__":
