@@ -9,7 +9,7 @@ import pytest
 import torch
 from aquakv.kv import AquaKVCache
 from aquakv.kv.calibration import calibrate
-from aquakv.kv.predictors import AffineMap
+from aquakv.kv.affine_map import AffineMap
 from test_blockwise import CACHE_TOL, STEPS
 from test_cache import _feed
 from tiny_llama import make_tiny_llama, random_token_windows

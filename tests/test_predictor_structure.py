@@ -6,7 +6,8 @@ import torch
 from aquakv.kv import AquaKVCache
 from aquakv.kv.calibration import calibrate
 from aquakv.kv.fit import _moments, fit_ridge, fit_ridge_blocks
-from aquakv.kv.predictors import AffineMap, AquaKVPredictors
+from aquakv.kv.affine_map import AffineMap
+from aquakv.kv.predictors import AquaKVPredictors
 from test_cache import _chunk_errors, _feed, _record_updates
 from tiny_llama import make_tiny_llama, random_token_windows
 

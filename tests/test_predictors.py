@@ -3,7 +3,8 @@ import json
 
 import pytest
 import torch
-from aquakv.kv.predictors import AffineMap, AquaKVPredictors, AquaKVSettings
+from aquakv.kv.affine_map import AffineMap
+from aquakv.kv.predictors import AquaKVPredictors, AquaKVSettings
 from tiny_llama import make_tiny_llama
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from aquakv.kv.predictors import AffineMap, AquaKVPredictors, AquaKVSettings
+from aquakv.kv.affine_map import AffineMap
+from aquakv.kv.predictors import AquaKVPredictors, AquaKVSettings
 from aquakv.quantizer import HiggsQuantizer
 
 log = logging.getLogger(__name__)

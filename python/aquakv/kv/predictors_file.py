@@ -29,7 +29,8 @@ from dataclasses import asdict
 import torch
 
 from aquakv.files import save_safetensors_atomic
-from aquakv.kv.predictors import AffineMap, AquaKVPredictors, AquaKVSettings
+from aquakv.kv.affine_map import AffineMap
+from aquakv.kv.predictors import AquaKVPredictors, AquaKVSettings
 from aquakv.kv.window import chain_sources
 
 FORMAT = "aquakv-predictors"
