@@ -90,6 +90,7 @@ class HiggsRowsCodec(KVCodec):
     def __init__(self, *, quantize: bool = True, exact_dtype: torch.dtype = torch.float32):
         self.quantize = quantize
         self.exact_dtype = exact_dtype
+        self._zero_maps: dict = {}  # (device, width) -> the zero prediction in aqua_reconstruct's layout
 
     def _quantizer(self, layer_idx: int) -> HiggsQuantizer | None:
         raise NotImplementedError
@@ -123,7 +124,10 @@ class HiggsRowsCodec(KVCodec):
     def _op_map(self, layer_idx: int, kind: str, device: torch.device, width: int):
         """(weights, up, bias) of the prediction added to a layer's key or value residual, in aqua_reconstruct's
         layout: none here (states quantized directly)."""
-        return [], None, torch.zeros(width, dtype=torch.float32, device=device)
+        key = (device, width)
+        if key not in self._zero_maps:  # kept: decode_block asks twice per layer and block
+            self._zero_maps[key] = ([], None, torch.zeros(width, dtype=torch.float32, device=device))
+        return self._zero_maps[key]
 
     def decode_block(self, layer_idx, store, start, stop, prev, cos, sin, dtype, hat, out=None):
         """One fused `aquakv.ops.aqua_reconstruct` per part: dequantize, predict (`_op_map`; HIGGS alone predicts
