@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
         return 0
 
-    from aquakv.files import write_json_atomic
+    from aquakv.atomic_writes import write_json_atomic
 
     print_header(args.device)
     which = f"{args.shape} shape, random weights" if args.random_weights else "bundled SmolLM2-135M"

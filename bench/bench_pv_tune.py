@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from aquakv.weights.pipeline import quantize_weights
     from aquakv.weights.pv_plot import plot_pv_curves
     from aquakv.weights.pv_tune import pv_tune
-    from aquakv.files import write_json_atomic
+    from aquakv.atomic_writes import write_json_atomic
 
     code_lrs = _code_lrs(args.code_lr, args.methods)
     out = Path(args.out)

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from aquakv import files, models
+from aquakv import models
 from tiny_llama import make_tiny_llama
 
 
@@ -59,7 +59,7 @@ def test_converted_once_then_loaded_from_the_cache_with_identical_logits(fake_gg
     assert tok2("w1 w7 w3")["input_ids"] == tok1("w1 w7 w3")["input_ids"]
     entries = list((models.cache_root() / "gguf").iterdir())
     assert len(entries) == 1 and not entries[0].name.startswith(".")  # no temporary directory left
-    assert entries[0].name.startswith(files.file_sha256(src / "m.gguf"))
+    assert entries[0].name.startswith(models.file_sha256(src / "m.gguf"))
 
 
 def test_another_file_content_is_another_entry(fake_gguf):

@@ -27,7 +27,7 @@ _LAZY = {
     "PerplexityResult": "aquakv.evaluation",
 }
 # Subpackages reachable as attributes (aquakv.grids.get_grid(...)) without an explicit import.
-_SUBMODULES = ("grids", "ops", "weights", "kv", "evaluation", "quantizer", "models", "data", "files")
+_SUBMODULES = ("grids", "ops", "weights", "kv", "evaluation", "quantizer", "models", "data", "atomic_writes")
 
 
 def _version() -> str:

@@ -10,6 +10,7 @@ converting from the GGUF file each time, with a warning.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -20,11 +21,18 @@ from pathlib import Path
 
 import torch
 
-from aquakv.files import file_sha256
-
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's content, read in 4 MiB blocks (model files do not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def bundled_model_dir() -> Path:

@@ -50,7 +50,7 @@ def held_bits_per_value(model, preds, ids, window: int) -> float | None:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from aquakv.evaluation.table import count
-    from aquakv.files import atomic_path
+    from aquakv.atomic_writes import atomic_path
     from aquakv.kv import calibrate
 
     check_model_args(args)

@@ -194,7 +194,7 @@ def run_longctx(args: argparse.Namespace) -> int:
             close()
     report = (_run_needle if args.task == "needle" else _run_ppl)(args, model, tokenizer, caches)
     if args.json:
-        from aquakv.files import write_json_atomic
+        from aquakv.atomic_writes import write_json_atomic
 
         write_json_atomic(args.json, {"task": args.task, **report})
         print(f"\nresults saved to {args.json}")

@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
                      checkpoint_every=args.checkpoint_every, resume=args.resume, delta_decay=args.delta_decay,
                      activation_checkpointing=args.activation_checkpointing, tune_norms=args.tune_norms, progress=common.show_progress(args))
     save_quantized(student, out)
-    from aquakv.files import write_json_atomic
+    from aquakv.atomic_writes import write_json_atomic
 
     summary = dict(method=result.method, steps=result.steps, tokens=result.tokens, seconds=result.seconds,
                    average_bits=average_bits(student), loss=result.loss, codes_changed=result.codes_changed,

@@ -28,7 +28,7 @@ def plot_perplexity_vs_bits(rows: Sequence[tuple[str, PerplexityResult]], path: 
     Rows without bits_per_value cannot be placed and are listed in the legend title instead. baseline: a
     perplexity drawn as a dashed horizontal line (the unquantized cache). Written atomically; returns the path.
     """
-    from aquakv.files import atomic_path
+    from aquakv.atomic_writes import atomic_path
 
     path = Path(path)
     if path.suffix.lower() != ".png":

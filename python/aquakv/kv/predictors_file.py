@@ -28,7 +28,7 @@ from dataclasses import asdict
 
 import torch
 
-from aquakv.files import save_safetensors_atomic
+from aquakv.atomic_writes import save_safetensors_atomic
 from aquakv.kv.affine_map import AffineMap
 from aquakv.kv.predictors import AquaKVPredictors, AquaKVSettings
 from aquakv.kv.window import chain_sources

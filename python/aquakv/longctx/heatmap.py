@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from aquakv.files import atomic_path
+from aquakv.atomic_writes import atomic_path
 from aquakv.longctx.retrieval import NeedleResult
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aquakv.files import file_sha256, write_bytes_atomic, write_json_atomic
+from aquakv.atomic_writes import write_bytes_atomic, write_json_atomic
+from aquakv.models import file_sha256
 from aquakv.weights.linear import HiggsLinear
 from aquakv.weights.quantize import _set_submodule, average_bits, higgs_layers
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from aquakv.evaluation.perplexity import PerplexityResult, evaluate_perplexity
 from aquakv.evaluation.windows import cut_windows
-from aquakv.files import write_json_atomic
+from aquakv.atomic_writes import write_json_atomic
 from aquakv.grids import available_grids, bits_per_value_choices
 from aquakv.weights.allocate import (
     Allocation,

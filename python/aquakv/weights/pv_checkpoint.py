@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from aquakv.files import atomic_path
+from aquakv.atomic_writes import atomic_path
 
 FORMAT = "aquakv-pv-checkpoint"
 FORMAT_VERSION = 1

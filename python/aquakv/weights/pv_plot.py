@@ -14,7 +14,7 @@ def plot_pv_curves(runs: Mapping[str, PVTuneResult], path: str | os.PathLike, *,
     """Write the curves of every run (label -> result) to a PNG, atomically; baseline_ppl: the teacher's held-out
     perplexity, drawn dashed. Returns the path."""
     from aquakv.evaluation.plot import _pyplot
-    from aquakv.files import atomic_path
+    from aquakv.atomic_writes import atomic_path
 
     path = Path(path)
     if path.suffix.lower() != ".png":

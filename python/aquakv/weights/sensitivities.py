@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aquakv.evaluation.nll import token_nll
-from aquakv.files import write_json_atomic
+from aquakv.atomic_writes import write_json_atomic
 from aquakv.runner import LayerRunner, Trace
 from aquakv.weights.quantize import quantizable_linears
 

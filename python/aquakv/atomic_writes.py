@@ -10,7 +10,6 @@ leave a `.NAME.*.partial` file next to the target; the target is still whole.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import stat
@@ -105,11 +104,3 @@ def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: di
         save_file(tensors, os.fspath(tmp), metadata=metadata)
     return Path(path)
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's content, read in 4 MiB blocks (model files do not fit in memory twice)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -2,7 +2,7 @@
 import os
 
 import pytest
-from aquakv.files import atomic_path, write_json_atomic, write_text_atomic
+from aquakv.atomic_writes import atomic_path, write_json_atomic, write_text_atomic
 
 
 def test_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -78,7 +78,7 @@ def test_the_umask_is_read_without_being_changed(tmp_path, monkeypatch):
 def test_an_interrupted_safetensors_save_leaves_nothing_behind(tmp_path, monkeypatch):
     import safetensors.torch
     import torch
-    from aquakv.files import save_safetensors_atomic
+    from aquakv.atomic_writes import save_safetensors_atomic
 
     target = tmp_path / "t.safetensors"
     save_safetensors_atomic({"x": torch.zeros(3)}, target)
