@@ -6,7 +6,8 @@ uses it); `get_grid` loads them.
 ``get_grid(dim, n)`` returns the grid of n points in dim dimensions that HIGGS rounds to after the
 random Hadamard transform. The files live in ``aquakv/grids/data``: ``d{dim}_n{n}.npy`` (float32
 [n, dim], rows in lexicographic order) and ``grids.json`` (measured MSE per value, sample counts and
-seeds). They are produced by ``python -m aquakv.grids.generate --out python/aquakv/grids/data``.
+seeds). They are produced by ``python tools/grid_generate.py --out python/aquakv/grids/data`` (the rebuild tooling
+lives outside the runtime package, in tools/).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Searching for MSE-optimal grids of the standard Gaussian: exact Lloyd-Max in 1-D, over-relaxed Lloyd (k-means)
-on quasi-Monte Carlo Gaussian samples for d >= 2 (see generate.py for the protocol the shipped grids used)."""
+on quasi-Monte Carlo Gaussian samples for d >= 2 (see grid_generate.py for the protocol the shipped grids used)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from aquakv.grids.measure import _CHUNK_ELEMS, _randn, grid_mse, nearest
+from grid_measure import CHUNK_ELEMS, gaussian_samples, grid_mse, nearest
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _nearest_two(x: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, tor
     """
     n = grid.shape[0]
     norms = (grid * grid).sum(1)
-    rows = max(1, _CHUNK_ELEMS // n)
+    rows = max(1, CHUNK_ELEMS // n)
     codes = torch.empty(x.shape[0], dtype=torch.long)
     second = torch.empty(x.shape[0], dtype=torch.float32)
     for s in range(0, x.shape[0], rows):
@@ -197,7 +197,7 @@ def kmeans_gaussian(dim: int, n: int, *, seed: int = 0, settings: KMeansSettings
     gen = torch.Generator().manual_seed(seed)
     # One fresh i.i.d. set (a seed stream distinct from every training stream) judges all restarts:
     # common samples make the comparison sharper than the restarts' MSE differences.
-    judge = _randn(s.eval_samples, dim, seed * 1000 + 500)
+    judge = gaussian_samples(s.eval_samples, dim, seed * 1000 + 500)
     best, best_mse = None, math.inf
     for r in range(s.restarts):
         x = gaussian_qmc(s.samples, dim, seed=seed * 1000 + r)

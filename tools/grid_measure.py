@@ -1,10 +1,12 @@
-"""Mean squared error of a grid on standard Gaussian samples (how every shipped grid is judged)."""
+"""Mean squared error of a grid on standard Gaussian samples (how every shipped grid is judged).
+
+Offline tooling that rebuilds python/aquakv/grids/data (tools/grid_generate.py); not part of the runtime package."""
 from __future__ import annotations
 
 import torch
 
 # Rows assigned per distance-matrix block: bounds the [rows, n] score matrix to ~64 MiB at n = 256.
-_CHUNK_ELEMS = 1 << 24
+CHUNK_ELEMS = 1 << 24
 
 
 def nearest(x: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -15,7 +17,7 @@ def nearest(x: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """
     n = grid.shape[0]
     norms = (grid * grid).sum(1)
-    rows = max(1, _CHUNK_ELEMS // n)
+    rows = max(1, CHUNK_ELEMS // n)
     codes = torch.empty(x.shape[0], dtype=torch.long)
     err = torch.empty(x.shape[0], dtype=torch.float64)
     for s in range(0, x.shape[0], rows):
@@ -26,7 +28,8 @@ def nearest(x: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return codes, err
 
 
-def _randn(count: int, dim: int, seed: int) -> torch.Tensor:
+def gaussian_samples(count: int, dim: int, seed: int) -> torch.Tensor:
+    """[count, dim] float32 i.i.d. N(0, 1) draws from a generator seeded with `seed`."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(count, dim, generator=gen, dtype=torch.float32)
 
@@ -40,7 +43,7 @@ def squared_errors(grid: torch.Tensor, *, samples: int = 1 << 20, seed: int = 12
     grid = torch.as_tensor(grid, dtype=torch.float32)
     if grid.dim() != 2:
         raise ValueError(f"squared_errors: grid must be [n, d], got shape {tuple(grid.shape)}")
-    x = _randn(samples, grid.shape[1], seed)
+    x = gaussian_samples(samples, grid.shape[1], seed)
     return nearest(x, grid)[1] / grid.shape[1]
 
 

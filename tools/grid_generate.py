@@ -11,8 +11,8 @@ Everything is seeded; the same seed, torch version and thread count give the sam
 
 Command line::
 
-    python -m aquakv.grids.generate --out python/aquakv/grids/data            # every standard grid
-    python -m aquakv.grids.generate --out /tmp/grids --only 2,16 --only 4,256
+    python tools/grid_generate.py --out python/aquakv/grids/data            # every standard grid
+    python tools/grid_generate.py --out /tmp/grids --only 2,16 --only 4,256
 
 Each grid is written as ``d{dim}_n{n}.npy`` (float32 [n, dim], rows in lexicographic order) and its
 measured MSE per value, sample count and seed are merged into ``grids.json`` in the same folder.
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aquakv.grids.measure import squared_errors
-from aquakv.grids.search import KMeansSettings, kmeans_gaussian, lloyd_max_1d
+from grid_measure import squared_errors
+from grid_search import KMeansSettings, kmeans_gaussian, lloyd_max_1d
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def _parse_only(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m aquakv.grids.generate", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="tools/grid_generate.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for d{dim}_n{n}.npy and grids.json")
     parser.add_argument("--only", type=_parse_only, action="append", metavar="D,N",
