@@ -30,23 +30,11 @@ _LAZY = {
 _SUBMODULES = ("grids", "ops", "weights", "kv", "evaluation", "quantizer", "models", "data", "atomic_writes")
 
 
-def _version() -> str:
-    """The version compiled into the extension (what was built), else the installed distribution's."""
-    try:
-        import torch  # noqa: F401  (libtorch must be loaded before the extension that links against it)
-
-        from aquakv import _C
-
-        return _C.__version__
-    except ImportError:
-        from importlib import metadata
-
-        return metadata.version("aquakv")
-
-
 def __getattr__(name: str):
     if name == "__version__":
-        value = _version()
+        from aquakv.version import version
+
+        value = version()
     elif name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
     elif name in _SUBMODULES:

@@ -36,9 +36,9 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from aquakv import __version__
+        from aquakv.version import version
 
-        parser.exit(message=f"aquakv {__version__}\n")
+        parser.exit(message=f"aquakv {version()}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

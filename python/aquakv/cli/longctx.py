@@ -94,11 +94,11 @@ def _depth(text: str) -> float:
 def _load_predictors(path: Optional[str]):
     if path is None:
         return None
-    import aquakv
+    from aquakv.kv import AquaKVPredictors
 
     check_files([path], "--predictors file")
     try:
-        return aquakv.AquaKVPredictors.load(path)
+        return AquaKVPredictors.load(path)
     except (ValueError, OSError) as e:
         raise UserError(f"--predictors {path}: {e}") from None
 
@@ -176,10 +176,10 @@ def run_longctx(args: argparse.Namespace) -> int:
     if args.heatmap_dir and args.task != "needle":
         raise UserError("--heatmap-dir applies to --task needle only")
     if args.heatmap_dir:
-        from aquakv.longctx.heatmap import _matplotlib_figure
+        from aquakv.longctx.heatmap import matplotlib_figure
 
         try:  # before the slow part
-            _matplotlib_figure()
+            matplotlib_figure()
         except ImportError as e:
             raise UserError(f"--heatmap-dir: {e}") from None
     model, tokenizer = common.load(args)

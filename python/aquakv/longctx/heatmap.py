@@ -8,7 +8,7 @@ from aquakv.atomic_writes import atomic_path
 from aquakv.longctx.retrieval import NeedleResult
 
 
-def _matplotlib_figure():
+def matplotlib_figure():
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -25,7 +25,7 @@ def save_heatmap(result: NeedleResult, cache: str, path: str | Path) -> Path:
     """Write cache's accuracy grid as a PNG: rows the needle depth (0 at the top), columns the context length,
     each cell coloured red (0%) to green (100%) and labelled with its percentage. Atomic: a reader never sees a
     half-written file."""
-    Figure = _matplotlib_figure()
+    Figure = matplotlib_figure()
     grid = result.grid(cache)
     fig = Figure(figsize=(1.2 + 1.1 * len(result.lengths), 1.0 + 0.6 * len(result.depths)), dpi=100)
     ax = fig.subplots()
@@ -47,7 +47,7 @@ def save_heatmap(result: NeedleResult, cache: str, path: str | Path) -> Path:
 
 def write_heatmaps(result: NeedleResult, directory: str | Path) -> list[Path]:
     """One `save_heatmap` PNG per cache in `directory` (created if missing), named by `heatmap_filename`."""
-    _matplotlib_figure()  # fail before creating anything
+    matplotlib_figure()  # fail before creating anything
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     names = [heatmap_filename(c) for c in result.caches]

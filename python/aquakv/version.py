@@ -1,0 +1,16 @@
+"""The version string, from the compiled extension (what was built) else the installed distribution's.
+
+A leaf module, so that any layer may stamp files with the version without importing the package's public face."""
+
+
+def version() -> str:
+    try:
+        import torch  # noqa: F401  (libtorch must be loaded before the extension that links against it)
+
+        from aquakv import _C
+
+        return _C.__version__
+    except ImportError:
+        from importlib import metadata
+
+        return metadata.version("aquakv")
