@@ -26,7 +26,7 @@ def test_check_group_size_agrees_with_the_op(grid):
     spec = GridSpec(*grid)
     for group in (2, 4, 6, 8, 12, 16, 32, 48, 64, 96, 128, 1024, 32768, 65536):
         try:
-            check_group_size(group, spec.dim, spec.code_bits)
+            check_group_size(group, spec.dim, spec.code_bits, op="HiggsQuantizer")
             ours = True
         except ValueError as e:
             ours = False

@@ -78,22 +78,32 @@ def _check_grid(op: str, grid: torch.Tensor) -> int:
     return int(n).bit_length() - 1
 
 
+class GroupSizeError(ValueError, RuntimeError):
+    """A group size the kernels cannot use. A ValueError, as library callers report bad settings, and a
+    RuntimeError, as the ops' own checks (TORCH_CHECK) fail: one rule, catchable either way."""
+
+
 def check_group_size(group_size: int, dim: int, code_bits: int, *, op: str = "check_group_size") -> None:
-    """The one group-size rule of HIGGS (csrc/checks.h check_group_size, same messages); raises RuntimeError.
+    """The one group-size rule of HIGGS (csrc/checks.h check_group_size, same messages); raises GroupSizeError.
 
     group_size must be a power of two in 2..32768, a multiple of the grid dim `dim`, and its
     group_size/dim codes of `code_bits` bits each (code_bits = log2(grid points)) must fill whole
     bytes: (group_size / dim * code_bits) % 8 == 0, so every group's codes start on a byte boundary.
     `op` names the caller in the message.
     """
-    _require(dim >= 1, lambda: f"{op}: grid dim d must be >= 1, got {dim}")
-    _require(1 <= code_bits <= 8 or code_bits == 16, lambda: f"{op}: code_bits must be in 1..8 or 16, got {code_bits}")
-    _check_hadamard_size(op, "group_size", group_size)
-    _require(group_size % dim == 0, lambda: f"{op}: group_size {group_size} is not a multiple of the grid dim d = {dim}")
-    per_group = group_size // dim * code_bits
-    _require(per_group % 8 == 0, lambda: f"{op}: group_size {group_size} / d {dim} * code_bits {code_bits} = "
-             f"{per_group} bits of codes per group is not a multiple of 8; each group's codes must fill whole bytes "
-             "so groups stay byte-aligned")
+    try:
+        _require(dim >= 1, lambda: f"{op}: grid dim d must be >= 1, got {dim}")
+        _require(1 <= code_bits <= 8 or code_bits == 16,
+                 lambda: f"{op}: code_bits must be in 1..8 or 16, got {code_bits}")
+        _check_hadamard_size(op, "group_size", group_size)
+        _require(group_size % dim == 0,
+                 lambda: f"{op}: group_size {group_size} is not a multiple of the grid dim d = {dim}")
+        per_group = group_size // dim * code_bits
+        _require(per_group % 8 == 0, lambda: f"{op}: group_size {group_size} / d {dim} * code_bits {code_bits} = "
+                 f"{per_group} bits of codes per group is not a multiple of 8; each group's codes must fill whole "
+                 "bytes so groups stay byte-aligned")
+    except RuntimeError as e:
+        raise GroupSizeError(str(e)) from None
 
 
 def _check_hadamard_args(x: torch.Tensor, signs: torch.Tensor | None) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from aquakv import ops
 from aquakv.grids import get_grid
+from aquakv.ops_checks import check_group_size
 
 _CODE_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 _FP16_TINY = 2.0 ** -14  # smallest normal float16: a smaller nonzero scale loses precision or becomes 0
@@ -42,18 +43,6 @@ class GridSpec(NamedTuple):
 
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def check_group_size(group_size, dim: int, code_bits: int) -> None:
-    """Raise ValueError unless group_size suits the ops for a grid of `dim` dims and `code_bits`-bit codes: the
-    kernels' own rule (`aquakv.ops.check_group_size`: a power of two in 2..32768, a multiple of dim, whole bytes
-    of codes per group), with its message."""
-    if not _is_int(group_size):
-        raise ValueError(f"HiggsQuantizer: group_size {group_size!r} must be an integer")
-    try:
-        ops.check_group_size(group_size, dim, code_bits, op="HiggsQuantizer")
-    except RuntimeError as e:
-        raise ValueError(str(e)) from None
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:
@@ -183,7 +172,9 @@ class HiggsQuantizer:
         if abs(code_bits - round(code_bits)) > 1e-9 or round(code_bits) not in _CODE_BITS:
             raise ValueError(f"HiggsQuantizer: bits*dim = {code_bits} must be an integer in {_CODE_BITS} "
                              f"(got bits={bits}, dim={dim})")
-        check_group_size(group_size, dim, round(code_bits))
+        if not _is_int(group_size):
+            raise ValueError(f"HiggsQuantizer: group_size {group_size!r} must be an integer")
+        check_group_size(group_size, dim, round(code_bits), op="HiggsQuantizer")
         if not _is_int(seed) or not 0 <= seed < 2 ** 63:  # int64 range: HiggsLinear keeps it in a buffer
             raise ValueError(f"HiggsQuantizer: seed must be an integer in 0..2**63-1, got {seed!r}")
         self.settings = HiggsSettings(bits=round(code_bits) / dim, dim=dim, group_size=int(group_size), seed=int(seed))
