@@ -21,7 +21,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "python" / "aquakv"
 # other (so kv and weights stay apart). `aquakv` is the package's own __init__: the public face, at the top.
 LAYERS = [
     {"_C"},
-    {"atomic_writes", "progress", "version", "hf_compat", "data", "models", "runner", "grids", "reference",
+    {"atomic_writes", "progress", "version", "lazy", "hf_compat", "data", "models", "runner", "grids", "reference",
      "ops_checks"},
     {"ops"},
     {"quantizer", "uniform"},
@@ -32,7 +32,7 @@ LAYERS = [
     {"__main__", "aquakv"},
 ]
 # evaluation measures whatever cache it is given: of the lower layers it may use only these.
-ONLY = {"evaluation": {"atomic_writes", "progress", "hf_compat"}}
+ONLY = {"evaluation": {"atomic_writes", "progress", "hf_compat", "lazy"}}
 # The engine-independent codec layer (issue 20): no transformers import, directly or through aquakv modules.
 CODEC_LAYER: tuple[str, ...] = ()  # filled in as kv/ gains the layer (engineer A)
 

@@ -5,13 +5,15 @@
     preds = aquakv.calibrate(model, token_ids, bits=2)
     cache = aquakv.AquaKVCache(model, preds)      # model(..., cache=cache), generate(..., cache=cache)
 
-`import aquakv` is light: it imports neither torch nor the compiled extension, so `aquakv --help` answers at
-once. Every public name is imported on first use (module __getattr__). The compiled ops torch.ops.aquakv.* are
-registered by `import aquakv.ops` (or `aquakv._C`), which happens as soon as any name that needs them is used
-(aquakv.HiggsQuantizer, aquakv.ops, aquakv.AquaKVCache, ...). Code that calls torch.ops.aquakv.* directly
-imports aquakv.ops first.
+`import aquakv` alone is light: it imports neither torch nor the compiled extension, so `aquakv --help` answers at
+once, and every public name is imported on first use (aquakv.lazy). When torch is already imported, `import aquakv`
+also loads the compiled ops, so `import torch, aquakv` makes torch.ops.aquakv.* callable, as torchao does for its
+ops; otherwise they load with the first name that needs them (aquakv.HiggsQuantizer, aquakv.ops, ...), or with
+`import aquakv.ops`.
 """
-import importlib
+import sys
+
+from aquakv.lazy import lazy_exports
 
 # Public name -> module that defines it. Everything here pulls in torch (and some names transformers).
 _LAZY = {
@@ -27,26 +29,14 @@ _LAZY = {
     "PerplexityResult": "aquakv.evaluation",
 }
 # Subpackages reachable as attributes (aquakv.grids.get_grid(...)) without an explicit import.
-_SUBMODULES = ("grids", "ops", "weights", "kv", "evaluation", "quantizer", "models", "data", "atomic_writes")
+_SUBMODULES = ("grids", "ops", "weights", "kv", "evaluation", "longctx", "quantizer", "models", "data",
+               "atomic_writes", "progress")
 
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {"__version__": ".version", **_LAZY,
+                                                        **dict.fromkeys(_SUBMODULES)})
 
-def __getattr__(name: str):
-    if name == "__version__":
-        from aquakv.version import version
-
-        value = version()
-    elif name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"aquakv.{name}")
-    else:
-        raise AttributeError(f"module 'aquakv' has no attribute {name!r}")
-    globals()[name] = value  # the next lookup is an ordinary attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
-
-__all__ = ["__version__", *_LAZY, *_SUBMODULES]
+if "torch" in sys.modules:  # torch is loaded anyway: register torch.ops.aquakv.* now (the cost is the extension)
+    try:
+        from aquakv import ops  # noqa: F401
+    except ImportError:  # an unbuilt extension: reported where an op is first used, not by `import aquakv`
+        pass

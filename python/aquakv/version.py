@@ -14,3 +14,10 @@ def version() -> str:
         from importlib import metadata
 
         return metadata.version("aquakv")
+
+
+def __getattr__(name: str) -> str:
+    # aquakv.__version__ resolves through here, so the version (and torch) load only when asked for.
+    if name == "__version__":
+        return version()
+    raise AttributeError(f"module 'aquakv.version' has no attribute {name!r}")

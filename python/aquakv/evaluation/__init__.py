@@ -8,7 +8,7 @@
 
 Names are imported on first use: the table and result type need neither torch nor transformers.
 """
-import importlib
+from aquakv.lazy import lazy_exports
 
 _LAZY = {
     "PerplexityResult": "result", "format_table": "table", "BITS_NOTE": "table",
@@ -18,10 +18,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'aquakv.evaluation' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"aquakv.evaluation.{_LAZY[name]}"), name)
-
-
-__all__ = sorted(_LAZY)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {name: f".{module}" for name, module in _LAZY.items()})

@@ -7,30 +7,16 @@ KV cache, with tables and depth x length heatmaps. See docs/long_context.md.
     print(format_needle_table(result)); write_heatmaps(result, "plots/")
     ppl = evaluate_long_perplexity(model, ids, Fp16Cache, window=8192, prefill=7168, chunk=512, step=32)
 """
-from aquakv.longctx.haystack import Haystack, split_sentences
-from aquakv.longctx.heatmap import save_heatmap, write_heatmaps
-from aquakv.longctx.longppl import (
-    LongPerplexityResult,
-    evaluate_long_perplexity,
-    feed_schedule,
-    format_long_ppl_table,
-    long_window_nll,
-)
-from aquakv.longctx.passkey import (
-    DEPTHS,
-    NeedleTask,
-    answer_matches,
-    build_task,
-    build_tasks,
-)
-from aquakv.longctx.retrieval import (
-    NeedleRecord,
-    NeedleResult,
-    format_needle_table,
-    run_needle,
-)
+from aquakv.lazy import lazy_exports
 
-__all__ = ["DEPTHS", "Haystack", "LongPerplexityResult", "NeedleRecord", "NeedleResult", "NeedleTask",
-           "answer_matches", "build_task", "build_tasks", "evaluate_long_perplexity", "feed_schedule",
-           "format_long_ppl_table", "format_needle_table", "long_window_nll", "run_needle", "save_heatmap",
-           "split_sentences", "write_heatmaps"]
+# Names load on first use: the tables and tasks need no model, and `aquakv longctx --help` no torch.
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "Haystack": ".haystack", "split_sentences": ".haystack",
+    "save_heatmap": ".heatmap", "write_heatmaps": ".heatmap",
+    "LongPerplexityResult": ".longppl", "evaluate_long_perplexity": ".longppl", "feed_schedule": ".longppl",
+    "format_long_ppl_table": ".longppl", "long_window_nll": ".longppl",
+    "DEPTHS": ".passkey", "NeedleTask": ".passkey", "answer_matches": ".passkey", "build_task": ".passkey",
+    "build_tasks": ".passkey",
+    "NeedleRecord": ".retrieval", "NeedleResult": ".retrieval", "format_needle_table": ".retrieval",
+    "run_needle": ".retrieval",
+})
