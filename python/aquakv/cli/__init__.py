@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from aquakv.cli import weights as weights_cli
 from aquakv.cli.calibrate import add_calibrate
-from aquakv.cli.common import UserError, bars_off, setup, show_progress
+from aquakv.cli.common import Parser, UserError, bars_off, setup, show_progress
 from aquakv.cli.demo import add_demo
 from aquakv.cli.eval import add_eval
 from aquakv.cli.longctx import add_longctx
@@ -30,7 +30,7 @@ log = logging.getLogger("aquakv")
 
 
 class _VersionAction(argparse.Action):
-    """--version, resolved only when asked for (the version lives in the compiled extension, which needs torch)."""
+    """--version, resolved only when asked for (from the installed distribution's metadata: no torch)."""
 
     def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
@@ -38,11 +38,12 @@ class _VersionAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         from aquakv.version import version
 
-        parser.exit(message=f"aquakv {version()}\n")
+        print(f"aquakv {version()}")  # on stdout, as argparse's own version action does
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="aquakv",
         description="AQUA-KV: compress a language model's KV cache by predicting each layer's keys and values "
                     "from the previous layer and quantizing only the residual with HIGGS.",

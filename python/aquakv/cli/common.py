@@ -20,6 +20,14 @@ from typing import Optional, Sequence
 log = logging.getLogger("aquakv")
 
 
+class Parser(argparse.ArgumentParser):
+    """The parser of `aquakv` and (argparse hands its class down) of every subcommand. A usage error is one line
+    and a pointer to --help, not the usage block: the block pushes the one line that matters off a small screen."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help`)\n")
+
+
 class UserError(Exception):
     """A problem with the command line or its inputs: reported in one line, exit status 2."""
 

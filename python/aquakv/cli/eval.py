@@ -37,15 +37,15 @@ class _Baselines:
         return iter(self._names())
 
 
-class _EvalParser(argparse.ArgumentParser):
-    """Adds the registry's descriptions to `aquakv eval --help` when the help is printed."""
+class _EvalParser(common.Parser):
+    """Adds the registry's descriptions to `aquakv eval --help` when the help is printed. Only the registry's own
+    module is read: whether a backend is installed needs torch, so runs report it, not --help."""
 
     def format_help(self) -> str:
         from aquakv.kv import registry
 
-        listing = "\n".join(f"  {e.name:<8} {e.description}"
-                            + (f" [unavailable here: {e.unavailable()}]" if e.unavailable() else "")
-                            for e in registry.REGISTRY.values() if e.name not in ALWAYS)
+        listing = "\n".join(f"  {e.name:<11} {e.description}" for e in registry.REGISTRY.values()
+                            if e.name not in ALWAYS)
         self.epilog = f"baselines (--baselines, any of):\n{listing}\n\n{EVAL_EPILOG}"
         return super().format_help()
 
