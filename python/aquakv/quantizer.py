@@ -186,6 +186,11 @@ class HiggsQuantizer:
     def bits_per_value(self) -> float:
         return self.settings.bits_per_value
 
+    def grid_and_signs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grid [n, d] float32, signs [group_size] float32) on `device`, as the fused ops take them (kept per
+        device): for callers that run `aquakv.ops` on this quantizer's codes themselves."""
+        return self._grid_and_signs(device)
+
     def _grid_and_signs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on_device:
             self._on_device[device] = (self._grid_cpu.to(device), self._signs_cpu.to(device))
