@@ -226,6 +226,15 @@ def load(args: argparse.Namespace):
     return model, tokenizer
 
 
+def check_window_fits(model, window: int, option: str = "--window") -> None:
+    """A window longer than the model's positions is refused (UserError) before any slow work, as longctx's
+    --context is: past them a RoPE model's outputs are meaningless, and a huge window only runs on for long."""
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and window > limit:
+        raise UserError(f"{option} {window} exceeds the model's {limit} positions")
+
+
 def read_texts(files: Optional[Sequence[str]], split: str) -> list[str]:
     """The --text files (or the bundled text of `split`), checked: missing, directory, empty or binary -> UserError."""
     from aquakv.data import default_texts, read_text_files
@@ -245,8 +254,15 @@ def token_ids(tokenizer, files: Optional[Sequence[str]], split: str, texts: Opti
 
 # ---- output -------------------------------------------------------------------------------------------------------
 def show_progress(args: argparse.Namespace) -> bool:
-    """Progress bars only when asked for (no -q) and stderr is a terminal: redirected logs get none."""
+    """Raw tqdm bars (code not yet on aquakv.progress, third-party loaders) only when asked for (no -q) and stderr
+    is a terminal: redirected logs get none."""
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def progress_on(args: argparse.Namespace) -> bool:
+    """Progress through aquakv.progress unless -q: a bar on a terminal, a plain line every ~10 s in a redirected
+    log (so a long run shows it is alive without filling the log with bar frames)."""
+    return not getattr(args, "quiet", False)
 
 
 @contextlib.contextmanager

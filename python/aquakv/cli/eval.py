@@ -14,7 +14,6 @@ from aquakv.cli.common import (
     check_model_args,
     positive_int,
     read_texts,
-    show_progress,
     token_ids,
 )
 
@@ -92,6 +91,7 @@ def run_eval(args: argparse.Namespace) -> int:
     texts = read_texts(args.text, "evaluation")
     preds = load_predictors(args.predictors)
     model, tokenizer = common.load(args)
+    common.check_window_fits(model, args.window)
     try:
         preds.check_compatible(model)
     except ValueError as e:
@@ -105,12 +105,14 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(f"the text has {ids.numel()} tokens, fewer than one --window of {args.window}")
     rows = registry.rows([*ALWAYS, *(args.baselines or ())], predictors=preds, seed=args.seed)
     result = compare_caches(model, ids, rows, window=args.window, step=args.step, max_windows=args.max_windows,
-                            batch_size=args.batch_size, progress=show_progress(args))
+                            batch_size=args.batch_size, progress=common.progress_on(args))
     n = result.rows[0][1]
     print(f"perplexity on {count(n.n_windows, 'window')} of {args.window} tokens ({n.n_tokens} predictions), "
           f"fed {args.step} tokens at a time:\n")
     print(result.table())
     print(f"\n{BITS_NOTE}")
+    for line in result.never_compressed(args.window):
+        print(line)
     for label, why in result.skipped:
         print(f"{label}: skipped, {why}")
     if args.plot is not None:

@@ -17,6 +17,13 @@ class Comparison:
     def ppl(self, label: str) -> float:
         return dict(self.rows)[label].ppl
 
+    def never_compressed(self, window: int) -> list[str]:
+        """One line per row whose cache quantized nothing (compressed_values == 0): its number is an exact
+        cache's, whatever its label says, and a table alone would not tell."""
+        return [f"{label}: nothing was quantized: every token of a {window}-token window stayed in the cache's exact "
+                f"sinks and recent buffer, so this row measures an unquantized cache (use a longer window)"
+                for label, r in self.rows if r.never_compressed]
+
     def table(self) -> str:
         """The Markdown table, relative to the first row (the unquantized reference)."""
         from aquakv.evaluation.table import format_table

@@ -20,6 +20,7 @@ from aquakv.evaluation.nll import token_nll, window_nll
 from aquakv.evaluation.result import PerplexityResult
 from aquakv.evaluation.table import count, format_table
 from aquakv.evaluation.windows import cut_windows
+from aquakv.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,11 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor,
                          f"and dtype {token_ids.dtype}")
     windows = torch.stack(cut_windows(token_ids, window, keep_tail=False, max_windows=max_windows)).to(device)
 
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     nll_sum = 0.0
     sizes: list[float] = []
-    with tqdm(total=len(windows), desc=desc, unit="window", disable=not progress, leave=False) as bar:
+    compressed: list[int] = []
+    with progress_bar(total=len(windows), desc=desc, unit="window", enabled=progress, leave=False) as bar:
         for first in range(0, len(windows), batch_size):
             ids = windows[first: first + batch_size]
             cache = None if step is None else factory(model)
@@ -77,6 +77,9 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor,
             nbytes = cache_nbytes(cache)
             if nbytes is not None:
                 sizes.append(nbytes / len(ids))
+            counted = getattr(cache, "compressed_values", None)
+            if callable(counted):
+                compressed.append(counted() // len(ids))
             close = getattr(cache, "close", None)
             if callable(close):  # caches that hook the model (pre-RoPE keys) unhook here
                 close()
@@ -88,7 +91,7 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor,
     result = PerplexityResult(
         ppl=math.exp(nll), nll=nll, n_tokens=n_tokens, n_windows=len(windows), kv_bytes=kv_bytes,
         bits_per_value=None if kv_bytes is None else 8.0 * kv_bytes / kv_values(model.config, 1, window),
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, compressed_values=min(compressed) if compressed else None)
     log.info("%s: ppl %.4f over %d predictions (%s of %d tokens, step %s) in %.1f s", desc, result.ppl, n_tokens,
              count(len(windows), "window"), window, "none (one pass)" if step is None else step, result.seconds)
     return result

@@ -19,6 +19,9 @@ class PerplexityResult:
                     all bytes held counted (codes, scales, zero points, fp16 sinks and buffers); None likewise.
     seconds:        wall time of the evaluation.
     predicted_ppl:  a perplexity predicted before measuring (e.g. by the weight bit allocation), or None.
+    compressed_values: key and value entries the cache held compressed after a full window (the fewest over the
+                    windows), or None when the cache does not tell; 0 means nothing was quantized, so the row
+                    measured an exact cache whatever its name (see `never_compressed`).
     """
 
     ppl: float
@@ -29,3 +32,10 @@ class PerplexityResult:
     bits_per_value: Optional[float] = None
     seconds: float = 0.0
     predicted_ppl: Optional[float] = None
+    compressed_values: Optional[int] = None
+
+    @property
+    def never_compressed(self) -> bool:
+        """True when the cache reports compressing nothing in a window (too short for its exact sinks and buffer,
+        or predictors that never engaged)."""
+        return self.compressed_values == 0
