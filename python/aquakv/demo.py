@@ -4,7 +4,11 @@
 2. measure perplexity on the held-out part (docs/evaluation.md: windows fed 32 tokens at a time through each
    cache) for an unquantized fp16 cache, KIVI-2/4, HIGGS-2 without predictors, AQUA-KV-2/3 and transformers'
    own quantized cache;
-3. answer a question about a held-out passage with the AQUA-KV-2 cache (and the unquantized one, to compare).
+3. answer a question about a held-out passage with the AQUA-KV-2 cache (and the unquantized one, to compare):
+   this shows the cache serving `generate` end to end; one greedy answer is not a quality measure (the table is).
+
+Results go to `out` (stdout); what the demo is doing ("calibrating ...") goes to `log` (stderr), so a redirected
+stdout holds the report alone.
 """
 from __future__ import annotations
 
@@ -64,10 +68,19 @@ def _generate(model, tokenizer, cache, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def _what_the_answers_show(quantized: str, exact: str) -> str:
+    """What one greedy answer through each cache does and does not show, said plainly under the answers."""
+    same = ("the two answers are identical" if quantized == exact else
+            "the two answers differ: a 2-bit cache can flip one greedy choice and the rest of the answer follows it")
+    return (f"({same}. One greedy answer shows the AQUA-KV cache serving generate() end to end; it is not a "
+            f"quality measure: the perplexity table above is.)")
+
+
 def run_demo(device: str = "cpu", quick: bool = False, seed: int = 0, progress: bool = True,
-             config: Optional[DemoConfig] = None, model=None, tokenizer=None, out: TextIO = sys.stdout
-             ) -> DemoResult:
-    """Run the demo and print its report to `out`; returns the numbers.
+             config: Optional[DemoConfig] = None, model=None, tokenizer=None, out: TextIO = sys.stdout,
+             log: Optional[TextIO] = None) -> DemoResult:
+    """Run the demo and print its report to `out` and what it is doing to `log` (default: stderr at call time);
+    returns the numbers.
 
     config: sizes (default DemoConfig(), or QUICK with quick=True). model, tokenizer: use these instead of
     loading the bundled SmolLM2 (the tokenizer must have a chat template for the generation step).
@@ -86,6 +99,9 @@ def run_demo(device: str = "cpu", quick: bool = False, seed: int = 0, progress: 
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
+    def note(text: str) -> None:  # progress, not results
+        print(text, file=log if log is not None else sys.stderr, flush=True)
+
     def timed(name: str, fn: Callable):
         t0 = time.perf_counter()
         value = fn()
@@ -95,21 +111,22 @@ def run_demo(device: str = "cpu", quick: bool = False, seed: int = 0, progress: 
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     if model is None:
-        say("loading the bundled SmolLM2-135M-Instruct ...")
+        note("loading the bundled SmolLM2-135M-Instruct ...")
         model, tokenizer = timed("load", lambda: load_model(device=device))
-        say(f"  loaded in {res.seconds['load']:.1f} s")
+        note(f"  loaded in {res.seconds['load']:.1f} s")
     model.eval()
     calib = tokenize(tokenizer, default_texts("calibration"))
     held_out = tokenize(tokenizer, default_texts("evaluation"))
 
     preds = {}
     for bits in (2, 3):
-        say(f"calibrating AQUA-KV-{bits} on {count(cfg.calib_windows, 'window')} of {cfg.calib_window} tokens ...")
+        note(f"calibrating AQUA-KV-{bits} on {count(cfg.calib_windows, 'window')} of {cfg.calib_window} tokens ...")
         preds[bits] = timed(f"calibrate {bits}-bit", lambda: calibrate(
             model, [calib], bits=bits, window=cfg.calib_window, max_windows=cfg.calib_windows, seed=seed,
-            progress=progress))
-        say(f"  compressed part {preds[bits].bits_per_value():.2f} bits/value (all bytes held: the table's "
-            f"bits/value), {res.seconds[f'calibrate {bits}-bit']:.1f} s")
+            progress=progress and sys.stderr.isatty()))  # kv.calibration's bars are raw tqdm: terminals only
+        say(f"AQUA-KV-{bits} calibrated on {count(cfg.calib_windows, 'window')} of {cfg.calib_window} tokens in "
+            f"{res.seconds[f'calibrate {bits}-bit']:.1f} s: compressed part {preds[bits].bits_per_value():.2f} "
+            f"bits/value (all bytes held: the table's bits/value)")
 
     aquakv = registry.get("aquakv")
     rows = registry.rows(["fp16", "kivi4", "kivi2", "higgs2"], seed=seed)
@@ -117,7 +134,7 @@ def run_demo(device: str = "cpu", quick: bool = False, seed: int = 0, progress: 
     rows += registry.rows(["fp8", "quanto", "hqq"])
 
     n_windows = min(cfg.eval_windows, held_out.numel() // cfg.window)
-    say(f"perplexity on {count(n_windows, 'held-out window')} of {cfg.window} tokens, fed {cfg.step} at a time ...")
+    note(f"perplexity on {count(n_windows, 'held-out window')} of {cfg.window} tokens, fed {cfg.step} at a time ...")
     # All windows side by side: on a CPU one forward of B x 32 tokens costs far less than B forwards.
     comparison = compare_caches(model, held_out, rows, window=cfg.window, step=cfg.step, max_windows=n_windows,
                                 batch_size=n_windows, progress=progress)
@@ -139,6 +156,7 @@ def run_demo(device: str = "cpu", quick: bool = False, seed: int = 0, progress: 
         getattr(cache, "close", lambda: None)()
         res.answers[name] = answer
         say(f"{name:>20}: {answer}")
+    say(_what_the_answers_show(*res.answers.values()))
     res.seconds["total"] = time.perf_counter() - t_start
     say("\ntimings: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds.items()))
     return res

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from aquakv.cli.common import add_common_options, show_progress
+from aquakv.cli.common import add_common_options, progress_on
 
 DEMO_DESCRIPTION = """\
 The whole pipeline on the bundled SmolLM2-135M-Instruct and bundled text (Python's
@@ -12,15 +12,15 @@ measure perplexity on the held-out part with an unquantized cache, KIVI-2/4, HIG
 without predictors, AQUA-KV-2/3 and transformers' own quantized cache, then answer a
 question about a held-out passage through the AQUA-KV cache. No arguments needed.
 
-The table goes to stdout; progress (one log line per measured row, bars on a terminal)
-goes to stderr.
+The report (table, answers, timings) goes to stdout; progress goes to stderr: bars on a
+terminal, a plain line every ~10 s and at the end of each phase in a redirected log.
 """
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
     from aquakv.demo import run_demo
 
-    run_demo(device=args.device, quick=args.quick, seed=args.seed, progress=show_progress(args))
+    run_demo(device=args.device, quick=args.quick, seed=args.seed, progress=progress_on(args))
     return 0
 
 
