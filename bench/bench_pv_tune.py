@@ -44,12 +44,15 @@ def _code_lrs(entries: list[str], methods: list[str]) -> dict[str, list[float]]:
         targets = [name] if name else list(out)
         if name and name not in out:
             raise SystemExit(f"--code-lr {entry}: {name!r} is not one of the code-changing methods run {list(out)}")
-        try:
-            lr = float(value)
-        except ValueError:
-            raise SystemExit(f"--code-lr {entry}: not a number") from None
-        if not lr > 0 or lr == float("inf"):
-            raise SystemExit(f"--code-lr {entry}: must be a finite positive number")
+        if value == "auto":  # None: the V step's rate follows the training loss (pv_tune's default)
+            lr = None
+        else:
+            try:
+                lr = float(value)
+            except ValueError:
+                raise SystemExit(f"--code-lr {entry}: not a number or 'auto'") from None
+            if not lr > 0 or lr == float("inf"):
+                raise SystemExit(f"--code-lr {entry}: must be a finite positive number or 'auto'")
         for m in targets:
             if lr not in out[m]:
                 out[m].append(lr)
@@ -57,6 +60,10 @@ def _code_lrs(entries: list[str], methods: list[str]) -> dict[str, list[float]]:
         if not values:
             raise SystemExit(f"--code-lr gives no value for {m}")
     return out
+
+
+def _lr_name(code_lr: float | None) -> str:
+    return "auto" if code_lr is None else f"{code_lr:g}"
 
 
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -72,8 +79,15 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--window", type=int, default=128, help="training tokens per window")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam on the scales (every method)")
-    p.add_argument("--code-lr", nargs="+", default=["1e-3"], metavar="[METHOD=]LR",
-                   help="Adam on W~ for ste and pv (several values: a sweep); default 1e-3")
+    p.add_argument("--code-lr", nargs="+", default=["auto"], metavar="[METHOD=]LR",
+                   help="Adam on W~ for ste and pv (several values: a sweep); 'auto' (default): pv_tune's default, "
+                        "the rate follows the training loss")
+    p.add_argument("--code-lr-per-nat", type=float, default=None, help="pv_tune's code_lr_per_nat (default: its own)")
+    p.add_argument("--text", nargs="+", metavar="FILE", help="training text (default: the bundled calibration text)")
+    p.add_argument("--eval-text", nargs="+", metavar="FILE",
+                   help="held-out and selection text (default: the bundled evaluation text)")
+    p.add_argument("--no-guard", action="store_true", help="train without pv_tune's validation guard")
+    p.add_argument("--validate-every", type=int, default=5, help="the guard's interval in steps (default 5)")
     p.add_argument("--max-code-change", type=float, default=0.01)
     p.add_argument("--trust-ratio", type=float, default=0.1)
     p.add_argument("--delta-decay", type=float, default=0.0)
@@ -94,8 +108,8 @@ def _plot_from(dirs: list[str], out: Path) -> int:
     """One PNG of the runs in several pv_bench.json files, which must share their data-free start."""
     import json
 
-    from aquakv.weights.pv_plot import plot_pv_curves
-    from aquakv.weights.pv_tune import PVTuneResult
+    from aquakv.weights.pv.plot import plot_pv_curves
+    from aquakv.weights.pv.tune import PVTuneResult
 
     reports = [json.loads((Path(d) / "pv_bench.json").read_text()) for d in dirs]
     if len({round(r["data_free"]["held_out"], 6) for r in reports}) != 1:
@@ -103,7 +117,7 @@ def _plot_from(dirs: list[str], out: Path) -> int:
     runs = {}
     for r in reports:
         for x in r["runs"]:
-            label = x["method"] if x["code_lr"] is None else f"{x['method']} code_lr={x['code_lr']:g}"
+            label = x["label"]
             runs[label] = PVTuneResult(method=x["method"], steps=x["steps"], tokens=x["tokens"], seconds=x["seconds"],
                                        loss=x["loss"], codes_changed=x["codes_changed"], eval_steps=x["eval_steps"],
                                        eval_ppl=x["eval_ppl"], n_codes=x["n_codes"])
@@ -129,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     from aquakv.models import load_model
     from aquakv.weights import average_bits, load_quantized
     from aquakv.weights.pipeline import quantize_weights
-    from aquakv.weights.pv_plot import plot_pv_curves
-    from aquakv.weights.pv_tune import pv_tune
+    from aquakv.weights.pv.plot import plot_pv_curves
+    from aquakv.weights.pv.tune import pv_tune
     from aquakv.atomic_writes import write_json_atomic
 
     code_lrs = _code_lrs(args.code_lr, args.methods)
@@ -138,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     teacher, tok = load_model(args.model) if args.model else load_model()
     teacher.eval()
-    train = tokenize(tok, default_texts("calibration"))
-    evaluation = tokenize(tok, default_texts("evaluation"))
+    def read(files):
+        return [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+
+    train = tokenize(tok, read(args.text) if args.text else default_texts("calibration"))
+    evaluation = tokenize(tok, read(args.eval_text) if args.eval_text else default_texts("evaluation"))
     held_out = evaluation[: args.eval_windows * args.eval_window]
     selection = evaluation[args.selection_offset: args.selection_offset + args.selection_windows * args.eval_window]
     if args.selection_offset < held_out.numel() or selection.numel() < args.selection_windows * args.eval_window:
@@ -170,17 +187,20 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(m, None) for m in args.methods if m == "p-only"] + [
         (m, lr) for m in args.methods if m != "p-only" for lr in code_lrs[m]]
     for method, code_lr in plan:
-        label = method if code_lr is None or len(code_lrs[method]) == 1 else f"{method} code_lr={code_lr:g}"
+        label = method if len(code_lrs.get(method, [None])) == 1 else f"{method} code_lr={_lr_name(code_lr)}"
         student = copy.deepcopy(start)
+        extra = {} if args.code_lr_per_nat is None else dict(code_lr_per_nat=args.code_lr_per_nat)
         r = pv_tune(student, teacher, train, steps=args.steps, batch_size=args.batch_size, window=args.window,
-                    lr=args.lr, code_lr=code_lr if code_lr is not None else 1e-2,
+                    lr=args.lr, code_lr=code_lr, validate_every=None if args.no_guard else args.validate_every, **extra,
                     max_code_change_per_step=args.max_code_change, code_trust_ratio=args.trust_ratio,
                     delta_decay=args.delta_decay, method=method, seed=args.seed, device=args.device,
                     eval_data=held_out, eval_window=args.eval_window, eval_every=args.eval_every or max(1, args.steps // 4),
                     progress=args.progress)
         run = dict(label=label, method=method, code_lr=code_lr, steps=r.steps, tokens=r.tokens, seconds=r.seconds,
                    held_out=r.eval_ppl[-1], selection=ppl(student, selection), loss=r.loss,
-                   codes_changed=r.codes_changed, n_codes=r.n_codes, eval_steps=r.eval_steps, eval_ppl=r.eval_ppl)
+                   codes_changed=r.codes_changed, n_codes=r.n_codes, eval_steps=r.eval_steps, eval_ppl=r.eval_ppl,
+                   code_lr_per_step=r.code_lr, val_steps=r.val_steps, val_ppl=r.val_ppl, best_step=r.best_step,
+                   stopped=r.stopped)
         report["runs"].append(run)
         results[label] = r
         logging.info("%s: held-out %.3f, selection %.3f, %d steps, %d tokens, %.0f s", label, run["held_out"],
@@ -194,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [r for r in report["runs"] if r["method"] == method]
         if len(runs) > 1:
             best = min(runs, key=lambda r: r["selection"])
-            logging.info("%s: code_lr %g has the lowest selection perplexity (%.3f)", method, best["code_lr"],
+            logging.info("%s: code_lr %s has the lowest selection perplexity (%.3f)", method, _lr_name(best["code_lr"]),
                          best["selection"])
     print(f"\n| method | code_lr | held-out ppl | vs teacher | selection ppl | steps | tokens | wall s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -204,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| data-free | - | {d['held_out']:.2f} | {d['held_out'] / t['held_out']:.2f}x | {d['selection']:.2f} "
           f"| 0 | 0 | - |")
     for r in report["runs"]:
-        print(f"| {r['method']} | {'-' if r['code_lr'] is None else format(r['code_lr'], 'g')} | {r['held_out']:.2f} "
+        print(f"| {r['method']} | {'-' if r['method'] == 'p-only' else _lr_name(r['code_lr'])} | {r['held_out']:.2f} "
               f"| {r['held_out'] / t['held_out']:.2f}x | {r['selection']:.2f} | {r['steps']} | {r['tokens']} "
               f"| {r['seconds']:.0f} |")
     return 0

@@ -1,5 +1,5 @@
 """`aquakv pv-tune`: PV-Tuning of a HIGGS-quantized model from the command line (the work is
-aquakv.weights.pv_tune; this module parses, checks what it can before the model load, builds the data-free start
+aquakv.weights.pv.tune; this module parses, checks what it can before the model load, builds the data-free start
 with the quantize-weights pipeline, and writes the results)."""
 from __future__ import annotations
 
@@ -26,11 +26,17 @@ DESCRIPTION = """\
 Fine-tune a HIGGS-quantized model against its unquantized self (the teacher) with PV-Tuning (docs/pv_tuning.md):
 every step accumulates the token-level KL(teacher || student) over --batch-size windows of --window tokens, then
   P step: Adam on the fp32 master copy of the per-group scales (--lr);
-  V step: Adam (betas 0, 0.95; --code-lr) on a straight-through fp32 copy W~ of each quantized weight, then the
+  V step: Adam (betas 0, 0.95) on a straight-through fp32 copy W~ of each quantized weight, at a rate that follows
+          the training loss (--code-lr-per-nat x the mean KL of the last 5 steps; --code-lr fixes it), then the
           code vectors W~ moved farthest from are re-encoded (at most --max-code-change of them per layer, the
           nearest grid point in the rotated HIGGS domain under the current scales), keeping changes in priority
           order while they move the layer by at most --trust-ratio x ||W|| (at least one change).
 --method ste re-encodes every code every step (straight-through estimation); --method p-only tunes the scales only.
+
+The guard: the student's perplexity on validation windows it never trains on (the last --validation-windows
+windows of --text, or --validation-text) at the start and every --validate-every steps; every validation worse
+than the best halves the code step, a rise past (1 + --stop-rise) x the best stops the run, and the best state is
+what is saved (--keep-last saves the last): the saved model is never worse on those windows than its start.
 
 The start is data-free HIGGS (--bits B everywhere, or the DP allocation under --budget, as quantize-weights builds
 it; written to OUT/start/). Writes OUT/higgs_weights.safetensors + .json (the tuned model, the quantize-weights
@@ -38,10 +44,14 @@ format: load with aquakv.weights.load_quantized on a fresh copy of the base mode
 codes changed per step, held-out perplexity curve, tokens, wall time), with --plot a PNG of the curves, and with
 --checkpoint-every N an atomic checkpoint OUT/checkpoint/pv_checkpoint.pt that --resume continues from.
 Held-out perplexity is measured on the bundled evaluation text (or --eval-text), disjoint from the training text.
+
+What to expect (SmolLM2-135M on a shared 2-core CPU, docs/pv_tuning.md): a step of 2 x 256 tokens takes about
+STEP_2X256 s, a step of 4 x 256 about STEP_4X256 s; --plot draws the loss, codes-changed and perplexity curves.
 """
 
 EPILOG = """\
 examples:
+  aquakv pv-tune --bits 3 --steps 30 --batch-size 4 --out pv3 --plot pv3/curves.png   # the defaults, 3 bits
   aquakv pv-tune --bits 2 --steps 40 --out pv2 --plot pv2/curves.png          # bundled SmolLM2, bundled text
   aquakv pv-tune --bits 2 --steps 40 --out ste2 --method ste                  # the STE baseline, same compute
   aquakv pv-tune --budget 3.0625 --steps 200 --out pv3 --checkpoint-every 20  # DP start; Ctrl-C, then --resume
@@ -79,7 +89,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=2, help="windows per step (default 2)")
     p.add_argument("--window", type=positive_int, default=256, help="tokens per window (default 256)")
     p.add_argument("--lr", type=finite_positive, default=1e-3, help="Adam learning rate of the scales (default 1e-3)")
-    p.add_argument("--code-lr", type=finite_positive, default=1e-2, help="Adam learning rate of W~ (default 1e-2)")
+    p.add_argument("--code-lr", type=finite_positive, default=None,
+                   help="a fixed Adam learning rate of W~ (default: it follows the loss, see --code-lr-per-nat)")
+    p.add_argument("--code-lr-per-nat", type=finite_positive, default=None,  # None: pv_tune's default (no torch here)
+                   help="the code step per nat of training KL when --code-lr is not given (default 0.0015)")
+    p.add_argument("--validation-text", nargs="+", metavar="FILE",
+                   help="the guard's validation text (default: the last --validation-windows windows of --text)")
+    p.add_argument("--validate-every", type=int, default=5, metavar="N",
+                   help="the guard's validation every N steps (default 5; 0 turns the guard off)")
+    p.add_argument("--validation-windows", type=positive_int, default=4,
+                   help="windows of --text held out for the guard (default 4, at most a quarter of them)")
+    p.add_argument("--stop-rise", type=finite_positive, default=0.25,
+                   help="stop when validation perplexity exceeds (1 + this) x the best (default 0.25)")
+    p.add_argument("--keep-last", action="store_true", help="save the last state, not the best on validation")
     p.add_argument("--max-code-change", type=_fraction, default=0.01,
                    help="largest fraction of a layer's code vectors one V step re-encodes (default 0.01)")
     p.add_argument("--trust-ratio", type=finite_positive, default=0.1,
@@ -110,23 +132,33 @@ def _check_before_load(args: argparse.Namespace) -> None:
     check_model_args(args)
     check_files(args.text, "--text file")
     check_files(args.eval_text, "--eval-text file")
+    check_files(args.validation_text, "--validation-text file")
     if args.window < 2:
         raise UserError("--window must be at least 2 tokens")
-    if args.plot is not None:
-        if not args.plot.lower().endswith(".png"):
-            raise UserError(f"--plot {args.plot} must end in .png")
-        common.check_out_file(args.plot, "--plot")
+    if args.validate_every < 0:
+        raise UserError(f"--validate-every must be 0 (no guard) or a positive number of steps, got {args.validate_every}")
     try:
         check_weight_options(bits=args.bits, budget=args.budget, group_size=args.group_size)
         check_output_dir(args.out)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.plot is not None:
+        if not args.plot.lower().endswith(".png"):
+            raise UserError(f"--plot {args.plot} must end in .png")
+        if not _inside(Path(args.plot).parent, Path(args.out)):  # a directory --out creates is checked with --out
+            common.check_out_file(args.plot, "--plot")
     checkpoint = Path(args.out) / "checkpoint" / "pv_checkpoint.pt"
     if checkpoint.is_file() and not args.resume:
         raise UserError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
     if args.resume and not checkpoint.is_file():
         raise UserError(f"--resume: no checkpoint at {checkpoint}")
     args.device = common.resolve_device(args.device)
+
+
+def _inside(directory: Path, out: Path) -> bool:
+    """Whether `directory` is --out itself or lies below it (so it exists once --out is created)."""
+    directory, out = directory.resolve(), out.resolve()
+    return directory == out or out in directory.parents
 
 
 def _start(args, model, tokenizer, out: Path):
@@ -145,35 +177,59 @@ def _start(args, model, tokenizer, out: Path):
 def run(args: argparse.Namespace) -> int:
     """Execute `pv-tune` (the parser's func); user errors raise common.UserError."""
     from aquakv.weights import average_bits, pv_tune, save_quantized
-    from aquakv.weights.pv_plot import plot_pv_curves
+    from aquakv.weights.pv.plot import plot_pv_curves
 
     _check_before_load(args)
     out = Path(args.out)
     teacher, tokenizer = common.load(args)
     train_ids = common.token_ids(tokenizer, args.text, "calibration")
     eval_ids = None if args.no_eval else common.token_ids(tokenizer, args.eval_text, "evaluation")
+    validation = common.token_ids(tokenizer, args.validation_text, "validation") if args.validation_text else None
+    extra = {} if args.code_lr_per_nat is None else dict(code_lr_per_nat=args.code_lr_per_nat)
     out.mkdir(parents=True, exist_ok=True)
     student = _start(args, teacher, tokenizer, out)
     result = pv_tune(student, teacher, train_ids, steps=args.steps, batch_size=args.batch_size, window=args.window,
                      lr=args.lr, code_lr=args.code_lr, max_code_change_per_step=args.max_code_change,
                      code_trust_ratio=args.trust_ratio, method=args.method, seed=args.seed, device=args.device,
+                     validation=validation, validate_every=args.validate_every or None,
+                     validation_windows=args.validation_windows, stop_rise=args.stop_rise, keep_best=not args.keep_last,
                      eval_data=eval_ids, eval_every=args.eval_every, eval_windows=args.eval_windows,
                      checkpoint_dir=out / "checkpoint" if args.checkpoint_every or args.resume else None,
                      checkpoint_every=args.checkpoint_every, resume=args.resume, delta_decay=args.delta_decay,
-                     activation_checkpointing=args.activation_checkpointing, tune_norms=args.tune_norms, progress=common.show_progress(args))
+                     activation_checkpointing=args.activation_checkpointing, tune_norms=args.tune_norms,
+                     progress=not args.quiet, **extra)
     save_quantized(student, out)
     from aquakv.atomic_writes import write_json_atomic
 
     summary = dict(method=result.method, steps=result.steps, tokens=result.tokens, seconds=result.seconds,
                    average_bits=average_bits(student), loss=result.loss, codes_changed=result.codes_changed,
-                   n_codes=result.n_codes, eval_steps=result.eval_steps, eval_ppl=result.eval_ppl,
-                   resumed_from=result.resumed_from, settings={k: v for k, v in vars(args).items() if k != "func"})
+                   code_lr=result.code_lr, n_codes=result.n_codes, eval_steps=result.eval_steps,
+                   eval_ppl=result.eval_ppl, val_steps=result.val_steps, val_ppl=result.val_ppl,
+                   val_start=result.val_start, val_final=result.val_final, best_step=result.best_step,
+                   stopped=result.stopped, resumed_from=result.resumed_from,
+                   settings={k: v for k, v in vars(args).items() if k != "func"})
     write_json_atomic(out / "pv_result.json", summary)
     if args.plot:
         plot_pv_curves({args.method: result}, args.plot, title=f"pv-tune {args.method}")
-    ppl = (f"held-out perplexity {result.eval_ppl[0]:.3f} -> {result.eval_ppl[-1]:.3f}, "
-           if result.eval_ppl and all(math.isfinite(p) for p in result.eval_ppl) else "")
-    print(f"{args.method}: {result.steps} steps, {result.tokens} tokens, {result.seconds:.0f} s; {ppl}"
-          f"final loss {result.loss[-1]:.4f}" if result.loss else "no step run")
+    for line in summary_lines(result):
+        print(line)
     print(f"saved {out}/: {average_bits(student):.4f} bits/weight")
     return 0
+
+
+def summary_lines(result) -> list[str]:
+    """What the run did, for the terminal: steps and time per step, the validation perplexity from the start to
+    the model saved, the held-out curve's ends, and why it stopped early if it did."""
+    if not result.loss:
+        return ["no step run"]
+    lines = [f"{result.method}: {result.steps} steps, {result.tokens} tokens, {result.seconds:.0f} s "
+             f"({result.seconds / result.steps:.1f} s per step, evaluations included); final loss {result.loss[-1]:.4f}"]
+    if result.val_start is not None:
+        lines.append(f"validation perplexity {result.val_start:.3f} at the start -> {result.val_final:.3f} saved "
+                     f"(the state of step {result.best_step})")
+    if result.eval_ppl and all(math.isfinite(p) for p in result.eval_ppl):
+        lines.append(f"held-out perplexity {result.eval_ppl[0]:.3f} at the start -> {result.eval_ppl[-1]:.3f} "
+                     f"after step {result.eval_steps[-1]}")
+    if result.stopped:
+        lines.append(f"stopped early: {result.stopped}")
+    return lines

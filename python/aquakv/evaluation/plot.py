@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 from aquakv.evaluation.result import PerplexityResult
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend; ImportError saying how to install it when it is missing."""
     try:
         import matplotlib
     except ImportError:
@@ -33,7 +34,7 @@ def plot_perplexity_vs_bits(rows: Sequence[tuple[str, PerplexityResult]], path: 
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"plot file must end in .png, got {path}")
-    plt = _pyplot()
+    plt = pyplot()
     placed = [(n, r) for n, r in rows if r.bits_per_value is not None and math.isfinite(r.ppl)]
     unplaced = [n for n, r in rows if (n, r) not in placed]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)

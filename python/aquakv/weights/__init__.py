@@ -36,8 +36,7 @@ from aquakv.weights.linear import (
                                      higgs_quantize_dequantize_weight,
                                      higgs_weight_cost,
 )
-from aquakv.weights.pv_step import encode_with_scales
-from aquakv.weights.pv_tune import PVTuneConfig, PVTuneResult, pv_tune
+from aquakv.weights.pv import PVTuneConfig, PVTuneResult, encode_with_scales, pv_tune
 from aquakv.weights.quantize import (
                                      average_bits,
                                      candidate_grids,

@@ -1,8 +1,9 @@
 """PV-Tuning checkpoints: everything a run needs to continue exactly as if it had never stopped, in one file
-written atomically (aquakv.files), so an interrupted write leaves the previous checkpoint whole.
+written atomically (aquakv.atomic_writes), so an interrupted write leaves the previous checkpoint whole.
 
     DIR/pv_checkpoint.pt   torch.save of {format, format_version, config, step, layers: {name: {codes, scale,
-                           buffer}}, norms, p_optimizer, v_optimizer, history, seconds, rng}
+                           buffer}}, norms, p_optimizer, v_optimizer, history, guard,
+                           seconds, rng}
 
 `config` holds the settings that shape the trajectory (method, learning rates, seed, batch, window, ...); a
 resume with different ones is refused, since it would not be the same run. The number of steps may grow.
@@ -17,10 +18,10 @@ import torch
 from aquakv.atomic_writes import atomic_path
 
 FORMAT = "aquakv-pv-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the validation guard's history and best state
 CHECKPOINT_FILE = "pv_checkpoint.pt"
 _KEYS = ("format", "format_version", "config", "step", "layers", "norms", "p_optimizer", "v_optimizer", "history",
-         "seconds", "rng")
+         "guard", "seconds", "rng")
 
 
 def checkpoint_path(directory: str | os.PathLike) -> Path:

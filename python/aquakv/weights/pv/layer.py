@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aquakv.weights.linear import HiggsLinear, _flat_groups
-from aquakv.weights.pv_step import VStepOutcome, v_step_codes
+from aquakv.weights.pv.step import VStepOutcome, v_step_codes
 
 FP16_MAX = 65504.0
 

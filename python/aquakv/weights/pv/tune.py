@@ -7,93 +7,44 @@
 
 One step: the KL loss is accumulated over `batch_size` windows (one backward each); Adam updates the fp32
 master scales (lr); for "pv" and "ste" a second Adam (code_lr, betas (0, 0.95)) moves the straight-through
-buffers W~, and the V step re-encodes codes from them (pv_step.v_step_codes); codes and scales are then written
+buffers W~, and the V step re-encodes codes from them (pv.step.v_step_codes); codes and scales are then written
 into the HiggsLinear layers, which stay the stored truth throughout.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from aquakv.weights.pv_checkpoint import (
+from aquakv.evaluation.windows import cut_windows
+from aquakv.progress import progress as progress_bar
+from aquakv.weights.files import TUNED_NORMS_ATTR
+from aquakv.weights.pv.checkpoint import (
     check_compatible,
     checkpoint_path,
     load_checkpoint,
     save_checkpoint,
 )
-from aquakv.weights.pv_data import BatchSchedule, as_windows, eval_ids
-from aquakv.weights.files import TUNED_NORMS_ATTR
-from aquakv.weights.pv_layer import TunedHiggsLinear, check_layer_valid
-from aquakv.weights.pv_loss import check_head_matches, kl_window_loss
-from aquakv.weights.quantize import _set_submodule, higgs_layers
+from aquakv.weights.pv.data import BatchSchedule, as_windows, eval_ids
+from aquakv.weights.pv.guard import GUARD_WINDOWS, ValidationGuard, split_validation, windows_perplexity
+from aquakv.weights.pv.layer import TunedHiggsLinear, check_layer_valid
+from aquakv.weights.pv.loss import check_head_matches, kl_window_loss
+from aquakv.weights.pv.settings import CODE_LR_PER_NAT, LOSS_MEMORY, METHODS, PVTuneConfig, PVTuneResult
+from aquakv.weights.quantize import higgs_layers, set_submodule
 
 log = logging.getLogger(__name__)
 
-METHODS = ("pv", "ste", "p-only")
-
-
-@dataclass(frozen=True)
-class PVTuneConfig:
-    """The settings that shape a run's trajectory (a checkpoint refuses to resume under others)."""
-
-    method: str = "pv"
-    batch_size: int = 2
-    window: int = 256
-    lr: float = 1e-3
-    code_lr: float = 1e-2
-    max_code_change_per_step: float = 0.01
-    code_trust_ratio: float = 0.1
-    delta_decay: float = 0.0
-    seed: int = 0
-    tune_norms: bool = False
-    loss_chunk: int = 256
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"pv_tune: method must be one of {METHODS}, got {self.method!r}")
-        for name in ("batch_size", "window", "loss_chunk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "window" else 1):
-                raise ValueError(f"pv_tune: {name} must be an integer >= {2 if name == 'window' else 1}, got {value!r}")
-        for name, low, high in (("lr", 0, None), ("code_lr", 0, None), ("max_code_change_per_step", 0, 1),
-                                ("code_trust_ratio", 0, None), ("delta_decay", 0, 1)):
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-            ok = ok and value >= low and (high is None or value <= high) and value != float("inf")
-            if not ok or (name in ("max_code_change_per_step", "code_trust_ratio") and value == 0):
-                span = f"in (0, {high}]" if name == "max_code_change_per_step" else (
-                    f"in [0, {high}]" if high is not None else ("> 0" if name == "code_trust_ratio" else ">= 0"))
-                raise ValueError(f"pv_tune: {name} must be a finite number {span}, got {value!r}")
-
-
-@dataclass
-class PVTuneResult:
-    """What a run did. loss[i] and codes_changed[i] belong to step i + 1 (codes_changed summed over layers);
-    eval_steps/eval_ppl: held-out perplexity after that many steps (0: the start). tokens: training tokens the
-    student saw (steps * batch_size * window); seconds: wall time over all sessions of the run (resumes add)."""
-
-    method: str
-    steps: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    loss: list[float] = field(default_factory=list)
-    codes_changed: list[int] = field(default_factory=list)
-    eval_steps: list[int] = field(default_factory=list)
-    eval_ppl: list[float] = field(default_factory=list)
-    n_codes: int = 0
-    resumed_from: int | None = None
-
-
 def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, steps: int, batch_size: int = 2,
-            window: int = 256, lr: float = 1e-3, code_lr: float = 1e-2, max_code_change_per_step: float = 0.01,
+            window: int = 256, lr: float = 1e-3, code_lr: float | None = None,
+            code_lr_per_nat: float = CODE_LR_PER_NAT, max_code_change_per_step: float = 0.01,
             code_trust_ratio: float = 0.1, method: str = "pv", seed: int = 0, device: str | torch.device | None = None,
+            validation=None, validate_every: int | None = 5, validation_windows: int = GUARD_WINDOWS,
+            stop_rise: float = 0.25, backoff: float = 0.5, keep_best: bool = True,
             eval_data=None, eval_every: int | None = None, eval_window: int | None = None,
             eval_windows: int | None = None, checkpoint_dir=None, checkpoint_every: int | None = None,
             resume: bool = False, delta_decay: float = 0.0, tune_norms: bool = False,
@@ -103,18 +54,26 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
     teacher: the unquantized model, frozen, on any device. data: token ids (1-D LongTensor or a list of them) or
     texts (str or list of str, with `tokenizer`), cut into windows of `window` tokens; each step draws
     `batch_size` of them in a seeded order that reshuffles every epoch. method: "pv" (PV-Tuning), "ste" (every
-    code re-encoded from W~ every step, W~ never reset), "p-only" (scales only). delta_decay: after a PV V step,
-    W~ moves this fraction of the way to the new dequantized weight (0 keeps it, 1 resets it). tune_norms: the
-    RMSNorm weights join the P step; the student then names them in `student.aquakv_tuned_norms`, and
-    save_quantized stores them with the layers (load_quantized restores them).
-    eval_data (ids or texts): held-out perplexity at the start, every eval_every steps and at the end (windows of
-    eval_window tokens, default window; at most eval_windows). checkpoint_dir + checkpoint_every: an atomic
-    checkpoint every N steps and at the end; resume=True continues from the one in checkpoint_dir (refused if its
-    settings differ). device: where the student trains (moved there); None keeps it where it is.
+    code re-encoded from W~ every step, W~ never reset), "p-only" (scales only).
+    code_lr: a fixed Adam rate on W~; None (the default) makes it follow the training loss: code_lr_per_nat x the
+    mean KL of the last 5 steps, so a broken 2-bit start takes large code steps and a good 3-bit start small ones.
+    The guard (validate_every steps; None: off): the student's perplexity on `validation` (ids or texts; default
+    the last `validation_windows` training windows, never trained on) at the start, every validate_every steps and
+    at the end; each validation worse than the best multiplies the code step by `backoff`; a rise past
+    (1 + stop_rise) x the best stops the run with a warning; the best state is returned (keep_best=False: the last).
+    delta_decay: after a PV V step, W~ moves this fraction of the way to the new dequantized weight (0 keeps it,
+    1 resets it). tune_norms: the RMSNorm weights join the P step; the student then names them in
+    `student.aquakv_tuned_norms`, and save_quantized stores them with the layers (load_quantized restores them).
+    eval_data (ids or texts): a perplexity curve to report, at the start, every eval_every steps and at the end
+    (windows of eval_window tokens, default window; at most eval_windows). checkpoint_dir + checkpoint_every: an
+    atomic checkpoint every N steps and at the end; resume=True continues from the one in checkpoint_dir (refused
+    if its settings differ). device: where the student trains (moved there); None keeps it where it is.
     """
     config = PVTuneConfig(method=method, batch_size=batch_size, window=window, lr=lr, code_lr=code_lr,
-                          max_code_change_per_step=max_code_change_per_step, code_trust_ratio=code_trust_ratio,
-                          delta_decay=delta_decay, seed=seed, tune_norms=tune_norms, loss_chunk=loss_chunk)
+                          code_lr_per_nat=code_lr_per_nat, max_code_change_per_step=max_code_change_per_step,
+                          code_trust_ratio=code_trust_ratio, delta_decay=delta_decay, seed=seed, tune_norms=tune_norms,
+                          loss_chunk=loss_chunk, validate_every=validate_every, validation_windows=validation_windows,
+                          stop_rise=stop_rise, backoff=backoff, keep_best=keep_best)
     for name, value in (("steps", steps), ("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1)):
             raise ValueError(f"pv_tune: {name} must be a positive integer, got {value!r}")
@@ -127,7 +86,17 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
         student.to(device)
     s_device = next(iter(layers.values())).codes.device
     windows = as_windows(data, tokenizer, window, "data")
+    guard = None
+    if validate_every is not None:
+        if validation is None:
+            windows, held = split_validation(windows, validation_windows)
+        else:
+            held = as_windows(validation, tokenizer, window, "validation")
+        guard = ValidationGuard(held, every=validate_every, stop_rise=stop_rise, backoff=backoff, keep_best=keep_best)
     held_out = eval_ids(eval_data, tokenizer) if eval_data is not None else None
+    if held_out is not None:
+        eval_windows_ids = torch.stack(cut_windows(held_out, eval_window or window, keep_tail=False,
+                                                   max_windows=eval_windows))
     check_head_matches(teacher, windows[:1].to(next(teacher.parameters()).device))
     state = None
     if checkpoint_dir is not None and checkpoint_path(checkpoint_dir).is_file():
@@ -149,11 +118,11 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
     for p in norms.values():
         p.requires_grad_(True)
     p_opt = torch.optim.Adam([t.scale for t in tuned.values()] + list(norms.values()), lr=lr)
-    v_opt = (torch.optim.Adam([t.buffer for t in tuned.values()], lr=code_lr, betas=(0.0, 0.95))
+    v_opt = (torch.optim.Adam([t.buffer for t in tuned.values()], lr=code_lr or 0.0, betas=(0.0, 0.95))
              if method != "p-only" else None)
     result = PVTuneResult(method=method, n_codes=sum(t.unit.numel() // t.layer.dim for t in tuned.values()))
     if state is not None:
-        _restore(state, tuned, norms, p_opt, v_opt, result)
+        _restore(state, tuned, norms, p_opt, v_opt, result, guard)
         log.info("pv_tune: resumed from step %d of %s", result.steps, checkpoint_path(checkpoint_dir))
     schedule = BatchSchedule(len(windows), batch_size, seed)
     was_training = student.training
@@ -165,48 +134,94 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
                                     buffer=None if t.buffer is None else t.buffer.detach()) for n, t in tuned.items()},
                     norms={n: p.detach() for n, p in norms.items()}, p_optimizer=p_opt.state_dict(),
                     v_optimizer=None if v_opt is None else v_opt.state_dict(),
-                    history=dict(loss=result.loss, codes_changed=result.codes_changed, eval_steps=result.eval_steps,
-                                 eval_ppl=result.eval_ppl),
+                    history=dict(loss=result.loss, codes_changed=result.codes_changed, code_lr=result.code_lr,
+                                 eval_steps=result.eval_steps, eval_ppl=result.eval_ppl, stopped=result.stopped),
+                    guard=None if guard is None else guard.state_dict(),
                     seconds=time.perf_counter() - t0, rng=torch.get_rng_state())
 
-    def evaluate() -> None:
-        from aquakv.evaluation.perplexity import evaluate_perplexity
+    def best_state() -> dict:  # what the model returned is made of: codes, master scales, tuned norms
+        return dict(layers={n: dict(codes=t.layer.codes.clone(), scale=t.scale.detach().clone())
+                            for n, t in tuned.items()}, norms={n: p.detach().clone() for n, p in norms.items()})
 
+    def evaluate() -> None:
         student.eval()
-        res = evaluate_perplexity(student, held_out.to(s_device), window=eval_window or window, step=None,
-                                  max_windows=eval_windows, progress=False, desc=f"pv-tune step {result.steps}")
+        ppl = windows_perplexity(student, eval_windows_ids)
         result.eval_steps.append(result.steps)
-        result.eval_ppl.append(res.ppl)
-        log.info("pv_tune: step %d held-out perplexity %.4f", result.steps, res.ppl)
+        result.eval_ppl.append(ppl)
+        log.info("pv_tune: step %d held-out perplexity %.4f", result.steps, ppl)
+
+    def validate() -> None:
+        student.eval()
+        decision = guard.observe(result.steps, guard.measure(student), best_state)
+        log.info("pv_tune: step %d validation perplexity %.4f%s", result.steps, decision.ppl,
+                 " (best)" if decision.improved else f" (best {guard.best_ppl:.4f} at step {guard.best_step})")
+        if decision.stop:
+            result.stopped = decision.stop
+            log.warning("pv_tune: stopped early: %s; returning the state of step %s", decision.stop,
+                        guard.best_step if keep_best else result.steps)
+
+    def code_rate(loss: float) -> float:  # the V step's Adam rate this step
+        rate = code_lr if code_lr is not None else code_lr_per_nat * (
+            (sum(result.loss[-(LOSS_MEMORY - 1):]) + loss) / (len(result.loss[-(LOSS_MEMORY - 1):]) + 1))
+        return rate * (guard.step_scale() if guard is not None else 1.0)
 
     try:
+        student.eval()
         if held_out is not None and result.steps == 0 and not result.eval_steps:
             evaluate()
+        if guard is not None and not guard.steps:
+            validate()
         with _swapped(student, tuned, layers):
             _train_mode(student, activation_checkpointing)
-            bar = tqdm(range(result.steps, steps), desc=f"pv-tune ({method})", disable=not progress, unit="step")
+            bar = progress_bar(range(result.steps, steps), desc=f"pv-tune ({method})", enabled=progress, unit="step")
             for step in bar:
-                loss, changed = _one_step(student, teacher, windows[schedule.batch(step)].to(s_device), tuned, norms,
-                                          p_opt, v_opt, config)
+                if result.stopped:
+                    break
+                loss, changed, rate = _one_step(student, teacher, windows[schedule.batch(step)].to(s_device), tuned,
+                                                norms, p_opt, v_opt, config, code_rate)
                 result.steps, result.tokens = step + 1, (step + 1) * batch_size * window
                 result.loss.append(loss)
                 result.codes_changed.append(changed)
-                bar.set_postfix(loss=f"{loss:.4f}", codes=changed)
-                due_eval = eval_every is not None and result.steps % eval_every == 0
-                if held_out is not None and (due_eval or result.steps == steps):
+                result.code_lr.append(rate)
+                bar.set_postfix_str(f"loss={loss:.4f}, codes={changed}")
+                if not math.isfinite(loss) and guard is not None:
+                    result.stopped = f"training loss is {loss} at step {result.steps}"
+                    log.warning("pv_tune: stopped early: %s", result.stopped)
+                last = result.steps == steps or result.stopped is not None
+                due_eval = held_out is not None and (last or (eval_every is not None and result.steps % eval_every == 0))
+                due_val = guard is not None and not result.stopped and result.steps % guard.every == 0
+                # An end off the guard's interval is validated after the checkpoint: a resumed run must not see it.
+                end_val = guard is not None and not result.stopped and last and not due_val
+                if due_eval or due_val:
                     with _swapped_back(student, tuned, layers):
-                        evaluate()
+                        if due_val:
+                            validate()
+                        if held_out is not None and (due_eval or result.stopped):
+                            evaluate()
                     _train_mode(student, activation_checkpointing)
                 result.seconds = time.perf_counter() - t0
-                if checkpoint_dir is not None and (result.steps == steps or (
+                if checkpoint_dir is not None and (last or result.stopped or (
                         checkpoint_every is not None and result.steps % checkpoint_every == 0)):
                     save_checkpoint(checkpoint_dir, snapshot())
+                if end_val:
+                    with _swapped_back(student, tuned, layers):
+                        validate()
+            bar.close()
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         if activation_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
             student.gradient_checkpointing_disable()
         student.train(was_training)
+    if guard is not None:
+        result.val_steps, result.val_ppl = list(guard.steps), list(guard.ppl)
+        result.val_start = guard.ppl[0]
+        if keep_best and guard.best_step is not None and guard.best_step != guard.steps[-1]:
+            _load_best(guard.best_state, tuned, norms)
+            log.info("pv_tune: returning the state of step %d (validation perplexity %.4f, last %.4f)",
+                     guard.best_step, guard.best_ppl, guard.ppl[-1])
+        result.best_step = guard.best_step if keep_best else guard.steps[-1]
+        result.val_final = guard.best_ppl if keep_best else guard.ppl[-1]
     for name, m in layers.items():
         check_layer_valid(name, m, codes_shapes[name])
     result.seconds = time.perf_counter() - t0
@@ -214,10 +229,10 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
 
 
 def _one_step(student, teacher, batch: torch.Tensor, tuned: dict[str, TunedHiggsLinear], norms: dict,
-              p_opt: torch.optim.Optimizer, v_opt: torch.optim.Optimizer | None, config: PVTuneConfig
-              ) -> tuple[float, int]:
-    """Gradients over the batch (one window per backward), then the P step and the V step. Returns (mean loss,
-    codes changed)."""
+              p_opt: torch.optim.Optimizer, v_opt: torch.optim.Optimizer | None, config: PVTuneConfig, code_rate
+              ) -> tuple[float, int, float]:
+    """Gradients over the batch (one window per backward), then the P step and the V step at the rate
+    code_rate(loss). Returns (mean loss, codes changed, the V step's rate; 0 without one)."""
     p_opt.zero_grad(set_to_none=True)
     if v_opt is not None:
         v_opt.zero_grad(set_to_none=True)
@@ -226,11 +241,16 @@ def _one_step(student, teacher, batch: torch.Tensor, tuned: dict[str, TunedHiggs
         loss = kl_window_loss(student, teacher, ids[None], chunk=config.loss_chunk) / len(batch)
         loss.backward()
         total += float(loss.detach())
+    if not math.isfinite(total):  # a NaN step would poison every scale; the guard stops the run
+        return total, 0, 0.0
     p_opt.step()
-    changed = 0
+    changed, rate = 0, 0.0
     for t in tuned.values():
         t.clamp_scales()
     if v_opt is not None:
+        rate = code_rate(total)
+        for group in v_opt.param_groups:
+            group["lr"] = rate
         v_opt.step()
         for t in tuned.values():
             outcome = t.v_step(select=config.method == "pv", max_code_change_per_step=config.max_code_change_per_step,
@@ -239,10 +259,23 @@ def _one_step(student, teacher, batch: torch.Tensor, tuned: dict[str, TunedHiggs
             changed += outcome.changed
     for t in tuned.values():
         t.commit()
-    return total, changed
+    return total, changed, rate
 
 
-def _restore(state: dict, tuned: dict[str, TunedHiggsLinear], norms: dict, p_opt, v_opt, result: PVTuneResult) -> None:
+def _load_best(best: dict, tuned: dict[str, TunedHiggsLinear], norms: dict) -> None:
+    """Write the kept best state into the HiggsLinear layers (codes, fp16 scales) and the tuned norms."""
+    with torch.no_grad():
+        for name, t in tuned.items():
+            entry = best["layers"][name]
+            t.layer.codes.copy_(entry["codes"].to(t.layer.codes.device))
+            t.scale.copy_(entry["scale"].to(t.scale.device))
+            t.commit()
+        for name, p in norms.items():
+            p.copy_(best["norms"][name])
+
+
+def _restore(state: dict, tuned: dict[str, TunedHiggsLinear], norms: dict, p_opt, v_opt, result: PVTuneResult,
+             guard: ValidationGuard | None) -> None:
     for name, t in tuned.items():
         entry = state["layers"][name]
         dev = t.layer.codes.device
@@ -256,7 +289,10 @@ def _restore(state: dict, tuned: dict[str, TunedHiggsLinear], norms: dict, p_opt
         v_opt.load_state_dict(state["v_optimizer"])
     history = state["history"]
     result.loss, result.codes_changed = list(history["loss"]), list(history["codes_changed"])
+    result.code_lr, result.stopped = list(history["code_lr"]), history["stopped"]
     result.eval_steps, result.eval_ppl = list(history["eval_steps"]), list(history["eval_ppl"])
+    if guard is not None and state["guard"] is not None:
+        guard.load_state_dict(state["guard"])
     result.steps = result.resumed_from = int(state["step"])
     result.tokens = result.steps * state["config"]["batch_size"] * state["config"]["window"]
     result.seconds = float(state["seconds"])
@@ -290,11 +326,11 @@ class _swapped:
 
     def __enter__(self):
         for name, t in self.tuned.items():
-            _set_submodule(self.student, name, t)
+            set_submodule(self.student, name, t)
 
     def __exit__(self, *exc):
         for name, m in self.layers.items():
-            _set_submodule(self.student, name, m)
+            set_submodule(self.student, name, m)
 
 
 class _swapped_back(_swapped):
