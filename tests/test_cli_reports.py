@@ -124,3 +124,50 @@ def test_eval_writes_progress_lines_when_stderr_is_not_a_terminal(capsys, tiny, 
     assert code == 0, err
     assert "fp16 (unquantized): 2/2 window" in err and "AQUA-KV-2: 2/2 window" in err
     assert "\r" not in err
+
+
+def test_demo_reports_on_stdout_and_progress_on_stderr(tiny, monkeypatch, capsys):
+    """The slow steps are stubbed: what is checked is which stream each line goes to, and the closing note."""
+    import aquakv.demo as demo
+    import aquakv.evaluation.compare as compare
+    import aquakv.kv
+    from aquakv.evaluation.result import PerplexityResult
+
+    model, _ = tiny
+    monkeypatch.setattr(aquakv.kv, "calibrate", lambda m, ids, bits, **k: aquakv.kv.AquaKVPredictors.zeros(m, bits))
+    row = PerplexityResult(ppl=10.0, nll=2.3, n_tokens=511, n_windows=1, bits_per_value=16.0, compressed_values=0)
+    monkeypatch.setattr(compare, "compare_caches",
+                        lambda *a, **k: compare.Comparison(rows=[("fp16 (unquantized)", row)]))
+    monkeypatch.setattr(demo, "_generate", lambda *a, **k: "True")
+    demo.run_demo(quick=True, model=model, tokenizer=ByteTokenizer(), progress=False)
+    out, err = capsys.readouterr()
+    assert "calibrating AQUA-KV-2" in err and "perplexity on 1 held-out window" in err
+    assert "calibrating" not in out and " ..." not in out
+    assert "| fp16 (unquantized) |" in out and "AQUA-KV-2 calibrated on" in out
+    assert "(the two answers are identical. One greedy answer shows" in out and "not a quality measure" in out
+
+
+def test_one_cache_naming_across_commands(tiny, preds_file):
+    """A cache's name is its table label in lowercase without dashes; every command takes either spelling."""
+    import aquakv
+    from aquakv.cli.common import UserError, cache_name
+    from aquakv.cli.longctx import cache_factories
+
+    assert [cache_name(t) for t in ("AQUA-KV-2", "KIVI-2", "HIGGS-2 (no predictors)", "fp16 (unquantized)",
+                                    "AQUA-KV-2-bf16", "kivi2", "aquakv-bf16")] == \
+        ["aquakv2", "kivi2", "higgs2", "fp16", "aquakv2-bf16", "kivi2", "aquakv-bf16"]
+    preds = aquakv.AquaKVPredictors.load(preds_file)
+    assert [n for n, _ in cache_factories(["FP16", "KIVI-2", "AQUA-KV-2"], preds)] == ["fp16", "kivi2", "aquakv2"]
+    with pytest.raises(UserError, match="calibrated at 2 bits"):
+        cache_factories(["AQUA-KV-3"], preds)
+    args = cli.build_parser().parse_args(["eval", "--predictors", "p", "--baselines", "KIVI-2", "HIGGS-2", "kivi4"])
+    assert args.baselines == ["kivi2", "higgs2", "kivi4"]
+
+
+def test_longctx_writes_progress_lines_not_bars_into_a_log(capsys, tiny, tmp_path):
+    _, text = tiny
+    code, out, err = run(capsys, "longctx", "--task", "ppl", "--context", "256", "--prefill", "128", "--chunk", "64",
+                         "--max-windows", "1", "--caches", "fp16", "KIVI-2", "--text", str(text), "--device", "cpu")
+    assert code == 0, err
+    assert "fp16 @ 256: 1/1 window" in err and "kivi2 @ 256: 1/1 window" in err
+    assert "\r" not in err and "| kivi2 | 256 |" in out

@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -224,6 +225,37 @@ def load(args: argparse.Namespace):
     log.info("model loaded in %.1f s (%s, %s layers)", time.perf_counter() - t0, getattr(cfg, "model_type", "?"),
              getattr(cfg, "num_hidden_layers", "?"))
     return model, tokenizer
+
+
+# ---- cache names -------------------------------------------------------------------------------------------------
+# One naming across commands: a cache's name is its table label in lowercase without dashes (AQUA-KV-2 is aquakv2,
+# KIVI-2 kivi2, HIGGS-2 (no predictors) higgs2), and every command accepts either spelling. `aquakv` alone is AQUA-KV
+# at the --predictors file's bits; aquakvB names the bits and checks them against the file.
+_AQUAKV_BITS = re.compile(r"aquakv(\d+(?:\.\d+)?)(-bf16)?")
+
+
+def cache_name(text: str) -> str:
+    """The canonical spelling of a cache name or table label: 'AQUA-KV-2' -> 'aquakv2', 'KIVI-2' -> 'kivi2',
+    'HIGGS-2 (no predictors)' -> 'higgs2', 'AQUA-KV-2-bf16' -> 'aquakv2-bf16'; registry names stay as they are."""
+    name = re.sub(r"\s*\(.*\)$", "", text.strip()).lower()
+    bf16 = name.endswith("-bf16")
+    name = name[: -len("-bf16")] if bf16 else name
+    return name.replace("-", "").replace("_", "").replace(" ", "") + ("-bf16" if bf16 else "")
+
+
+def registry_entry(name: str, predictors=None, option: str = "--caches") -> str:
+    """The registry entry a canonical cache name stands for, checking aquakvB's bits against the predictors.
+    UserError (naming the known names) for anything else."""
+    from aquakv.kv import registry
+
+    m = _AQUAKV_BITS.fullmatch(name)
+    entry = ("aquakv" + (m.group(2) or "")) if m else name
+    if entry not in registry.names():
+        raise UserError(f"{option} {name!r} is not a cache name: {', '.join(registry.names())}, aquakvB or "
+                        "aquakvB-bf16 (a table label such as AQUA-KV-2 or KIVI-2 is accepted too)")
+    if m and predictors is not None and float(m.group(1)) != predictors.settings.bits:
+        raise UserError(f"{option} {name}: the --predictors file was calibrated at {predictors.settings.bits:g} bits")
+    return entry
 
 
 def check_window_fits(model, window: int, option: str = "--window") -> None:

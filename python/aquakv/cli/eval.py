@@ -21,8 +21,8 @@ ALWAYS = ("fp16", "aquakv")  # the rows every eval prints; --baselines adds othe
 
 
 class _Baselines:
-    """The --baselines choices: registry names, looked up only when an eval command is parsed or its help shown
-    (the registry lives in aquakv.kv, whose import pulls in torch)."""
+    """The --baselines choices: registry names (or aquakvB, or a table label: common.cache_name), looked up only
+    when an eval command is parsed or its help shown."""
 
     def _names(self) -> list[str]:
         from aquakv.kv import registry
@@ -30,7 +30,11 @@ class _Baselines:
         return [n for n in registry.names() if n not in ALWAYS]
 
     def __contains__(self, name) -> bool:
-        return name in self._names()
+        try:
+            common.registry_entry(name, option="--baselines")
+        except UserError:
+            return False
+        return name not in ALWAYS
 
     def __iter__(self):
         return iter(self._names())
@@ -103,7 +107,8 @@ def run_eval(args: argparse.Namespace) -> int:
     ids = token_ids(tokenizer, None, "evaluation", texts=texts)
     if ids.numel() < args.window:
         raise UserError(f"the text has {ids.numel()} tokens, fewer than one --window of {args.window}")
-    rows = registry.rows([*ALWAYS, *(args.baselines or ())], predictors=preds, seed=args.seed)
+    extra = [common.registry_entry(name, preds, "--baselines") for name in args.baselines or ()]
+    rows = registry.rows([*ALWAYS, *extra], predictors=preds, seed=args.seed)
     result = compare_caches(model, ids, rows, window=args.window, step=args.step, max_windows=args.max_windows,
                             batch_size=args.batch_size, progress=common.progress_on(args))
     n = result.rows[0][1]
@@ -149,8 +154,9 @@ def add_eval(sub) -> None:
     p.add_argument("--step", type=positive_int, default=32, metavar="S", help="tokens per forward call (default 32)")
     p.add_argument("--max-windows", type=positive_int, metavar="N", help="evaluate at most this many windows (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="windows per forward (speed only; default 1)")
-    p.add_argument("--baselines", nargs="+", choices=_Baselines(), metavar="NAME",
-                   help="extra rows from the cache registry (listed below); unavailable ones are reported, not run")
+    p.add_argument("--baselines", nargs="+", type=common.cache_name, choices=_Baselines(), metavar="NAME",
+                   help="extra rows from the cache registry (listed below; a table label such as KIVI-2 names the "
+                        "same cache as kivi2); unavailable ones are reported, not run")
     p.add_argument("--plot", metavar="FILE.png", help="also write perplexity against bits/value as a PNG "
                    "(needs matplotlib)")
     add_common_options(p)

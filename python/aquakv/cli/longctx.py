@@ -12,10 +12,12 @@ from aquakv.cli.common import (
     add_common_options,
     add_model_options,
     add_text_option,
+    cache_name,
     check_files,
     check_model_args,
     log,
     positive_int,
+    registry_entry,
 )
 
 LONGCTX_DESCRIPTION = """\
@@ -29,8 +31,9 @@ alone (docs/long_context.md states both protocols).
 LONGCTX_EPILOG = """\
 caches (--caches): the names of the cache registry that `aquakv eval --help` describes (fp16, dynamic, kivi4,
   kivi2, higgs2, higgs3, higgs, aquakv, aquakv-bf16, fp8, quanto, hqq), plus aquakvB and aquakvB-bf16: AQUA-KV with
-  the --predictors file, checking that it was calibrated at B bits (-bf16: predictor matmuls in bfloat16). The first
-  cache is the baseline every row is compared with.
+  the --predictors file, checking that it was calibrated at B bits (-bf16: predictor matmuls in bfloat16). A table
+  label of `aquakv eval` names the same cache (AQUA-KV-2 is aquakv2, KIVI-2 kivi2). The first cache is the baseline
+  every row is compared with.
 
 examples:
   aquakv longctx --task needle --context 1024 2048 4096 8192 --samples 3 --caches fp16 kivi2 higgs2 aquakv2 \\
@@ -42,21 +45,15 @@ examples:
 def cache_factories(names: Sequence[str], predictors=None, attention: str = "materialize"
                     ) -> list[tuple[str, Callable]]:
     """(name, factory) for each --caches name: a name of aquakv.kv.registry, or aquakvB (AQUA-KV, checking that the
-    --predictors file was calibrated at B bits). A bad name raises UserError."""
+    --predictors file was calibrated at B bits), in either spelling (kivi2 or KIVI-2; see common.cache_name); the
+    name returned is the canonical one. A bad name raises UserError."""
     from aquakv.kv import registry
 
     out: list[tuple[str, Callable]] = []
-    for name in names:
-        m = re.fullmatch(r"aquakv(\d+(?:\.\d+)?)(-bf16)?", name)
-        entry_name = ("aquakv" + (m.group(2) or "")) if m else name
-        if entry_name not in registry.names():
-            raise UserError(f"--caches {name!r} is not a cache name: {', '.join(registry.names())}, aquakvB or "
-                            "aquakvB-bf16")
-        entry = registry.get(entry_name)
+    for name in map(cache_name, names):
+        entry = registry.get(registry_entry(name, predictors))
         if entry.needs_predictors and predictors is None:
             raise UserError(f"--caches {name} needs --predictors (a file from `aquakv calibrate`)")
-        if m and float(m.group(1)) != predictors.settings.bits:
-            raise UserError(f"--caches {name}: the --predictors file was calibrated at {predictors.settings.bits:g} bits")
         why = entry.unavailable()
         if why is not None:
             raise UserError(f"--caches {name} is unavailable here: {why}")

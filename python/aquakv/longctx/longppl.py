@@ -31,6 +31,7 @@ from aquakv.evaluation.perplexity import (
 )
 from aquakv.evaluation.windows import cut_windows
 from aquakv.hf_compat import cache_kwargs
+from aquakv.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,10 @@ def evaluate_long_perplexity(model: torch.nn.Module, token_ids: torch.Tensor,
     device = next(model.parameters()).device
     windows = cut_windows(token_ids, window, keep_tail=False, max_windows=max_windows)
 
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     nll_all = nll_tail = 0.0
     sizes: list[float] = []
-    for ids in tqdm(windows, desc=desc, unit="window", disable=not progress, leave=False):
+    for ids in progress_bar(windows, desc=desc, unit="window", enabled=progress, leave=False):
         cache = factory(model)
         try:
             total, tail = long_window_nll(model, ids[None].to(device), cache, prefill=prefill, chunk=chunk, step=step)

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from aquakv.hf_compat import cache_kwargs
+from aquakv.progress import progress as progress_bar
 from aquakv.longctx.passkey import DEPTHS, NeedleTask, answer_matches, build_tasks
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,9 @@ def run_needle(model: torch.nn.Module, tokenizer, caches: Sequence[tuple[str, Ca
     result = NeedleResult(lengths=list(lengths), depths=list(depths), samples=samples,
                           prefill_chunk=prefill_chunk or None, max_new_tokens=max_new_tokens)
 
-    from tqdm.auto import tqdm
-
     for name, factory in caches:
         t0 = time.perf_counter()
-        for task in tqdm(tasks, desc=f"needle {name}", unit="prompt", disable=not progress, leave=False):
+        for task in progress_bar(tasks, desc=f"needle {name}", unit="prompt", enabled=progress, leave=False):
             t1 = time.perf_counter()
             cache = factory(model)
             try:
