@@ -149,13 +149,13 @@ def _run(tmp_path, layers: int = 4, **kwargs):
 def test_infeasible_budget_is_refused_before_any_measurement(tmp_path, monkeypatch):
     """Above the most expensive configuration: only the layers' sizes show it. Before, it surfaced after the layer
     errors and the sensitivities had been measured (and sensitivities.json written)."""
-    import aquakv.weights.pipeline as pipeline
+    import aquakv.weights.plan as plan
 
     def measured(*args, **kwargs):
         raise AssertionError("measured before the budget was checked")
 
-    monkeypatch.setattr(pipeline, "measure_layer_errors", measured)
-    monkeypatch.setattr(pipeline, "measure_sensitivities", measured)
+    monkeypatch.setattr(plan, "measure_layer_errors", measured)
+    monkeypatch.setattr(plan, "measure_sensitivities", measured)
     with pytest.raises(InfeasibleBudget, match="above the most expensive"):
         _run(tmp_path, budget=8.5)
     assert not (tmp_path / "out").exists()
@@ -191,7 +191,7 @@ def test_pipeline_report_and_reused_sensitivities_give_the_same_files(tmp_path):
 
 def test_pipeline_evaluation_rows_are_perplexity_results(tmp_path):
     ids = torch.cat(random_token_windows(1, 140, seed=2))
-    report = _run(tmp_path, layers=1, bits=3, evaluate=True, eval_window=64, eval_ids=ids, calib_ids=ids)
+    report = _run(tmp_path, layers=1, bits=3, evaluate=True, dp_row=True, eval_window=64, eval_ids=ids, calib_ids=ids)
     names = [name for name, _ in report.rows]
     assert names == ["unquantized (fp32)", "RTN 3-bit", "HIGGS 3-bit d2_n64", "HIGGS + DP (budget 3.25)"]
     base = evaluate_perplexity(make_tiny_llama(seed=6, num_hidden_layers=1), ids, window=64, step=None, progress=False)
@@ -213,3 +213,33 @@ def test_one_pass_perplexity_matches_manual_cross_entropy():
         logits = model(windows).logits
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
     assert res.nll == pytest.approx(float(nll), rel=1e-6)  # same logits, sum vs mean order only
+
+
+def test_eval_with_fixed_bits_measures_only_what_the_table_needs_with_progress_lines(tmp_path, monkeypatch, capsys):
+    """Before: --bits 4 --eval also ran the DP's sensitivity measurement (half an hour on SmolLM2-135M), silently
+    when stderr was redirected. Now the table has the three rows a fixed width needs; every phase shows progress,
+    as plain lines when stderr is not a terminal (as here: pytest captures it)."""
+    import aquakv.models
+    import aquakv.weights.plan as plan
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured for a fixed --bits without --dp-row")
+
+    monkeypatch.setattr(plan, "measure_layer_errors", measured)
+    monkeypatch.setattr(plan, "measure_sensitivities", measured)
+    monkeypatch.setattr(aquakv.models, "load_model", lambda *a, **k: (make_tiny_llama(seed=6), _CharTokenizer()))
+    args = _cli(["quantize-weights", "--bits", "4", "--out", str(tmp_path), "--eval", "--group-size", "64",
+                 "--eval-window", "64", "--eval-windows", "2"])
+    assert args.func(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["unquantized (fp32)", "RTN 4-bit", "HIGGS 4-bit d2_n256"]
+    assert not (tmp_path / "sensitivities.json").exists() and not (tmp_path / "allocation.json").exists()
+    err = capsys.readouterr().err
+    for phase in ("unquantized (fp32): 2/2 window", "RTN 4-bit: ", "HIGGS quantize: ", "HIGGS 4-bit d2_n256: 2/2"):
+        assert phase in err, err
+
+
+def test_dp_row_needs_bits_and_eval(tmp_path, no_model_load):
+    args = _cli(["quantize-weights", "--budget", "3.0625", "--dp-row", "--out", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="--dp-row"):
+        args.func(args)

@@ -55,7 +55,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=positive_int, default=4, help="calibration windows for sensitivities (default 4)")
     p.add_argument("--calib-len", type=positive_int, default=128, help="tokens per calibration window (default 128)")
     p.add_argument("--eval", action="store_true",
-                   help="print perplexity on held-out text for: unquantized, RTN at the same bits, HIGGS uniform, HIGGS + DP")
+                   help="print perplexity on held-out text for: unquantized, RTN at the same bits, HIGGS uniform, and "
+                        "HIGGS + DP with --budget (or --dp-row)")
+    p.add_argument("--dp-row", action="store_true",
+                   help="with --bits and --eval, also the DP allocation at the same size as a row: measures the "
+                        "sensitivities unless --sensitivities (about 10 min for SmolLM2-135M on one thread)")
     p.add_argument("--eval-window", type=positive_int, default=1024, help="tokens per evaluation window (default 1024)")
     p.add_argument("--eval-windows", type=positive_int, default=None, help="at most this many evaluation windows (default: all)")
     add_common_options(p)
@@ -73,6 +77,8 @@ def _check_before_load(args: argparse.Namespace) -> None:
 
     check_model_args(args)
     check_files([args.sensitivities] if args.sensitivities else None, "--sensitivities file")
+    if args.dp_row and not (args.eval and args.bits is not None):
+        raise UserError("--dp-row adds the DP's row to the --eval table of a --bits run; give --bits and --eval")
     try:  # the messages name the option as the library spells it (budget=, group_size=, ...)
         check_weight_options(bits=args.bits, budget=args.budget, group_size=args.group_size, min_bits=args.min_bits,
                              max_bits=args.max_bits)
@@ -86,16 +92,19 @@ def _check_before_load(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute `quantize-weights` (the parser's func); user errors raise common.UserError."""
-    from aquakv.weights.pipeline import quantize_weights
+    from aquakv.weights.pipeline import WeightSettings, quantize_weights
 
     _check_before_load(args)
-    model, tokenizer = common.load(args)
-    report = quantize_weights(
-        model, tokenizer, bits=args.bits, budget=args.budget, out=Path(args.out), group_size=args.group_size,
-        seed=args.seed, include_lm_head=args.include_lm_head, min_bits=args.min_bits, max_bits=args.max_bits,
+    settings = WeightSettings(
+        bits=args.bits, budget=args.budget, group_size=args.group_size, seed=args.seed,
+        include_lm_head=args.include_lm_head, min_bits=args.min_bits, max_bits=args.max_bits,
         sensitivities=args.sensitivities, noise=args.noise, calib_windows=args.calib_windows, calib_len=args.calib_len,
-        evaluate=args.eval, eval_window=args.eval_window, eval_windows=args.eval_windows,
-        label=args.model or "bundled SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", progress=common.show_progress(args))
+        evaluate=args.eval, eval_window=args.eval_window, eval_windows=args.eval_windows, dp_row=args.dp_row,
+        label=args.model or "bundled SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)")
+    common.log.info("%s", plan_summary(settings))
+    model, tokenizer = common.load(args)
+    # Progress on every phase: a bar on a terminal, a line every ~10 s in a redirected log (aquakv.progress).
+    report = quantize_weights(model, tokenizer, settings, out=Path(args.out), progress=not args.quiet)
     if report.rows:
         from aquakv.evaluation import format_table
 
@@ -104,6 +113,26 @@ def run(args: argparse.Namespace) -> int:
     how = "DP allocation" if args.budget is not None else f"uniform {report.uniform_bits:g}-bit"
     print(f"saved {args.out}/: {report.average_bits:.4f} bits/weight over the quantized linears ({how})")
     return 0
+
+
+def plan_summary(settings) -> str:
+    """One line saying what the run will do, before the model loads."""
+    if settings.budget is not None:
+        what = (f"the DP allocation at {settings.budget:g} bits/weight: layer errors, "
+                + ("the given sensitivities" if settings.sensitivities else
+                   f"the sensitivities on {settings.calib_windows} windows of {settings.calib_len} tokens (about 10 "
+                   f"min for SmolLM2-135M on one thread)"))
+    else:
+        what = f"HIGGS {settings.bits:g}-bit everywhere"
+        if settings.dp_row:
+            what += " and, for the table's DP row, the DP allocation at the same size (" + (
+                "the given sensitivities)" if settings.sensitivities else "measures the sensitivities: ~10 min)")
+    if settings.evaluate:
+        rows = 4 if settings.needs_dp else 3
+        windows = f"at most {settings.eval_windows}" if settings.eval_windows else "all"
+        what += (f"; then {rows} models evaluated on {windows} windows of {settings.eval_window} tokens of the "
+                 f"evaluation text (one forward per window and model)")
+    return f"quantize-weights: {what}"
 
 
 def main(argv: list[str] | None = None) -> int:

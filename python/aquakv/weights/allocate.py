@@ -5,7 +5,8 @@ For layer i quantized with grid j, the loss increase is modelled as alpha_i * e_
   alpha_i = d NLL / d (relative MSE of layer i), measured once per layer by adding Gaussian noise of a
             known relative size t^2 to that layer alone and watching the calibration NLL.
 The model's NLL increase is predicted as sum_i alpha_i e_ij, and an exact dynamic programme picks one
-grid per layer minimising it under a total bit budget. The alphas come from aquakv.weights.sensitivities.
+grid per layer minimising it under a total bit budget. The e_ij come from aquakv.weights.layer_errors, the
+alphas from aquakv.weights.sensitivities.
 """
 from __future__ import annotations
 
@@ -16,17 +17,10 @@ from functools import reduce
 from typing import Sequence
 
 import numpy as np
-import torch
-from torch import nn
-from tqdm.auto import tqdm
 
-from aquakv.weights.linear import (
-    DEFAULT_GROUP_SIZE,
-    grid_bits,
-    higgs_quantize_dequantize_weight,
-    higgs_weight_cost,
-)
-from aquakv.weights.quantize import Grid, candidate_grids, quantizable_linears
+from aquakv.weights.layer_errors import LayerTable
+from aquakv.weights.linear import grid_bits
+from aquakv.weights.quantize import Grid
 from aquakv.weights.sensitivities import Sensitivities
 
 log = logging.getLogger(__name__)
@@ -34,40 +28,6 @@ log = logging.getLogger(__name__)
 
 class InfeasibleBudget(ValueError):
     """The requested bit budget cannot be met (or cannot be spent) with the candidate grids."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Per-layer errors and sizes
-# ---------------------------------------------------------------------------------------------------
-@dataclass
-class LayerTable:
-    """errors[i, j]: relative MSE of layer i under grid j; cost_bits[i, j]: its storage (codes + scales)."""
-
-    names: list[str]
-    numel: np.ndarray  # int64 [L]
-    grids: list[Grid]  # [J]
-    group_size: int
-    errors: np.ndarray  # float64 [L, J]
-    cost_bits: np.ndarray  # int64 [L, J]
-
-    def uniform_choice(self, grid: Grid) -> np.ndarray:
-        return np.full(len(self.names), self.grids.index(tuple(grid)))
-
-    def average_bits(self, choice: Sequence[int]) -> float:
-        return float(self.cost_bits[np.arange(len(self.names)), choice].sum() / self.numel.sum())
-
-
-def layer_costs(model: nn.Module, grids: Sequence[Grid], *, group_size: int = DEFAULT_GROUP_SIZE,
-                include_lm_head: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(names [L], numel int64 [L], cost_bits int64 [L, J]) of every quantizable linear under every grid: what the
-    budget is checked against. Needs only the layers' sizes, no quantization."""
-    layers = quantizable_linears(model, include_lm_head)
-    if not layers:
-        raise ValueError("the model has no nn.Linear layer to quantize")
-    numel = np.array([m.weight.numel() for m in layers.values()], dtype=np.int64)
-    cost = np.array([[higgs_weight_cost(int(n), dim, points, group_size) for dim, points in grids] for n in numel],
-                    dtype=np.int64).reshape(len(layers), len(grids))
-    return list(layers), numel, cost
 
 
 def check_budget(numel: np.ndarray, cost_bits: np.ndarray, average_bits: float, grids: Sequence[Grid]) -> None:
@@ -83,31 +43,6 @@ def check_budget(numel: np.ndarray, cost_bits: np.ndarray, average_bits: float, 
         raise InfeasibleBudget(f"average_bits={average_bits} is above the most expensive configuration, {high:.4f} "
                                f"bits/weight (every layer at the largest candidate grid of {list(grids)}); lower it or "
                                f"add larger grids")
-
-
-@torch.no_grad()
-def measure_layer_errors(model: nn.Module, grids: Sequence[Grid] | None = None, *, group_size: int = DEFAULT_GROUP_SIZE,
-                         seed: int = 0, include_lm_head: bool = False, progress: bool = True) -> LayerTable:
-    """Quantize every quantizable linear with every candidate grid (default `candidate_grids()`) and record
-    the relative error and the size. The model is not modified."""
-    grids = [tuple(g) for g in (grids if grids is not None else candidate_grids())]
-    layers = quantizable_linears(model, include_lm_head)
-    if not layers:
-        raise ValueError("measure_layer_errors: the model has no nn.Linear layer to quantize")
-    errors = np.zeros((len(layers), len(grids)))
-    cost = np.zeros((len(layers), len(grids)), dtype=np.int64)
-    numel = np.array([m.weight.numel() for m in layers.values()], dtype=np.int64)
-    bar = tqdm(total=len(layers) * len(grids), desc="layer errors", disable=not progress, unit="quant")
-    for i, linear in enumerate(layers.values()):
-        w = linear.weight.detach().float()
-        energy = float(w.double().pow(2).sum())
-        for j, (dim, n) in enumerate(grids):
-            w_hat = higgs_quantize_dequantize_weight(w, dim=dim, n_points=n, group_size=group_size, seed=seed)
-            errors[i, j] = float((w - w_hat).double().pow(2).sum()) / max(energy, 1e-300)
-            cost[i, j] = higgs_weight_cost(w.numel(), dim, n, group_size)
-            bar.update()
-    bar.close()
-    return LayerTable(list(layers), numel, grids, group_size, errors, cost)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from typing import Mapping
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from aquakv.progress import progress as progress_bar
 from aquakv.grids import available_grids, grid_info
 from aquakv.quantizer import GridSpec
 from aquakv.weights.linear import DEFAULT_GROUP_SIZE, HiggsLinear, grid_bits
@@ -97,7 +97,7 @@ def quantize_model(model: nn.Module, bits: float | None = None, *, grid_per_laye
             log.info("quantize_model: %d of %d linear layers stay in full precision (not in grid_per_layer)", kept, len(plan))
     # All or nothing: every new layer is built before the first one replaces its linear.
     new = {}
-    for name, grid in tqdm(plan.items(), desc="HIGGS quantize", disable=not progress, unit="layer"):
+    for name, grid in progress_bar(plan.items(), desc="HIGGS quantize", enabled=progress, unit="layer"):
         if grid is not None:
             new[name] = HiggsLinear.from_linear(layers[name], dim=grid.dim, n_points=grid.n, group_size=group_size,
                                                 seed=seed, cache_weight=cache_weight)

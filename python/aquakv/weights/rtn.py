@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from aquakv.progress import progress as progress_bar
 from aquakv.uniform import uniform_codes, uniform_decode
 from aquakv.weights.linear import DEFAULT_GROUP_SIZE, _flat_groups
 from aquakv.weights.quantize import quantizable_linears
@@ -45,7 +45,7 @@ def rtn_quantize_model(model: nn.Module, bits: int, group_size: int = DEFAULT_GR
     """Overwrite every quantizable linear weight with its RTN round trip, in place (a simulation: weights stay
     dense floats; the cost they would take is `rtn_bits_per_weight(bits, group_size)`). Returns the model."""
     layers = quantizable_linears(model, include_lm_head)
-    for linear in tqdm(layers.values(), desc=f"RTN {bits}-bit", disable=not progress, unit="layer"):
+    for linear in progress_bar(layers.values(), desc=f"RTN {bits}-bit", enabled=progress, unit="layer"):
         # A new Parameter, not `.data =`: a head tied to the input embedding must not overwrite the embedding.
         linear.weight = nn.Parameter(rtn_quantize_dequantize(linear.weight, bits, group_size), requires_grad=False)
     return model

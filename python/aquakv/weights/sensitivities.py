@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from aquakv.progress import progress as progress_bar
 from aquakv.evaluation.nll import token_nll
 from aquakv.atomic_writes import write_json_atomic
 from aquakv.runner import LayerRunner, Trace
@@ -211,7 +211,7 @@ def measure_sensitivities(model: nn.Module, windows: torch.Tensor, *, noise: flo
     runner = SuffixNLL(model, windows, batch_size)
     gen = torch.Generator().manual_seed(seed)
     alpha, stderr = [], []
-    for name in tqdm(names, desc="sensitivities", disable=not progress, unit="layer"):
+    for name in progress_bar(names, desc="sensitivities", enabled=progress, unit="layer"):
         weight = all_layers[name].weight
         original = weight.detach().clone()
         z = torch.randn(weight.shape, generator=gen, dtype=torch.float32).to(weight.device)

@@ -35,17 +35,6 @@ def split_validation(windows: torch.Tensor, count: int) -> tuple[torch.Tensor, t
     return windows[: n - k], windows[n - k:]
 
 
-@torch.no_grad()
-def windows_perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
-    """exp(mean NLL) of the next-token predictions inside each window of [K, T], one forward per window: the number
-    evaluate_perplexity(step=None) gives, without its log line (pv_tune logs one line per measurement itself)."""
-    from aquakv.evaluation.nll import window_nll
-
-    device = next(model.parameters()).device
-    total = sum(float(window_nll(model, w[None].to(device)).sum()) for w in windows)
-    return math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
-
-
 @dataclass
 class GuardDecision:
     """What one validation decided. improved: a new best; stop: the message when the run must end."""
@@ -81,7 +70,9 @@ class ValidationGuard:
 
     def measure(self, student: torch.nn.Module) -> float:
         """Perplexity of `student` (its HiggsLinear layers serving) on the validation windows, one forward each."""
-        return windows_perplexity(student, self.windows)
+        from aquakv.weights.compare import windows_perplexity
+
+        return windows_perplexity(student, self.windows, desc="pv-tune validation", progress=False).ppl
 
     def observe(self, step: int, ppl: float, state) -> GuardDecision:
         """Record the validation perplexity after `step` steps; `state()` gives the state to keep when it is the

@@ -31,7 +31,8 @@ from aquakv.weights.pv.checkpoint import (
     save_checkpoint,
 )
 from aquakv.weights.pv.data import BatchSchedule, as_windows, eval_ids
-from aquakv.weights.pv.guard import GUARD_WINDOWS, ValidationGuard, split_validation, windows_perplexity
+from aquakv.weights.compare import windows_perplexity
+from aquakv.weights.pv.guard import GUARD_WINDOWS, ValidationGuard, split_validation
 from aquakv.weights.pv.layer import TunedHiggsLinear, check_layer_valid
 from aquakv.weights.pv.loss import check_head_matches, kl_window_loss
 from aquakv.weights.pv.settings import CODE_LR_PER_NAT, LOSS_MEMORY, METHODS, PVTuneConfig, PVTuneResult
@@ -145,7 +146,7 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
 
     def evaluate() -> None:
         student.eval()
-        ppl = windows_perplexity(student, eval_windows_ids)
+        ppl = windows_perplexity(student, eval_windows_ids, desc="pv-tune held-out", progress=False).ppl
         result.eval_steps.append(result.steps)
         result.eval_ppl.append(ppl)
         log.info("pv_tune: step %d held-out perplexity %.4f", result.steps, ppl)
