@@ -103,11 +103,6 @@ class TunedHiggsLinear(nn.Module):
         self.commit()
 
 
-def code_count(layer: HiggsLinear) -> int:
-    """Code vectors of a layer: groups * G / d."""
-    return layer.codes.shape[0] * (layer.group_size // layer.dim)
-
-
 def check_layer_valid(name: str, layer: HiggsLinear, codes_shape: torch.Size) -> None:
     """Raise ValueError unless the layer is still a valid HIGGS layer: scales finite and non-negative fp16 (what
     load_quantized requires), codes uint8 of their original shape (every bit pattern of a 2**code_bits grid is a
