@@ -9,8 +9,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from aquakv.progress import progress as progress_bar
 from aquakv.grids import available_grids, grid_info
+from aquakv.progress import progress as progress_bar
 from aquakv.quantizer import GridSpec
 from aquakv.weights.linear import DEFAULT_GROUP_SIZE, HiggsLinear, grid_bits
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from aquakv.progress import progress as progress_bar
-from aquakv.evaluation.nll import token_nll
 from aquakv.atomic_writes import write_json_atomic
+from aquakv.evaluation.nll import token_nll
+from aquakv.progress import progress as progress_bar
 from aquakv.runner import LayerRunner, Trace
 from aquakv.weights.quantize import quantizable_linears
 
