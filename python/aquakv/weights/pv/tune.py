@@ -119,7 +119,8 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
     for p in norms.values():
         p.requires_grad_(True)
     p_opt = torch.optim.Adam([t.scale for t in tuned.values()] + list(norms.values()), lr=lr)
-    v_opt = (torch.optim.Adam([t.buffer for t in tuned.values()], lr=code_lr or 0.0, betas=(0.0, 0.95))
+    # One W~ at a time (foreach=False): the multi-tensor path allocates temporaries for every W~ at once.
+    v_opt = (torch.optim.Adam([t.buffer for t in tuned.values()], lr=code_lr or 0.0, betas=(0.0, 0.95), foreach=False)
              if method != "p-only" else None)
     result = PVTuneResult(method=method, n_codes=sum(t.unit.numel() // t.layer.dim for t in tuned.values()))
     if state is not None:
