@@ -133,16 +133,3 @@ def plan_summary(settings) -> str:
         what += (f"; then {rows} models evaluated on {windows} windows of {settings.eval_window} tokens of the "
                  f"evaluation text (one forward per window and model)")
     return f"quantize-weights: {what}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (python -m aquakv.cli.weights ...); `aquakv quantize-weights` is the usual one."""
-    import sys
-
-    from aquakv.cli import main as aquakv_main
-
-    return aquakv_main(["quantize-weights", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
