@@ -3,6 +3,8 @@
     python bench/bench_pv_tune.py --bits 2 --steps 40 --out runs/pv2                # p-only, ste, pv
     python bench/bench_pv_tune.py --budget 3.0625 --steps 40 --out runs/pvdp3       # the DP allocation at 3 bits
     python bench/bench_pv_tune.py --bits 2 --steps 8 --methods ste pv --code-lr 1e-2 1e-3 1e-4 --out runs/sweep
+    python bench/bench_pv_tune.py --bits 3 --steps 30 --batch-size 4 --window 256 --methods pv \
+        --text manual.txt --eval-text release_notes.txt --eval-window 1024 --eval-windows 6 --out runs/t3
 
 Teacher: the bundled SmolLM2-135M (or --model). The start is data-free HIGGS built by the quantize-weights
 pipeline (--bits, or the DP allocation under --budget; written to OUT/start/, or read from --start). Every method
@@ -13,7 +15,9 @@ so rows differ only in what the method does. Two disjoint slices of the bundled 
   selection  --selection-windows windows starting at token --selection-offset: scored at the end of every run
              only, so a hyperparameter (--code-lr, one value or several) is chosen without looking at held-out.
 --code-lr takes values for both ste and pv ("1e-3") or for one ("ste=1e-3"); several values sweep, and every
-value runs each method identically. Writes OUT/pv_bench.json (settings, teacher and data-free perplexity, every
+value runs each method identically; "auto" (the default) is pv_tune's own: the code step follows the training
+loss. Every run has pv_tune's validation guard (its default: 4 windows held out of the training text, every 5
+steps) unless --no-guard. --text / --eval-text replace the bundled calibration / evaluation texts. Writes OUT/pv_bench.json (settings, teacher and data-free perplexity, every
 run's curves, tokens and wall time) and OUT/pv_curves.png. Run with OMP_NUM_THREADS=1 on a shared CPU;
 --device cuda trains the student on a GPU.
 
