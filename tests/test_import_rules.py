@@ -48,12 +48,10 @@ ALLOWED = {
     ("private", "aquakv.kv.policy", "aquakv.kv.serving", "_on"): "A",
     ("private", "aquakv.kv.aqua", "aquakv.kv.higgs", "_heads"): "A",
     ("private", "aquakv.kv.aqua", "aquakv.kv.higgs", "_rows"): "A",
-    ("private", "aquakv.weights.pv[._]plot", "aquakv.evaluation.plot", "_pyplot"): "B (a public plotting helper)",
     ("private", "aquakv.weights.files", "aquakv.weights.quantize", "_set_submodule"): "C",
     ("private", "aquakv.weights.pv[._]layer", "aquakv.weights.linear", "_flat_groups"): "B / C (linear.py is C's)",
     ("private", "aquakv.weights.rtn", "aquakv.weights.linear", "_flat_groups"): "B / C (linear.py is C's)",
     ("private", "aquakv.ops", "aquakv.ops_checks", "_check_*_args"): "C (ops.py and ops_checks.py are C's)",
-    ("cycle", "aquakv.cli*", "aquakv.cli*"): "B: cli/weights.py's main() imports aquakv.cli.main",
 }
 
 
