@@ -255,6 +255,36 @@ inline HiggsShape check_higgs_dequantize_args(const at::Tensor& codes, const at:
   return s;
 }
 
+// higgs_linear(x, codes, scales, grid, signs, group_size, bias?): x [..., in] float; codes uint8
+// [out, groups * group_bytes] and scales fp16 [out, groups] with in = groups * group_size (every group inside
+// one row of W); bias [out] in x's dtype or None. s.rows = out, s.channels = in.
+inline HiggsShape check_higgs_linear_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                                          const at::Tensor& grid, const at::Tensor& signs, int64_t group_size,
+                                          const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "higgs_linear";
+  check_at_least_1d(op, "x", x);
+  check_float_dtype(op, "x", x.scalar_type());
+  TORCH_CHECK(codes.dim() == 2, op, ": codes must be 2-D [out, groups * bytes per group], got shape ", codes.sizes());
+  TORCH_CHECK(scales.dim() == 2, op, ": scales must be 2-D [out, groups], got shape ", scales.sizes());
+  check_dtype(op, "codes", codes, at::kByte);
+  check_dtype(op, "scales", scales, at::kHalf);
+  HiggsShape s = check_higgs_common(op, grid, signs, group_size);
+  check_codes_match_scales(op, codes, scales, group_size, s);
+  TORCH_CHECK(x.size(-1) == s.channels, op, ": x last dim ", x.size(-1), " does not match the weight's in = ",
+              s.groups, " groups (scales last dim) * group_size ", group_size, " = ", s.channels);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must be ", dtype_name(x.scalar_type()),
+                " like x, got ", dtype_name(bias->scalar_type()));
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.rows, op, ": bias must be 1-D of length out = ", s.rows,
+                ", got shape ", bias->sizes());
+    check_same_device(op, {{"x", &x}, {"codes", &codes}, {"scales", &scales}, {"grid", &grid}, {"signs", &signs},
+                           {"bias", &*bias}});
+  } else {
+    check_same_device(op, {{"x", &x}, {"codes", &codes}, {"scales", &scales}, {"grid", &grid}, {"signs", &signs}});
+  }
+  return s;
+}
+
 // ---- aqua_reconstruct --------------------------------------------------------------------------
 
 // The prediction's tensors (inputs, weights, up) share one dtype, float32 or bfloat16: inputs[0]'s.

@@ -42,6 +42,14 @@ TORCH_LIBRARY(aquakv, m) {
   // packed: uint8 [..., nbytes] -> int32 [..., count]; nbytes must equal ceil(count*bits/8), count <= 2**58.
   m.def("unpack_bits(Tensor packed, int bits, int count) -> Tensor");
 
+  // A linear layer served from its HIGGS codes: y = x W^T (+ bias) with W [out, in] the higgs_dequantize of
+  // codes [out, in/d*code_bits/8] and scales [out, in/G] (every group inside one row), never materialised:
+  //   y_j = sum_g s_jg/G * < H(signs * x_g), grid[codes_jg] >   (H unnormalised, so s/G = s/sqrt(G) * H_orth).
+  // x: [..., in] float32/float16/bfloat16; bias [out] in x's dtype or None. Returns [..., out] in x's dtype,
+  // accumulated in float32 and rounded once.
+  m.def("higgs_linear(Tensor x, Tensor codes, Tensor scales, Tensor grid, Tensor signs, int group_size, "
+        "Tensor? bias=None) -> Tensor");
+
   // AQUA-KV reconstruction of one block of cached tokens, fused. Rows are [B, T]; C = H * D.
   //   r    = higgs_dequantize(codes, scales, grid, signs, group_size) in float32 [B, T, C]
   //   pred = per predictor group g of C/G channels: sum_i inputs[i][..., g-th C_i/G slice] @ weights[i][g]

@@ -25,6 +25,7 @@ from aquakv.ops_checks import (  # noqa: F401  (check_group_size is public here)
     _check_aqua_reconstruct_args,
     _check_hadamard_args,
     _check_higgs_dequantize_args,
+    _check_higgs_linear_args,
     _check_higgs_quantize_args,
     _check_higgs_quantize_scaled_args,
     _check_pack_args,
@@ -34,7 +35,7 @@ from aquakv.ops_checks import (  # noqa: F401  (check_group_size is public here)
 
 __all__ = [
     "hadamard", "higgs_quantize", "higgs_quantize_scaled", "higgs_dequantize", "pack_bits", "unpack_bits",
-    "aqua_reconstruct", "check_group_size",
+    "aqua_reconstruct", "higgs_linear", "check_group_size",
 ]
 
 
@@ -91,6 +92,27 @@ def higgs_dequantize(
     Differentiable w.r.t. scales only (the output is linear in them).
     """
     return torch.ops.aquakv.higgs_dequantize(codes, scales, grid, signs, group_size, dtype)
+
+
+def higgs_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    grid: torch.Tensor,
+    signs: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x W^T + bias with W [out, in] = higgs_dequantize(codes, scales, ...), served from the codes.
+
+    x: [..., in] float32/float16/bfloat16; codes uint8 [out, in/d*code_bits/8] and scales float16 [out, in/G]
+    (every group inside one row of W, in = groups * G); grid, signs, group_size as for `higgs_dequantize`;
+    bias: [out] in x's dtype, or None. Per output j: y_j = sum_g s_jg/G * <H(signs * x_g), grid[codes_jg]>:
+    x is rotated once per group, the codes are read through the grid table, and the float weight is never
+    built (batch <= 16) or only a tile at a time (prefill). float32 inside, rounded once to x's dtype.
+    Differentiable w.r.t. x and bias.
+    """
+    return torch.ops.aquakv.higgs_linear(x, codes, scales, grid, signs, group_size, bias)
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -190,6 +212,12 @@ def _higgs_dequantize_fake(
     return scales.new_empty((*scales.shape[:-1], scales.shape[-1] * group_size), dtype=dtype)
 
 
+@torch.library.register_fake("aquakv::higgs_linear")
+def _higgs_linear_fake(x, codes, scales, grid, signs, group_size: int, bias=None) -> torch.Tensor:
+    out = _check_higgs_linear_args(x, codes, scales, grid, signs, group_size, bias)
+    return x.new_empty((*x.shape[:-1], out))
+
+
 @torch.library.register_fake("aquakv::pack_bits")
 def _pack_bits_fake(codes: torch.Tensor, bits: int) -> torch.Tensor:
     _check_pack_args(codes, bits)
@@ -252,6 +280,26 @@ def _dequantize_backward(ctx, grad: torch.Tensor):
     return None, per_group.to(scales.dtype), None, None, None, None
 
 
+def _linear_setup(ctx, inputs, output) -> None:
+    x, codes, scales, grid, signs, group_size, bias = inputs
+    ctx.group_size, ctx.has_bias, ctx.x_dtype = group_size, bias is not None, x.dtype
+    ctx.constant_needing_grad = [n for n, t in (("scales", scales), ("grid", grid), ("signs", signs)) if t.requires_grad]
+    ctx.save_for_backward(codes, scales, grid, signs)
+
+
+def _linear_backward(ctx, grad: torch.Tensor):
+    # y = x W^T + b: x_grad = grad W, bias_grad = grad summed over rows (W decoded once, float32).
+    if ctx.constant_needing_grad:
+        names = " and ".join(ctx.constant_needing_grad)
+        raise RuntimeError(f"higgs_linear: no gradient w.r.t. {names} (only x and bias are differentiable); "
+                           f"pass {names} detached, or use higgs_dequantize + F.linear to train them")
+    codes, scales, grid, signs = ctx.saved_tensors
+    weight = higgs_dequantize(codes, scales, grid, signs, ctx.group_size, torch.float32)
+    grad_x = (grad.float() @ weight).to(ctx.x_dtype)
+    grad_bias = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(grad.dtype) if ctx.has_bias else None
+    return grad_x, None, None, None, None, None, grad_bias
+
+
 def _refuse_backward(op: str):
     def backward(ctx, *grads):
         raise RuntimeError(f"{op}: not differentiable (it produces integer codes; no backward is defined); "
@@ -266,5 +314,6 @@ def _no_setup(ctx, inputs, output) -> None:
 
 torch.library.register_autograd("aquakv::hadamard", _hadamard_backward, setup_context=_hadamard_setup)
 torch.library.register_autograd("aquakv::higgs_dequantize", _dequantize_backward, setup_context=_dequantize_setup)
+torch.library.register_autograd("aquakv::higgs_linear", _linear_backward, setup_context=_linear_setup)
 for _op in ("higgs_quantize", "higgs_quantize_scaled", "pack_bits", "unpack_bits"):
     torch.library.register_autograd(f"aquakv::{_op}", _refuse_backward(_op), setup_context=_no_setup)

@@ -177,6 +177,32 @@ def _check_higgs_dequantize_args(codes, scales, grid, signs, group_size: int, dt
     _check_same_device(op, ("codes", codes), ("scales", scales), ("grid", grid), ("signs", signs))
 
 
+def _check_higgs_linear_args(x, codes, scales, grid, signs, group_size: int, bias) -> int:
+    """Returns out (codes' rows)."""
+    op = "higgs_linear"
+    _check_at_least_1d(op, "x", x)
+    _check_float_dtype(op, "x", x.dtype)
+    _require(codes.dim() == 2,
+             lambda: f"{op}: codes must be 2-D [out, groups * bytes per group], got shape {_sizes(codes)}")
+    _require(scales.dim() == 2, lambda: f"{op}: scales must be 2-D [out, groups], got shape {_sizes(scales)}")
+    _check_dtype(op, "codes", codes, torch.uint8)
+    _check_dtype(op, "scales", scales, torch.float16)
+    d, code_bits, group_bytes = _check_higgs_common(op, grid, signs, group_size)
+    _check_codes_match_scales(op, codes, scales, group_size, d, code_bits, group_bytes)
+    groups, out = scales.shape[-1], scales.shape[0]
+    _require(x.shape[-1] == groups * group_size,
+             lambda: f"{op}: x last dim {x.shape[-1]} does not match the weight's in = {groups} groups (scales last "
+             f"dim) * group_size {group_size} = {groups * group_size}")
+    named = [("x", x), ("codes", codes), ("scales", scales), ("grid", grid), ("signs", signs)]
+    if bias is not None:
+        _require(bias.dtype == x.dtype, lambda: f"{op}: bias must be {x.dtype} like x, got {bias.dtype}")
+        _require(bias.dim() == 1 and bias.shape[0] == out,
+                 lambda: f"{op}: bias must be 1-D of length out = {out}, got shape {_sizes(bias)}")
+        named.append(("bias", bias))
+    _check_same_device(op, *named)
+    return out
+
+
 def _check_prediction_dtype(op: str, name: str, t: torch.Tensor, first: torch.Tensor) -> None:
     """The prediction's tensors (inputs, weights, up) share one dtype, float32 or bfloat16: inputs[0]'s."""
     want = first.dtype

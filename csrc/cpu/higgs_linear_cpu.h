@@ -1,0 +1,17 @@
+// The ISA-cloned entry points of higgs_linear's CPU kernel (higgs_linear_clones.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "aquakv/higgs_linear.h"
+
+namespace aquakv::cpu {
+
+// y transposed, out_t [out, batch], for output rows [j0, j1); scratch code [G/d], w [G], acc [16 * batch].
+void higgs_gemv_rows(const LinearArgs& a, int code_bits, int64_t j0, int64_t j1, int32_t* code, float* w,
+                     float* acc, float* out_t);
+// Code-domain weight rows W'[j - j0, :] = s/G * grid[codes] for [j0, j1) into w_out [(j1 - j0), in].
+void higgs_code_domain_rows(const LinearArgs& a, int code_bits, int64_t j0, int64_t j1, int32_t* code,
+                            float* w_out);
+
+}  // namespace aquakv::cpu
