@@ -128,6 +128,13 @@ def test_split_validation_holds_out_the_tail_and_refuses_one_window():
         split_validation(windows[:1], 4)
 
 
+def test_bad_guard_options_are_refused(teacher, ids, validation):
+    for bad in (dict(validate_every=0), dict(stop_rise=-1.0), dict(backoff=0.0), dict(backoff=1.5),
+                dict(validation_windows=0), dict(code_lr_per_nat=0.0), dict(validate_every=None, validation=validation)):
+        with pytest.raises(ValueError, match="pv_tune"):
+            _run(teacher, ids, steps=1, **bad)
+
+
 @pytest.mark.parametrize("method", ["pv", "p-only"])
 def test_resume_with_the_guard_equals_an_uninterrupted_run(teacher, ids, tmp_path, method):
     kw = dict(method=method, validate_every=2, stop_rise=0.01)  # a tight stop rule: the stop must resume too

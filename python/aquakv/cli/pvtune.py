@@ -170,7 +170,7 @@ def _start(args, model, tokenizer, out: Path):
     start = out / "start"
     if not (start / "higgs_weights.json").is_file():
         quantize_weights(model, tokenizer, bits=args.bits, budget=args.budget, out=start, group_size=args.group_size,
-                         seed=args.seed, progress=common.show_progress(args))
+                         seed=args.seed, progress=not args.quiet)
     return load_quantized(copy.deepcopy(model), start)
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from aquakv.weights.linear import HiggsLinear, _flat_groups
 from aquakv.weights.pv.step import VStepOutcome, v_step_codes
+from aquakv.weights.quantize import set_submodule
 
 FP16_MAX = 65504.0
 
@@ -113,3 +114,47 @@ def check_layer_valid(name: str, layer: HiggsLinear, codes_shape: torch.Size) ->
     if layer.codes.dtype != torch.uint8 or layer.codes.shape != codes_shape:
         raise ValueError(f"pv_tune: layer {name!r} has codes of {layer.codes.dtype} {tuple(layer.codes.shape)}, "
                          f"expected uint8 {tuple(codes_shape)}")
+
+
+def norm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The RMSNorm weights (modules whose class name ends in RMSNorm), by parameter name."""
+    return {f"{name}.weight": m.weight for name, m in model.named_modules()
+            if type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), nn.Parameter)}
+
+
+def train_mode(student: nn.Module, activation_checkpointing: bool) -> None:
+    """Eval mode (no dropout) unless activation checkpointing, which transformers runs only in train mode; then
+    every dropout module is put back in eval mode, so both settings compute the same loss."""
+    if not activation_checkpointing:
+        student.eval()
+        return
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    for m in student.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+
+
+class swapped:
+    """Within the block the student's HiggsLinear layers are replaced by their TunedHiggsLinear stand-ins."""
+
+    def __init__(self, student: nn.Module, tuned: dict, layers: dict):
+        self.student, self.tuned, self.layers = student, tuned, layers
+
+    def __enter__(self):
+        for name, t in self.tuned.items():
+            set_submodule(self.student, name, t)
+
+    def __exit__(self, *exc):
+        for name, m in self.layers.items():
+            set_submodule(self.student, name, m)
+
+
+class swapped_back(swapped):
+    """The opposite, inside a `swapped` block: the HiggsLinear layers (the stored truth) serve, e.g. to evaluate."""
+
+    def __enter__(self):
+        super().__exit__()
+
+    def __exit__(self, *exc):
+        super().__enter__()

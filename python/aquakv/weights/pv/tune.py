@@ -33,10 +33,17 @@ from aquakv.weights.pv.checkpoint import (
 from aquakv.weights.pv.data import BatchSchedule, as_windows, eval_ids
 from aquakv.weights.compare import windows_perplexity
 from aquakv.weights.pv.guard import GUARD_WINDOWS, ValidationGuard, split_validation
-from aquakv.weights.pv.layer import TunedHiggsLinear, check_layer_valid
+from aquakv.weights.pv.layer import (
+    TunedHiggsLinear,
+    check_layer_valid,
+    norm_weights,
+    swapped,
+    swapped_back,
+    train_mode,
+)
 from aquakv.weights.pv.loss import check_head_matches, kl_window_loss
 from aquakv.weights.pv.settings import CODE_LR_PER_NAT, LOSS_MEMORY, METHODS, PVTuneConfig, PVTuneResult
-from aquakv.weights.quantize import higgs_layers, set_submodule
+from aquakv.weights.quantize import higgs_layers
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +87,8 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
             raise ValueError(f"pv_tune: {name} must be a positive integer, got {value!r}")
     if checkpoint_every is not None and checkpoint_dir is None:
         raise ValueError("pv_tune: checkpoint_every needs checkpoint_dir")
+    if validation is not None and validate_every is None:
+        raise ValueError("pv_tune: validation= is the guard's set; it needs validate_every (the guard is off)")
     layers = higgs_layers(student)
     if not layers:
         raise ValueError("pv_tune: the student has no HiggsLinear layer (quantize it with quantize_model first)")
@@ -109,7 +118,7 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
 
     tuned = {name: TunedHiggsLinear(m, with_buffer=method != "p-only") for name, m in layers.items()}
     codes_shapes = {name: m.codes.shape for name, m in layers.items()}
-    norms = _norm_weights(student) if tune_norms else {}
+    norms = norm_weights(student) if tune_norms else {}
     if norms:  # save_quantized stores the parameters named here along with the layers (weights/files.py)
         marked = set(getattr(student, TUNED_NORMS_ATTR, None) or ())
         setattr(student, TUNED_NORMS_ATTR, tuple(sorted(marked | set(norms))))
@@ -173,8 +182,8 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
             evaluate()
         if guard is not None and not guard.steps:
             validate()
-        with _swapped(student, tuned, layers):
-            _train_mode(student, activation_checkpointing)
+        with swapped(student, tuned, layers):
+            train_mode(student, activation_checkpointing)
             bar = progress_bar(range(result.steps, steps), desc=f"pv-tune ({method})", enabled=progress, unit="step")
             for step in bar:
                 if result.stopped:
@@ -195,18 +204,18 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
                 # An end off the guard's interval is validated after the checkpoint: a resumed run must not see it.
                 end_val = guard is not None and not result.stopped and last and not due_val
                 if due_eval or due_val:
-                    with _swapped_back(student, tuned, layers):
+                    with swapped_back(student, tuned, layers):
                         if due_val:
                             validate()
                         if held_out is not None and (due_eval or result.stopped):
                             evaluate()
-                    _train_mode(student, activation_checkpointing)
+                    train_mode(student, activation_checkpointing)
                 result.seconds = time.perf_counter() - t0
                 if checkpoint_dir is not None and (last or result.stopped or (
                         checkpoint_every is not None and result.steps % checkpoint_every == 0)):
                     save_checkpoint(checkpoint_dir, snapshot())
                 if end_val:
-                    with _swapped_back(student, tuned, layers):
+                    with swapped_back(student, tuned, layers):
                         validate()
             bar.close()
     finally:
@@ -299,50 +308,6 @@ def _restore(state: dict, tuned: dict[str, TunedHiggsLinear], norms: dict, p_opt
     result.tokens = result.steps * state["config"]["batch_size"] * state["config"]["window"]
     result.seconds = float(state["seconds"])
     torch.set_rng_state(state["rng"])
-
-
-def _norm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The RMSNorm weights (modules whose class name ends in RMSNorm), by parameter name."""
-    return {f"{name}.weight": m.weight for name, m in model.named_modules()
-            if type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), nn.Parameter)}
-
-
-def _train_mode(student: nn.Module, activation_checkpointing: bool) -> None:
-    """Eval mode (no dropout) unless activation checkpointing, which transformers runs only in train mode; then
-    every dropout module is put back in eval mode, so both settings compute the same loss."""
-    if not activation_checkpointing:
-        student.eval()
-        return
-    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student.train()
-    for m in student.modules():
-        if isinstance(m, nn.Dropout):
-            m.eval()
-
-
-class _swapped:
-    """Within the block the student's HiggsLinear layers are replaced by their TunedHiggsLinear stand-ins."""
-
-    def __init__(self, student: nn.Module, tuned: dict, layers: dict):
-        self.student, self.tuned, self.layers = student, tuned, layers
-
-    def __enter__(self):
-        for name, t in self.tuned.items():
-            set_submodule(self.student, name, t)
-
-    def __exit__(self, *exc):
-        for name, m in self.layers.items():
-            set_submodule(self.student, name, m)
-
-
-class _swapped_back(_swapped):
-    """The opposite, inside a _swapped block: the HiggsLinear layers (the stored truth) serve, e.g. to evaluate."""
-
-    def __enter__(self):
-        super().__exit__()
-
-    def __exit__(self, *exc):
-        super().__enter__()
 
 
 __all__: Sequence[str] = ("METHODS", "PVTuneConfig", "PVTuneResult", "pv_tune")
