@@ -1,4 +1,4 @@
-"""Quantized-weight files (aquakv.weights.files), HiggsLinear state dicts and quantize_model: every bad input is
+"""Quantized-weight files (aquakv.weights.checkpoint), HiggsLinear state dicts and quantize_model: every bad input is
 refused with one clear error and leaves the model and the files as they were."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from aquakv.weights import HiggsLinear, load_quantized, quantize_model, save_quantized
-from aquakv.weights.files import METADATA_FILE, TENSORS_FILE
+from aquakv.weights.checkpoint import METADATA_FILE, TENSORS_FILE
 from tiny_llama import make_tiny_llama
 from torch import nn
 

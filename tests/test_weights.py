@@ -17,6 +17,7 @@ from aquakv.weights import (
     save_quantized,
 )
 from tiny_llama import make_tiny_llama, random_token_windows
+from aquakv.weights.linear import higgs_weight_cost, row_group_size
 from torch import nn
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -33,17 +34,18 @@ def _linear(out_features: int, in_features: int, bias: bool, seed: int) -> nn.Li
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,group,grid,bias", [
     ((64, 512), 256, (2, 256), True),
-    ((10, 96), 64, (2, 64), False),  # groups continue across rows (96 % 64 != 0)
-    ((7, 100), 64, (2, 16), True),  # 700 values: the tail group is padded
+    ((10, 96), 64, (2, 64), False),  # 96 % 64 != 0: row-aligned groups of 32 (row_group_size)
+    ((7, 100), 64, (2, 16), True),  # 100 has no power-of-two divisor >= 32: each row padded to 128
     ((33, 128), 128, (1, 256), False),
 ])
 def test_forward_equals_dequantized_weight_matmul(device, shape, group, grid, bias):
     linear = _linear(*shape, bias=bias, seed=sum(shape)).to(device)
     q = HiggsLinear.from_linear(linear, dim=grid[0], n_points=grid[1], group_size=group, seed=3)
     x = torch.randn(2, 5, shape[1], device=device)
-    # The weight the layer serves, decoded independently through the quantizer on the flattened groups.
-    flat = q.quantizer.dequantize(q.quantized_tensor()).reshape(-1)[: shape[0] * shape[1]]
-    w_hat = flat.view(shape)
+    # The weight the layer serves, decoded independently through the quantizer on its row-aligned groups.
+    group_used, padded = row_group_size(shape[1], group, *grid)
+    assert q.group_size == group_used and q.in_padded == padded
+    w_hat = q.quantizer.dequantize(q.quantized_tensor()).reshape(shape[0], padded)[:, : shape[1]]
     expected = x @ w_hat.T + (linear.bias if bias else 0)
     # Same fp32 weight; only the matmul kernel's summation order may differ: a few ulps of |x| |W| sums.
     torch.testing.assert_close(q(x), expected, rtol=1e-5, atol=1e-5 * float(x.abs().max() * w_hat.abs().sum(1).max()))
@@ -53,8 +55,9 @@ def test_forward_equals_dequantized_weight_matmul(device, shape, group, grid, bi
     # even for these Student-t rows. Up to 1.5x for small groups and fp16 scales, and never below half.
     mse = {(2, 16): 0.1077, (2, 64): 0.0297, (2, 256): 0.00775, (1, 256): 4.1e-5}[grid]
     assert 0.5 * mse < rel < 1.5 * mse
-    assert q.bits_per_weight == pytest.approx(((shape[0] * shape[1] + group - 1) // group) * (group * torch.log2(
+    assert q.bits_per_weight == pytest.approx((shape[0] * padded // group_used) * (group_used * torch.log2(
         torch.tensor(float(grid[1]))).item() / grid[0] + 16) / (shape[0] * shape[1]))
+    assert q.weight_bits == higgs_weight_cost(shape[0] * shape[1], *grid, group, in_features=shape[1])
 
 
 def test_groups_are_rows_when_in_features_divides():
@@ -71,6 +74,8 @@ def test_cast_keeps_scales_exact_and_follows_dtype():
     codes, scales = q.codes.clone(), q.scales.clone()
     x = torch.randn(3, 256)
     y32 = q(x)
+    assert q._cached is None, "forward serves from the codes and holds no float weight"
+    q.dequantize_weight()
     assert q._cached is not None
     q.to(torch.bfloat16)
     assert q._cached is None, "a cast must drop the cached fp32 weight"
@@ -117,7 +122,10 @@ def test_quantize_model_skips_embeddings_and_head():
     assert sum(k is HiggsLinear for k in kinds.values()) == 28  # 4 blocks x 7 linears
     assert kinds["lm_head"] is nn.Linear and kinds["model.embed_tokens"] is nn.Embedding
     assert torch.equal(model.model.embed_tokens.weight, embedding)
-    assert average_bits(model) == pytest.approx(4 + 16 / 256)
+    # Row-aligned groups: in = 64 or 128 < 256, so each row is one group with one fp16 scale.
+    layers = [m for m in model.modules() if isinstance(m, HiggsLinear)]
+    numel = sum(m.in_features * m.out_features for m in layers)
+    assert average_bits(model) == pytest.approx(sum(m.out_features * (4 * m.in_features + 16) for m in layers) / numel)
 
 
 def test_quantize_model_head_of_tied_model_leaves_embedding_alone():

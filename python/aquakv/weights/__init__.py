@@ -27,7 +27,7 @@ from aquakv.weights.allocate import (
                                      solve_allocation,
 )
 from aquakv.weights.compare import compare_weights
-from aquakv.weights.files import load_quantized, save_quantized
+from aquakv.weights.checkpoint import load_quantized, save_quantized
 from aquakv.weights.layer_errors import LayerTable, layer_costs, measure_layer_errors
 from aquakv.weights.linear import (
                                      DEFAULT_GROUP_SIZE,

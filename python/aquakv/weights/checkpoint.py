@@ -1,9 +1,15 @@
 """Saving and loading HIGGS-quantized weights: two files in one directory, both written atomically.
 
     higgs_weights.safetensors   {layer}.codes uint8, {layer}.scales float16, {layer}.bias (the layer's dtype)
-    higgs_weights.json          {format, format_version, library_version, average_bits, tensors_sha256,
+    higgs_weights.json          {format, format_version, library_version, average_bits, tensors_sha256, layout,
                                  layers: {name: {dim, n_points, group_size, seed, in_features, out_features,
                                                  bias, dtype}}, norms (optional)}
+
+Format v2 (layout "row-aligned"): every group lies inside one row of the weight, the layout HiggsLinear serves
+from its codes (weights/linear.py, row_group_size); a layer's group_size is the one it uses. Format v1 cut the
+flattened weight into groups, so a group ran onto the next row wherever in_features % group_size != 0. A v1
+file loads when none of its layers did that (its bytes are then the v2 layout); otherwise it is refused with
+the command that re-quantizes the model.
 
 norms: the names of full-precision parameters stored with the layers, written only for a model that PV-Tuning
 trained them in (pv_tune(tune_norms=True) names its RMSNorm weights in `model.aquakv_tuned_norms`); their tensors
@@ -27,16 +33,20 @@ from torch import nn
 from aquakv.atomic_writes import write_bytes_atomic, write_json_atomic
 from aquakv.models import file_sha256
 from aquakv.weights.linear import HiggsLinear
-from aquakv.weights.quantize import _set_submodule, average_bits, higgs_layers
+from aquakv.weights.quantize import average_bits, higgs_layers, set_submodule
 
 FORMAT = "aquakv-higgs-weights"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+LAYOUT = "row-aligned"
 TENSORS_FILE = "higgs_weights.safetensors"
 METADATA_FILE = "higgs_weights.json"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ST_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
 _TOP_REQUIRED = ("format", "format_version", "library_version", "average_bits", "layers")
+_V1_FIX = ("re-quantize the model with this version (e.g. `aquakv quantize-weights --bits 4 --out DIR`, the same "
+           "--budget / --group-size as before, or save_quantized after quantize_model), which writes format v2")
 _LAYER_INTS = ("dim", "n_points", "group_size", "seed", "in_features", "out_features")
 _LAYER_KEYS = _LAYER_INTS + ("bias", "dtype")
 TUNED_NORMS_ATTR = "aquakv_tuned_norms"  # on a model: names of the parameters save_quantized stores as well
@@ -48,7 +58,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     not written: load_quantized applies the files to a fresh copy of the same base model. Returns the directory."""
     from safetensors.torch import save
 
-    import aquakv
+    from aquakv.version import version
 
     layers = higgs_layers(model)
     if not layers:
@@ -68,8 +78,9 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     for name, p in norms.items():
         tensors[name] = p.detach().cpu().contiguous()
     data = save(tensors, metadata={"format": FORMAT})
-    header = dict(format=FORMAT, format_version=FORMAT_VERSION, library_version=aquakv.__version__,
-                  average_bits=average_bits(model), tensors_sha256=hashlib.sha256(data).hexdigest(), layers=meta)
+    header = dict(format=FORMAT, format_version=FORMAT_VERSION, library_version=version(),
+                  average_bits=average_bits(model), tensors_sha256=hashlib.sha256(data).hexdigest(), layout=LAYOUT,
+                  layers=meta)
     if norms:
         header["norms"] = sorted(norms)
     write_bytes_atomic(directory / TENSORS_FILE, data)  # tensors first: the JSON names their hash
@@ -95,7 +106,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     norms = _stored_norms(meta_path, header, model, set(header["layers"]))
     _fill(tensor_path, header, new, norms)
     for name, module in new.items():
-        _set_submodule(model, name, module)
+        set_submodule(model, name, module)
     for name, value in norms.items():
         dict(model.named_parameters())[name].copy_(value)
     if norms:
@@ -146,13 +157,15 @@ def _read_header(path: Path) -> dict:
     for key in _TOP_REQUIRED:
         if key not in header:
             raise ValueError(f"{path}: {key}: missing")
-    unknown = sorted(set(header) - set(_TOP_REQUIRED) - {"tensors_sha256", "norms"})
+    unknown = sorted(set(header) - set(_TOP_REQUIRED) - {"tensors_sha256", "norms", "layout"})
     if unknown:
         raise ValueError(f"{path}: {unknown[0]}: unknown field")
-    if header["format"] != FORMAT or header["format_version"] != FORMAT_VERSION or isinstance(
-            header["format_version"], bool):
-        raise ValueError(f"{path}: format: not a {FORMAT} v{FORMAT_VERSION} file "
-                         f"(format={header['format']!r}, version={header['format_version']!r})")
+    version = header["format_version"]
+    if header["format"] != FORMAT or isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: format: not a {FORMAT} file of version {' or '.join(map(str, READABLE_VERSIONS))} "
+                         f"(format={header['format']!r}, version={version!r})")
+    if version >= 2 and header.get("layout") != LAYOUT:
+        raise ValueError(f"{path}: layout: must be {LAYOUT!r} in format v{version}, got {header.get('layout')!r}")
     if not isinstance(header["library_version"], str):
         raise ValueError(f"{path}: library_version: must be a string, got {header['library_version']!r}")
     if isinstance(header["average_bits"], bool) or not isinstance(header["average_bits"], (int, float)):
@@ -165,6 +178,10 @@ def _read_header(path: Path) -> dict:
         raise ValueError(f"{path}: layers: must be a non-empty JSON object of layer settings")
     for name, cfg in layers.items():
         _check_layer(path, name, cfg)
+        if version == 1 and cfg["in_features"] % cfg["group_size"]:
+            raise ValueError(f"{path}: layers[{name!r}]: a format v1 layer whose groups of {cfg['group_size']} run "
+                             f"across rows (in_features {cfg['in_features']} is not a multiple), which cannot be "
+                             f"served from its codes; {_V1_FIX}")
     return header
 
 
@@ -200,11 +217,15 @@ def _empty_layer(path: Path, name: str, cfg: dict, old: nn.Module | None) -> Hig
                          f"but [{cfg['out_features']}, {cfg['in_features']}] in the file")
     device = old.codes.device if isinstance(old, HiggsLinear) else old.weight.device
     try:
-        return HiggsLinear(cfg["in_features"], cfg["out_features"], dim=cfg["dim"], n_points=cfg["n_points"],
-                           group_size=cfg["group_size"], seed=cfg["seed"], bias=cfg["bias"],
-                           dtype=_DTYPES[cfg["dtype"]], device=device)
+        layer = HiggsLinear(cfg["in_features"], cfg["out_features"], dim=cfg["dim"], n_points=cfg["n_points"],
+                            group_size=cfg["group_size"], seed=cfg["seed"], bias=cfg["bias"],
+                            dtype=_DTYPES[cfg["dtype"]], device=device)
     except ValueError as e:  # the quantizer's own check of grid, group size and seed
         raise ValueError(f"{path}: layers[{name!r}]: settings refused ({e})") from None
+    if layer.group_size != cfg["group_size"]:  # a v2 file names the group size a layer uses
+        raise ValueError(f"{path}: layers[{name!r}].group_size: {cfg['group_size']} is not row-aligned for "
+                         f"in_features {cfg['in_features']} (this layer would use {layer.group_size}); {_V1_FIX}")
+    return layer
 
 
 # ---- the tensors --------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from aquakv.atomic_writes import write_json_atomic
 from aquakv.evaluation.result import PerplexityResult
 from aquakv.weights.allocate import Allocation
 from aquakv.weights.compare import compare_weights
-from aquakv.weights.files import METADATA_FILE, TENSORS_FILE, save_quantized
+from aquakv.weights.checkpoint import METADATA_FILE, TENSORS_FILE, save_quantized
 from aquakv.weights.plan import (
     WeightPlan,
     WeightSettings,

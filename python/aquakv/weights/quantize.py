@@ -1,4 +1,4 @@
-"""Data-free HIGGS quantization of a model's linear layers (saving/loading the result: aquakv.weights.files)."""
+"""Data-free HIGGS quantization of a model's linear layers (saving/loading the result: aquakv.weights.checkpoint)."""
 from __future__ import annotations
 
 import logging

@@ -23,7 +23,7 @@ from torch import nn
 
 from aquakv.evaluation.windows import cut_windows
 from aquakv.progress import progress as progress_bar
-from aquakv.weights.files import TUNED_NORMS_ATTR
+from aquakv.weights.checkpoint import TUNED_NORMS_ATTR
 from aquakv.weights.pv.checkpoint import (
     check_compatible,
     checkpoint_path,
@@ -119,7 +119,7 @@ def pv_tune(student: nn.Module, teacher: nn.Module, data, *, tokenizer=None, ste
     tuned = {name: TunedHiggsLinear(m, with_buffer=method != "p-only") for name, m in layers.items()}
     codes_shapes = {name: m.codes.shape for name, m in layers.items()}
     norms = norm_weights(student) if tune_norms else {}
-    if norms:  # save_quantized stores the parameters named here along with the layers (weights/files.py)
+    if norms:  # save_quantized stores the parameters named here along with the layers (weights/checkpoint.py)
         marked = set(getattr(student, TUNED_NORMS_ATTR, None) or ())
         setattr(student, TUNED_NORMS_ATTR, tuple(sorted(marked | set(norms))))
     frozen = {p: p.requires_grad for p in student.parameters()}
