@@ -10,6 +10,7 @@ least-disturbed one on a shared machine). Ratios are within one row.
 
     python bench/bench_higgs_linear.py                      # everything (several minutes on 2 cores)
     python bench/bench_higgs_linear.py --quick              # 4096x4096 and SmolLM2's q_proj only
+    python bench/bench_higgs_linear.py --threads 1          # what bench/RESULTS.md reports (shared 2-core CPU)
 """
 from __future__ import annotations
 
@@ -102,7 +103,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="4096x4096 and SmolLM2's q_proj only")
     p.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's). On a shared machine 1 thread keeps "
+                   "the ratios clean: a busy neighbour stalls every parallel region, and the op has three per call")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print_header("cpu")
     bw = read_bandwidth_gbs()
     print(f"measured read bandwidth: {bw:.1f} GB/s (float32 sum over 512 MiB, {torch.get_num_threads()} threads)\n")

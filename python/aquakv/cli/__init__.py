@@ -23,6 +23,7 @@ from aquakv.cli.calibrate import add_calibrate
 from aquakv.cli.common import Parser, UserError, bars_off, setup, show_progress
 from aquakv.cli.demo import add_demo
 from aquakv.cli.eval import add_eval
+from aquakv.cli.generate import add_generate
 from aquakv.cli.longctx import add_longctx
 from aquakv.cli.pvtune import add_parser as add_pv_tune
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_longctx(sub)
     weights_cli.add_parser(sub)
     add_pv_tune(sub)
+    add_generate(sub)
     return parser
 
 

@@ -1,0 +1,36 @@
+"""`aquakv generate`'s early refusals, and a quantized model (mixed grids per layer, as the DP allocation gives)
+served from its codes keeping the perplexity of the same model served from its dequantized weights."""
+from __future__ import annotations
+
+import torch
+from aquakv.cli import main
+from aquakv.cli.generate import _perplexity, _weight_bytes
+from aquakv.weights import HiggsLinear, quantize_model
+from tiny_llama import make_tiny_llama
+from torch import nn
+
+
+def test_missing_weights_and_predictors_are_refused_before_loading(tmp_path, capsys):
+    assert main(["generate", "--weights", str(tmp_path)]) == 2
+    assert "no higgs_weights.json there" in capsys.readouterr().err
+    (tmp_path / "higgs_weights.json").write_text("{}")
+    assert main(["generate", "--weights", str(tmp_path), "--predictors", str(tmp_path / "p.pt")]) == 2
+    assert "--predictors" in capsys.readouterr().err
+
+
+def test_mixed_grid_model_from_codes_keeps_the_dequantized_perplexity():
+    model = make_tiny_llama(seed=4)
+    float_bytes = _weight_bytes(model)
+    plan = {name: [(2, 16), (2, 64), (2, 256), (1, 16)][i % 4] for i, (name, m) in enumerate(model.named_modules())
+            if isinstance(m, nn.Linear) and name != "lm_head"}
+    quantize_model(model, grid_per_layer=plan, group_size=256, seed=3, progress=False)
+    assert _weight_bytes(model) < float_bytes
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    from_codes = _perplexity(model, ids)
+    for m in model.modules():
+        if isinstance(m, HiggsLinear):
+            m.forward = (lambda layer: lambda x: torch.nn.functional.linear(x, layer.dequantize_weight(),
+                                                                            layer.bias))(m)
+    dense = _perplexity(model, ids)
+    # The same weights; only float32 summation order differs (docs/ops.md's bound, a few ulps per layer).
+    assert abs(from_codes - dense) <= 1e-5 * dense, (from_codes, dense)
