@@ -300,3 +300,19 @@ def test_eval_curve_and_bad_options(teacher, ids):
             _run(teacher, ids, **bad)
     with pytest.raises(ValueError, match="no HiggsLinear"):
         pv_tune(copy.deepcopy(teacher), teacher, ids, steps=1)
+
+
+def test_tuned_layer_matches_a_row_padded_higgs_layer():
+    """in = 48: no power of two >= 32 divides it, so HiggsLinear pads each row to 64 (row_group_size). The tuning
+    stand-in must read that layout: same weight, and a V step towards the current weight changes no code."""
+    from aquakv.weights.pv.layer import TunedHiggsLinear
+
+    torch.manual_seed(0)
+    layer = HiggsLinear.from_linear(torch.nn.Linear(48, 8, bias=False), bits=2, dim=2, group_size=64)
+    assert layer.in_padded == 64
+    tuned = TunedHiggsLinear(layer, with_buffer=True)
+    with torch.no_grad():
+        assert torch.allclose(tuned.dequantized(), layer.dequantize_weight().float(), rtol=1e-3, atol=1e-6)
+    before = layer.codes.clone()
+    out = tuned.v_step(select=True, max_code_change_per_step=1.0, code_trust_ratio=1.0, delta_decay=0.0)
+    assert out.changed == 0 and torch.equal(layer.codes, before)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aquakv.weights.linear import HiggsLinear, _flat_groups
+from aquakv.weights.linear import HiggsLinear
 from aquakv.weights.pv.step import VStepOutcome, v_step_codes
 from aquakv.weights.quantize import set_submodule
 
@@ -54,8 +54,8 @@ class TunedHiggsLinear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """W [out, in] float32 as the forward sees it (differentiable in `scale`)."""
         s = self.scale + (self.scale.half().float() - self.scale).detach()  # fp16 value, fp32 gradient
-        flat = (self.unit * s[:, None]).reshape(-1)
-        return flat[: self.out_features * self.in_features].view(self.out_features, self.in_features)
+        rows = (self.unit * s[:, None]).reshape(self.out_features, -1)  # [out, in_padded]: groups never cross a row
+        return rows if rows.shape[1] == self.in_features else rows[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.dequantized()
@@ -76,7 +76,7 @@ class TunedHiggsLinear(nn.Module):
         toward the new dequantized weight by delta_decay (1: reset to it, 0: keep W~ as it is)."""
         layer = self.layer
         current = self.dequantized()
-        outcome = v_step_codes(_flat_groups(self.buffer.detach(), layer.group_size), layer.codes, self.scales16(),
+        outcome = v_step_codes(layer.weight_groups(self.buffer.detach()), layer.codes, self.scales16(),
                                self.grid, self.signs, layer.group_size,
                                max_code_change_per_step=max_code_change_per_step, code_trust_ratio=code_trust_ratio,
                                weight_norm=float(current.norm()), select=select)
