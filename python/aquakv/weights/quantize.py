@@ -126,8 +126,6 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-_set_submodule = set_submodule  # weights/files.py's import name (engineer C's file): remove once it imports the public one
-
 
 def higgs_layers(model: nn.Module) -> dict[str, HiggsLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, HiggsLinear)}
