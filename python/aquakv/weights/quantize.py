@@ -126,7 +126,6 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-
 def higgs_layers(model: nn.Module) -> dict[str, HiggsLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, HiggsLinear)}
 
