@@ -6,7 +6,8 @@ batch 1 / 4 / 16 / 512, grids (2,16), (2,64), (2,256) at group size 256 (row-ali
 its codes and scales once at that bandwidth, and "% BW" is floor / time.
 
 Timing: the methods of one row run interleaved, round after round, and each reports its fastest round (the
-least-disturbed one on a shared machine). Ratios are within one row.
+least-disturbed one on a shared machine). Ratios are within one row. With --threads 1 the clock is the thread's
+CPU time (time.thread_time): on a machine shared with other jobs, wall time there mostly measures the neighbours.
 
     python bench/bench_higgs_linear.py                      # everything (several minutes on 2 cores)
     python bench/bench_higgs_linear.py --quick              # 4096x4096 and SmolLM2's q_proj only
@@ -42,10 +43,13 @@ def read_bandwidth_gbs(mib: int = 512, rounds: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+CLOCK = time.perf_counter  # time.thread_time with --threads 1
+
+
 def _timed(fn) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def fastest_ms(fns: dict, rounds: int) -> dict:
@@ -106,11 +110,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's). On a shared machine 1 thread keeps "
                    "the ratios clean: a busy neighbour stalls every parallel region, and the op has three per call")
     args = p.parse_args()
+    global CLOCK
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.threads == 1:
+        CLOCK = time.thread_time
     print_header("cpu")
     bw = read_bandwidth_gbs()
-    print(f"measured read bandwidth: {bw:.1f} GB/s (float32 sum over 512 MiB, {torch.get_num_threads()} threads)\n")
+    print(f"measured read bandwidth: {bw:.1f} GB/s (float32 sum over 512 MiB, {torch.get_num_threads()} threads); "
+          f"clock: {CLOCK.__name__}\n")
     print(HEAD)
     shapes = {**SMOLLM2, **LARGE}
     if args.quick:

@@ -198,3 +198,11 @@ def test_gradients_are_those_of_the_dequantized_linear() -> None:
     torch.testing.assert_close(bias.grad, grad.sum(0), rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="higgs_linear: no gradient w.r.t. grid"):
         ops.higgs_linear(X, CODES, SCALES, GRID.clone().requires_grad_(), SIGNS, 128).sum().backward()
+
+
+def test_cuda_stand_in_is_registered_and_equals_the_op_on_the_cpu() -> None:
+    # The CUDA kernel is the Python stand-in until a fused one lands; its math runs on any device.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("aquakv::higgs_linear", "CUDA")
+    x, codes, scales, grid, signs, bias = make_case(2, 256, 9, 2, 64, (3,), torch.bfloat16, 13, True)
+    got = ops._higgs_linear_decoded(x, codes, scales, grid, signs, 64, bias)
+    check_against_reference(got, x, codes, scales, grid, signs, 64, bias)

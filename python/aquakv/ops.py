@@ -238,6 +238,20 @@ def _aqua_reconstruct_fake(codes, scales, grid, signs, group_size, inputs, weigh
                                  hat_out)
 
 
+# ---- higgs_linear on CUDA until it has its own kernel: decode, then one matmul (the old HiggsLinear path) -----
+
+
+def _higgs_linear_decoded(x, codes, scales, grid, signs, group_size: int, bias=None) -> torch.Tensor:
+    _check_higgs_linear_args(x, codes, scales, grid, signs, group_size, bias)
+    weight = higgs_dequantize(codes, scales, grid, signs, group_size, torch.float32)
+    y = torch.nn.functional.linear(x.float(), weight, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+if not torch._C._dispatch_has_kernel_for_dispatch_key("aquakv::higgs_linear", "CUDA"):
+    torch.library.register_kernel("aquakv::higgs_linear", "cuda", _higgs_linear_decoded)
+
+
 # ---- autograd: backward formulas where the op has a derivative, a clear refusal where not -----
 
 
