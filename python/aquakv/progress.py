@@ -1,124 +1,143 @@
-"""aquakv.progress: tqdm on a terminal, plain periodic lines on a redirected stderr, nothing when disabled."""
+"""One progress helper for every long loop: a tqdm bar on a terminal, plain periodic lines in a redirected log.
 
-import io
+    from aquakv.progress import progress
+    for layer in progress(layers, desc="calibrating", unit="layer"):
+        ...
+    with progress(total=n, desc="windows", unit="window") as bar:
+        bar.update(1); bar.set_postfix_str("ppl 12.3")
 
-import pytest
+When stderr is not a terminal (a log file, a pipe, CI), a tqdm bar would write hundreds of carriage-return frames
+into the log, and no bar at all leaves the reader guessing whether a half-hour run is alive. There the helper writes
+one line at most every `interval` seconds and one at the end:
 
-from aquakv.progress import LineProgress, progress
+    calibrating: 3/24 layer, 12 s elapsed, ~84 s left
 
+It imports nothing else of aquakv, so every package may use it.
+"""
 
-class FakeClock:
-    def __init__(self):
-        self.t = 100.0
+from __future__ import annotations
 
-    def __call__(self):
-        return self.t
+import sys
+import time
+from typing import Callable, Iterable, Optional, TextIO
 
+__all__ = ["progress", "LineProgress", "INTERVAL_S"]
 
-class Tty(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_redirected_stream_gets_a_line_per_interval_and_one_at_the_end():
-    clock, out = FakeClock(), io.StringIO()
-    seen = []
-    for i in progress(range(24), desc="calibrating", unit="layer", stream=out, clock=clock):
-        seen.append(i)
-        clock.t += 4.0  # 4 s a step: a line at most every 10 s -> after steps 3, 6, ... (12 s, 24 s, ...)
-    assert seen == list(range(24))
-    lines = out.getvalue().splitlines()
-    assert lines[0] == "calibrating: 3/24 layer, 12 s elapsed, ~84 s left"
-    # one per 12 s of the 96 s, except at 96 s, where the run is complete and only the closing line is written
-    assert len(lines) == 24 * 4 // 12 - 1 + 1
-    assert lines[-1] == "calibrating: 24/24 layer, 96 s elapsed, done"
-    assert "\r" not in out.getvalue()
+INTERVAL_S = 10.0  # one line per ~10 s: often enough to show life, rare enough to keep a log readable
 
 
-def test_no_line_before_the_interval_except_the_last():
-    clock, out = FakeClock(), io.StringIO()
-    with progress(total=5, desc="eval", unit="window", stream=out, clock=clock) as bar:
-        for _ in range(5):
-            clock.t += 1.0
-            bar.update(1)
-    assert out.getvalue().splitlines() == ["eval: 5/5 window, 5 s elapsed, done"]
+def progress(
+    iterable: Optional[Iterable] = None,
+    *,
+    total: Optional[int] = None,
+    desc: str,
+    unit: str = "it",
+    enabled: bool = True,
+    leave: bool = True,
+    stream: Optional[TextIO] = None,
+    clock: Callable[[], float] = time.monotonic,
+    interval: float = INTERVAL_S,
+):
+    """A tqdm-like progress object over `iterable` (or a manual one of `total` steps, driven by `.update(n)`).
+
+    enabled=False draws nothing (the object still counts). `stream` defaults to sys.stderr at call time; on a
+    terminal the result is a tqdm bar (`leave=False` erases it when done), elsewhere a LineProgress. `clock` and
+    `interval` exist for tests."""
+    stream = sys.stderr if stream is None else stream
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    if enabled and _isatty(stream):
+        from tqdm import tqdm
+
+        # disable=False explicitly: cli.common.bars_off may have made disabled the default for third-party bars.
+        return tqdm(iterable, total=total, desc=desc, unit=unit, file=stream, leave=leave, disable=False)
+    return LineProgress(iterable, total=total, desc=desc, unit=unit, enabled=enabled, stream=stream, clock=clock,
+                        interval=interval)
 
 
-def test_postfix_unknown_total_and_a_stopped_run():
-    clock, out = FakeClock(), io.StringIO()
-    bar = progress(desc="fit", stream=out, clock=clock)
-    clock.t += 11
-    bar.set_postfix_str("loss 0.5")
-    bar.update(2)
-    bar.close()
-    bar.close()  # closing twice writes once
-    assert out.getvalue().splitlines() == ["fit: 2 it, 11 s elapsed, loss 0.5", "fit: 2 it, 11 s elapsed, done, loss 0.5"]
-
-    out = io.StringIO()
-    with pytest.raises(KeyError):
-        with progress(total=10, desc="x", stream=out, clock=clock) as bar:
-            bar.update(3)
-            raise KeyError
-    assert out.getvalue().splitlines() == ["x: 3/10 it, 0 s elapsed, stopped"]
-
-
-def test_long_runs_are_shown_in_minutes():
-    clock, out = FakeClock(), io.StringIO()
-    with progress(total=4, desc="pv", unit="step", stream=out, clock=clock) as bar:
-        clock.t += 600
-        bar.update(1)
-    assert out.getvalue().splitlines()[0] == "pv: 1/4 step, 10.0 min elapsed, ~30.0 min left"
-
-
-def test_disabled_draws_nothing_but_still_iterates_and_counts():
-    for stream in (io.StringIO(), Tty()):
-        clock = FakeClock()
-        bar = progress(range(3), desc="quiet", enabled=False, stream=stream, clock=clock)
-        clock.t += 50
-        assert list(bar) == [0, 1, 2]
-        assert bar.n == 3
-        assert stream.getvalue() == ""
-
-
-def test_terminal_gets_a_tqdm_bar_on_that_stream():
-    from tqdm import tqdm
-
-    tty = Tty()
-    bar = progress(range(4), desc="bar", unit="layer", stream=tty)
-    assert isinstance(bar, tqdm)
-    assert list(bar) == [0, 1, 2, 3]
-    assert "bar" in tty.getvalue() and "4/4" in tty.getvalue()
-    assert isinstance(progress(total=2, desc="x", stream=io.StringIO()), LineProgress)
-
-
-def test_terminal_bar_shows_even_when_third_party_bars_are_off():
-    import functools
-
-    import tqdm
-
-    init = vars(tqdm.tqdm)["__init__"]
-    tqdm.tqdm.__init__ = functools.partialmethod(init, disable=True)  # what cli.common.bars_off does
+def _isatty(stream) -> bool:
     try:
-        tty = Tty()
-        list(progress(range(2), desc="ours", stream=tty))
-    finally:
-        tqdm.tqdm.__init__ = init
-    assert "ours" in tty.getvalue()
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
-def test_default_stream_is_stderr_at_call_time(capsys):
-    with progress(total=1, desc="late", unit="x") as bar:
-        bar.update(1)
-    assert "late: 1/1 x" in capsys.readouterr().err
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 100 else f"{s / 60:.1f} min"
 
 
-def test_progress_imports_nothing_else_of_aquakv():
-    import ast
-    import pathlib
+class LineProgress:
+    """The non-terminal face of `progress`: counts like tqdm, prints a plain line at most every `interval` s and
+    once at close (unless nothing is drawn: enabled=False)."""
 
-    import aquakv.progress as mod
+    def __init__(self, iterable=None, *, total=None, desc: str, unit: str = "it", enabled: bool = True,
+                 stream: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic,
+                 interval: float = INTERVAL_S):
+        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
+        self.enabled, self.stream, self.clock, self.interval = enabled, stream, clock, interval
+        self.n = 0
+        self.postfix = ""
+        self.start = self._last = clock()
+        self.closed = False
 
-    tree = ast.parse(pathlib.Path(mod.__file__).read_text())
-    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert not [n for n in names if n.startswith("aquakv")]
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __len__(self) -> int:
+        return self.total if self.total is not None else len(self.iterable)
+
+    def __enter__(self) -> "LineProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self.clock()
+        finished = self.total is not None and self.n >= self.total  # close() writes that line
+        if now - self._last >= self.interval and not finished:
+            self._last = now
+            self._write(self.line(now))
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = str(s)
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.desc = desc
+
+    def write(self, s: str) -> None:
+        """A message between progress lines (tqdm.write's counterpart)."""
+        if self.enabled:
+            self._write(s)
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._write(self.line(self.clock(), done=True))
+
+    def line(self, now: float, done: bool = False) -> str:
+        elapsed = now - self.start
+        count = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
+        parts = [f"{self.desc}: {count} {self.unit}", f"{_seconds(elapsed)} elapsed"]
+        if done:
+            parts.append("done" if self.total is None or self.n >= self.total else "stopped")
+        elif self.total is not None and self.n > 0:
+            parts.append(f"~{_seconds(elapsed / self.n * max(self.total - self.n, 0))} left")
+        if self.postfix:
+            parts.append(self.postfix)
+        return ", ".join(parts)
+
+    def _write(self, text: str) -> None:
+        if not self.enabled:
+            return
+        print(text, file=self.stream, flush=True)
