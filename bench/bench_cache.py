@@ -61,10 +61,9 @@ def load(random_weights: bool, device: str, seed: int, shape: str = "smollm2", d
 
 
 def cache_factories(model, text: torch.Tensor, predictors_path: str | None, seed: int):
-    from aquakv.kv import AquaKVCache, HiggsCache
+    from aquakv.kv import AquaKVCache, HiggsCache, KiviCache
     from aquakv.kv.baselines import Fp16Cache
     from aquakv.kv.calibration import calibrate
-    from aquakv.kv.kivi import KiviCache
     from aquakv.kv.predictors import AquaKVPredictors
 
     def quick(rank: int | None, structure: str = "full") -> AquaKVPredictors:  # speed does not depend on the fit

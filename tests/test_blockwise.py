@@ -90,8 +90,8 @@ def test_blockwise_cache_gives_the_materialized_logits(model, preds, name, block
     cache = CACHES[name](model, preds, attention="blockwise", block_tokens=block_tokens)
     assert cache.chain_dtype == torch.float16
     decoded = []
-    decode_block = cache.codec.decode_block  # (layer, store, start, stop, ...): one call per block read
-    cache.codec.decode_block = lambda *a: decoded.append(a[3] - a[2]) or decode_block(*a)
+    decode = cache.codec.decode  # (layer, store, chain, start=, stop=, ...): one call per block read
+    cache.codec.decode = lambda *a, **k: decoded.append(k["stop"] - k["start"]) or decode(*a, **k)
     got = _feed(model, ids, cache, STEPS)
     torch.testing.assert_close(got, ref, **CACHE_TOL)
     assert model.config._attn_implementation == NAME
@@ -102,15 +102,15 @@ def test_blockwise_cache_gives_the_materialized_logits(model, preds, name, block
 def test_default_blocks_are_sized_by_bytes(model, preds, monkeypatch):
     """block_tokens=None: a block holds about BLOCK_BYTES, so a prefill piece of many queries reads short blocks and a
     decode step long ones; the logits are the same as with fixed blocks."""
-    from aquakv.kv import policy
+    from aquakv.kv import cache as cache_module
 
-    monkeypatch.setattr(policy, "BLOCK_BYTES", 20_000)
-    monkeypatch.setattr(policy, "MIN_BLOCK_TOKENS", 2)
+    monkeypatch.setattr(cache_module, "BLOCK_BYTES", 20_000)
+    monkeypatch.setattr(cache_module, "MIN_BLOCK_TOKENS", 2)
     ids = torch.stack(random_token_windows(2, sum(STEPS), seed=3))
     cache = AquaKVCache(model, preds, buffer=16, attention="blockwise")
     sizes = {}  # queries of the forward -> block lengths read
-    decode_block = cache.codec.decode_block
-    cache.codec.decode_block = lambda *a: sizes.setdefault(q_len[0], set()).add(a[3] - a[2]) or decode_block(*a)
+    decode = cache.codec.decode
+    cache.codec.decode = lambda *a, **k: sizes.setdefault(q_len[0], set()).add(k["stop"] - k["start"]) or decode(*a, **k)
     q_len, logits = [0], []
     for step, n in enumerate(STEPS):
         q_len[0] = n
@@ -191,11 +191,10 @@ def test_refusals(preds):
 
 @pytest.mark.parametrize("structure", ["full", "rank", "per-head"])
 def test_aqua_blocks_go_through_the_fused_op_and_equal_the_composed_path(model, preds, structure, monkeypatch):
-    """AquaKVCodec.decode_block runs aquakv.ops.aqua_reconstruct (one call per part and block) and gives what
+    """AquaKVCodec.decode runs aquakv.ops.aqua_reconstruct (one call per part and block) and gives what
     dequantize + predict + add + rotate give (float32; the op's matmuls sum in another order)."""
     from aquakv import ops
-    from aquakv.kv.aqua import AquaKVCodec
-    from aquakv.kv.codec import KVCodec
+    from aquakv.kv.aqua_codec import AquaKVCodec
 
     if structure != "full":
         kw = dict(rank=4) if structure == "rank" else dict(structure="per-head")
@@ -206,7 +205,7 @@ def test_aqua_blocks_go_through_the_fused_op_and_equal_the_composed_path(model, 
     monkeypatch.setattr(ops, "aqua_reconstruct", lambda *a, **k: calls.append(1) or fused(*a, **k))
     got = _feed(model, ids, AquaKVCache(model, preds, buffer=16, attention="blockwise", block_tokens=9), STEPS)
     assert calls
-    monkeypatch.setattr(AquaKVCodec, "decode_block", KVCodec.decode_block)
+    monkeypatch.setattr(AquaKVCodec, "fused", False)
     ref = _feed(model, ids, AquaKVCache(model, preds, buffer=16, attention="blockwise", block_tokens=9), STEPS)
     torch.testing.assert_close(got, ref, **CACHE_TOL)
 
@@ -215,10 +214,10 @@ def test_aqua_blocks_go_through_the_fused_op_and_equal_the_composed_path(model, 
 def test_materialized_decode_goes_through_the_fused_op_and_equals_the_composed_path(model, preds, name, monkeypatch):
     """attention="materialize" decodes a HIGGS / AQUA-KV layer with one aqua_reconstruct per part, written straight
     into the keys and values attention reads (and AQUA-KV's chain into the next layer's buffer): the logits of
-    decode + rotate + copy (fused_decode_block = False), up to float order (the op's RoPE is two products and a
+    decode + rotate + copy (AquaKVCodec.fused = False), up to float order (the op's RoPE is two products and a
     sum, rotate's an addcmul; AQUA-KV's matmuls sum in another order)."""
     from aquakv import ops
-    from aquakv.kv.higgs import HiggsRowsCodec
+    from aquakv.kv.aqua_codec import AquaKVCodec
 
     ids = torch.stack(random_token_windows(2, sum(STEPS), seed=3))
     calls = []
@@ -228,7 +227,7 @@ def test_materialized_decode_goes_through_the_fused_op_and_equals_the_composed_p
     got = _feed(model, ids, cache, STEPS)
     layers = model.config.num_hidden_layers
     assert len(calls) > 2 * layers and max(calls) > 2 * 16  # every layer, whole stores of several chunks
-    monkeypatch.setattr(HiggsRowsCodec, "fused_decode_block", False)
+    monkeypatch.setattr(AquaKVCodec, "fused", False)
     calls.clear()
     ref = _feed(model, ids, CACHES[name](model, preds), STEPS)
     assert not calls

@@ -10,7 +10,7 @@ from aquakv.hf_compat import cache_kwargs
 from aquakv.kv import AquaKVCache, ChunkedKVCache, HiggsCache
 from aquakv.kv.calibration import calibrate
 from aquakv.kv.predictors import AquaKVPredictors
-from aquakv.kv.window import WindowLayer
+from aquakv.kv.cache_state import LocalLayer
 from tiny_llama import make_tiny_llama, random_token_windows
 from transformers import DynamicCache
 
@@ -68,8 +68,8 @@ def _record_updates(cache):
 def _chunk_errors(cache, seen) -> list[tuple[float, float]]:
     """Per compressed layer (keys, values), in order: relative squared error of the quantized tokens as the cache
     hands them back, against the states the model handed the cache for those very tokens. Exact local layers of a
-    hybrid model (aquakv.kv.window) are left out: the first entry is the first compressed layer."""
-    compressed = [i for i, layer in enumerate(cache.layers) if not isinstance(layer, WindowLayer)]
+    hybrid model (aquakv.kv.local_layers) are left out: the first entry is the first compressed layer."""
+    compressed = [i for i, layer in enumerate(cache.layers) if not isinstance(layer, LocalLayer)]
     first = cache.layers[compressed[0]]
     chunk = slice(first.num_sinks, first.num_sinks + first.num_quantized)
     errs, states = [], cache.materialize()
@@ -145,8 +145,8 @@ def test_beam_search_matches_dynamic_cache_and_runs_quantized(model, preds):
 
 @pytest.mark.parametrize("layer0_bits", [None, 4, "fp16"])
 def test_higgs_codec_gives_the_zero_predictor_logits_without_keeping_a_previous_layer(model, layer0_bits):
-    """HiggsCache (HiggsCodec) against the path it replaced, AquaKVCache with zero predictors: bit-identical logits
-    over prefill and decode flushes, while no layer's reconstruction is ever kept for the next one."""
+    """HiggsCache (the AQUA-KV codec given zero predictors) against AquaKVCache with zero predictors: bit-identical
+    logits over prefill and decode flushes, while no layer's reconstruction is ever kept for the next one."""
     ids = torch.stack(random_token_windows(2, sum(STEPS), seed=16))
     old = AquaKVCache(model, AquaKVPredictors.zeros(model, 2, layer0_bits=layer0_bits), sinks=4, buffer=16)
     new = HiggsCache(model, 2, layer0_bits=layer0_bits, sinks=4, buffer=16)
@@ -154,12 +154,12 @@ def test_higgs_codec_gives_the_zero_predictor_logits_without_keeping_a_previous_
 
     def watched_update(*args, **kwargs):
         out = update(*args, **kwargs)
-        prevs.append(new._prev)
+        prevs.append(new.forward.chain)
         return out
 
     new.update = watched_update
     expected = _feed(model, ids, old, STEPS)
-    assert old.layers[0].num_quantized > 3 * 16 and old._prev is None  # several chunks; dropped after the last layer
+    assert old.layers[0].num_quantized > 3 * 16 and old.forward.chain is None  # several chunks; dropped after the last layer
     assert torch.equal(_feed(model, ids, new, STEPS), expected)
     assert len(prevs) == 4 * len(STEPS) and all(p is None for p in prevs)
     assert new.nbytes() == old.nbytes() and not new.codec.needs_previous_layer
@@ -236,7 +236,7 @@ def test_memory_accounting_is_exact(model, preds):
     positions = batch * sum(steps) * 4  # int32
     assert cache.nbytes() == codes + exact + positions
     assert cache.bits_per_value() == pytest.approx(8 * codes / (2 * batch * n_quant * c * layers))
-    assert HiggsCache(model, 2).bits_per_value() != HiggsCache(model, 2).bits_per_value()  # nan when empty
+    assert HiggsCache(model, 2).bits_per_value() is None  # nothing compressed: None, never NaN (issue 21)
 
 
 def test_hooks_removed_on_close_and_garbage_collection(model, preds):

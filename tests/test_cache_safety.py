@@ -143,7 +143,7 @@ def _held_bytes(cache) -> int:
 
     for layer in cache.layers:
         walk([v for k, v in vars(layer).items() if k not in ("dtype", "device")])
-    walk([cache.positions, cache._prev, cache._rope])
+    walk([cache.positions, cache.forward.chain, cache.forward.rope])
     return sum(seen.values())
 
 

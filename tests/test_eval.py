@@ -13,7 +13,7 @@ from aquakv.evaluation.perplexity import (
 )
 from aquakv.hf_compat import cache_kwargs
 from aquakv.kv.baselines import Fp16Cache
-from aquakv.kv.kivi import kivi_factory
+from aquakv.kv.cache_presets import kivi_factory
 from tiny_llama import make_tiny_llama, random_token_windows
 
 

@@ -1,5 +1,5 @@
 """Hybrid models (Gemma 3): local layers kept exact in rolling windows, global layers compressed, AQUA-KV chained from
-one global layer to the next (aquakv.kv.window, docs/model_families.md)."""
+one global layer to the next (aquakv.kv.local_layers, docs/model_families.md)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,8 @@ from aquakv.hf_compat import cache_kwargs
 from aquakv.kv import AquaKVCache, HiggsCache, KiviCache
 from aquakv.kv.calibration import calibrate
 from aquakv.kv.predictors import AquaKVPredictors
-from aquakv.kv.window import WindowLayer, chain_sources, window_layers
+from aquakv.kv.cache_state import LocalLayer
+from aquakv.kv.local_layers import chain_sources, exact_local_layers
 from test_cache import EXACT, _chunk_errors, _feed, _record_updates
 from test_model_families import build, build_gemma3
 from tiny_llama import random_token_windows
@@ -25,9 +26,9 @@ def gemma():
 
 
 def test_which_layers_stay_exact():
-    assert window_layers(build_gemma3(WINDOW).config) == {0: WINDOW, 2: WINDOW}
-    assert window_layers(build("mistral-sliding").config) == {}  # every layer slides: all are compressed
-    assert window_layers(build("llama-renamed-rotary").config) == {}
+    assert exact_local_layers(build_gemma3(WINDOW).config) == {0: WINDOW, 2: WINDOW}
+    assert exact_local_layers(build("mistral-sliding").config) == {}  # every layer slides: all are compressed
+    assert exact_local_layers(build("llama-renamed-rotary").config) == {}
     assert chain_sources(6, {0: 5, 2: 5, 3: 5}) == [None, None, None, None, 1, 4]
 
 
@@ -56,7 +57,7 @@ def test_local_layers_roll_and_bytes_count_only_the_window(gemma):
     model, preds = gemma
     cache = AquaKVCache(model, preds, buffer=16)
     _feed(model, torch.stack(random_token_windows(2, 90, seed=8)), cache, [40] + [10] * 5)
-    assert isinstance(cache.layers[0], WindowLayer) and cache.layers[0].keys.shape[2] == WINDOW - 1
+    assert isinstance(cache.layers[0], LocalLayer) and cache.layers[0].keys.shape[2] == WINDOW - 1
     assert cache.get_seq_length() == 90 and cache.layers[3].num_quantized > 0
     window_bytes = sum(t.numel() * t.element_size() for i in (0, 2) for t in cache.layers[i].tensors())
     assert window_bytes == 2 * 2 * 2 * (WINDOW - 1) * model.config.num_key_value_heads * model.config.head_dim * 2

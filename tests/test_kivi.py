@@ -10,7 +10,8 @@ from aquakv.kv.baselines import (
     transformers_cache_backends,
     transformers_quantized_factory,
 )
-from aquakv.kv.kivi import KiviCache, KiviCodec
+from aquakv.kv.cache_presets import KiviCache
+from aquakv.kv.kivi import KiviCodec
 from aquakv.ops import pack_bits, unpack_bits
 from aquakv.uniform import UniformQuantized, dequantize_uniform, quantize_uniform
 from old_uniform import old_kivi_quantize

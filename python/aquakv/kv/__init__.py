@@ -1,41 +1,20 @@
-"""KV-cache compression: the chunking policy and codec protocol, the AQUA-KV, HIGGS and KIVI caches, AQUA-KV's
-predictors and their calibration, the comparison-cache registry, and the rotary bookkeeping of caches that store
-keys before RoPE.
+"""KV-cache compression: the codec protocol (`aquakv.kv.codec`) and its codecs (AQUA-KV, HIGGS as AQUA-KV with a zero
+prediction, KIVI), AQUA-KV's predictors and their calibration, the transformers cache over any codec
+(`aquakv.kv.cache`), the comparison-cache registry, and the rotary bookkeeping of caches that store keys before RoPE.
 
     preds = aquakv.kv.calibrate(model, texts, tokenizer=tok, bits=2)     # also aquakv.calibrate
     cache = aquakv.kv.AquaKVCache(model, preds)                          # model(..., cache=cache), generate()
 
 Names load on first use, so `aquakv.kv.registry` (and the command line's --help) stays free of torch.
 """
-import importlib
+from aquakv.lazy import lazy_exports
 
 _LAZY = {
-    "AffineMap": "aquakv.kv.predictors",
-    "AquaKVCache": "aquakv.kv.aqua",
-    "AquaKVCodec": "aquakv.kv.aqua",
-    "AquaKVPredictors": "aquakv.kv.predictors",
-    "AquaKVSettings": "aquakv.kv.predictors",
-    "ChunkedKVCache": "aquakv.kv.policy",
-    "Fp16Cache": "aquakv.kv.baselines",
-    "HiggsCache": "aquakv.kv.higgs",
-    "HiggsCodec": "aquakv.kv.higgs",
-    "KVCodec": "aquakv.kv.codec",
-    "KiviCache": "aquakv.kv.kivi",
-    "KiviCodec": "aquakv.kv.kivi",
-    "calibrate": "aquakv.kv.calibration",
+    "AquaKVCache": "cache_presets", "HiggsCache": "cache_presets", "KiviCache": "cache_presets",
+    "ChunkedKVCache": "cache", "Fp16Cache": "baselines",
+    "KVCodec": "codec", "AquaKVCodec": "aqua_codec", "KiviCodec": "kivi",
+    "AquaKVPredictors": "predictors", "AquaKVSettings": "predictor_settings",
+    "calibrate": "calibration",
 }
 
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'aquakv.kv' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
-
-__all__ = sorted(_LAZY)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {name: f".{module}" for name, module in _LAZY.items()})

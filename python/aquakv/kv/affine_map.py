@@ -82,7 +82,7 @@ class AffineMap:
         blocks = [named[k] for k in sorted((k for k in named if "." in k), key=lambda k: int(k.split(".")[1]))]
         return cls(**plain, blocks=tuple(blocks) if blocks else None, block_up=named.get("block_up"))
 
-    def _params(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "AffineMap":
+    def placed(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "AffineMap":
         """This map on `device` with its matrices in `dtype` (the matmuls' dtype) and its bias in float32; kept."""
         key = (device, dtype)
         if key not in self._on_device:
@@ -115,7 +115,7 @@ class AffineMap:
         concatenated inputs accumulating in float32 and rounded once, as `aquakv.ops.aqua_reconstruct` does it)."""
         if matmul_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"AffineMap: matmul_dtype must be torch.float32 or torch.bfloat16, got {matmul_dtype}")
-        p = self._params(xs[0].device if xs else self.bias.device, matmul_dtype)
+        p = self.placed(xs[0].device if xs else self.bias.device, matmul_dtype)
         if p.blocks is not None:
             return p._block_diagonal(xs)
         if p.weight is None and p.down is None:

@@ -4,14 +4,13 @@ whole layer's reconstruction in the model's dtype, a re-rotated copy of it, or t
 
 How it plugs into transformers: `install(model)` registers the attention function `NAME` (and its mask, a
 boolean [B, 1, Q, T] mask that is always materialized) and switches the model to it. A `ChunkedKVCache` built
-with attention="blockwise" then returns from `update` only the exact tokens (sinks and buffer) and leaves a
-`DeferredLayer` that this function consumes; without one (another cache, no cache) the function is plain SDPA.
+with attention="blockwise" then returns from `update` only the exact tokens (sinks and buffer), the keys carrying a
+`DeferredLayer` (`defer`) that this function consumes; without one (another cache, no cache) it is plain SDPA.
 The cache checks the model's attention implementation at every update, so a model switched back to SDPA gets
 the whole materialized cache again: never partial keys.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -40,22 +39,23 @@ class DeferredLayer:
     consumed: bool = False
 
 
-_pending = threading.local()  # the DeferredLayer of the update that just ran on this thread
+# The one seam between the cache and this attention function: the key tensor `update` returns carries the layer's
+# DeferredLayer as this attribute, and only that tensor (transformers hands the attention function the very tensor
+# the cache returned). Nothing global, nothing per thread: two models, or two threads, cannot see each other's.
+_CARRIED = "aquakv_deferred"
 
 
-def defer(layer: DeferredLayer) -> None:
-    _pending.layer = layer
+def defer(keys: torch.Tensor, layer: DeferredLayer) -> DeferredLayer:
+    """Attach `layer` to the exact keys `update` is about to return (their attention reads it); returns it."""
+    setattr(keys, _CARRIED, layer)
+    return layer
 
 
-def pending() -> DeferredLayer | None:
-    return getattr(_pending, "layer", None)
-
-
-def _take(keys: torch.Tensor) -> DeferredLayer | None:
-    layer = pending()
-    if layer is None or layer.exact_keys is not keys:  # not ours: the keys came from somewhere else
-        return None
-    _pending.layer = None
+def deferred_of(keys: torch.Tensor) -> DeferredLayer | None:
+    """The DeferredLayer the keys carry, once: taken off them (None for keys of any other origin)."""
+    layer = getattr(keys, _CARRIED, None)
+    if layer is not None:
+        delattr(keys, _CARRIED)
     return layer
 
 
@@ -86,6 +86,9 @@ class _OnlineSoftmax:
         self.max = query.new_full((*self.shape, 1), -torch.inf, dtype=torch.float32)
         self.sum = query.new_zeros((*self.shape, 1), dtype=torch.float32)
         self.acc = query.new_zeros((*self.shape, d), dtype=torch.float32)
+        # In place unless autograd records the merge (a forward outside no_grad): then the same operations, out of
+        # place, so that backward finds what it saved; the numbers are the same either way.
+        self.inplace = not (torch.is_grad_enabled() and query.requires_grad)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Merge one block: keys, values [B, Hkv, T, D]; mask [B|1, 1|H, Q, T] (bool: True attends; or additive).
@@ -101,17 +104,22 @@ class _OnlineSoftmax:
             if mask.shape[1] not in (1, hkv):  # a per-query-head mask: group it like the queries
                 mask = mask.reshape(mask.shape[0], hkv, g, q, t)
             if mask.dtype == torch.bool:
-                scores.masked_fill_(~mask, -torch.inf)
+                fill = scores.masked_fill_ if self.inplace else scores.masked_fill
+                scores = fill(~mask, -torch.inf)
             else:
-                scores.add_(mask)
+                scores = scores.add_(mask) if self.inplace else scores + mask
         new_max = torch.maximum(self.max, scores.amax(dim=-1, keepdim=True))
         # Rows that have seen only masked columns keep max = -inf; shift them by 0 so exp gives 0, not NaN.
         shift = torch.where(torch.isneginf(new_max), torch.zeros_like(new_max), new_max)
-        probs = scores.sub_(shift).exp_()
+        probs = scores.sub_(shift).exp_() if self.inplace else (scores - shift).exp()
         rescale = torch.exp(self.max - shift)
-        self.sum.mul_(rescale).add_(probs.sum(dim=-1, keepdim=True))
-        weighted = torch.matmul(probs.view(b, hkv, g * q, t), values.float())
-        self.acc.mul_(rescale).add_(weighted.view(b, hkv, g, q, -1))
+        weighted = torch.matmul(probs.view(b, hkv, g * q, t), values.float()).view(b, hkv, g, q, -1)
+        if self.inplace:
+            self.sum.mul_(rescale).add_(probs.sum(dim=-1, keepdim=True))
+            self.acc.mul_(rescale).add_(weighted)
+        else:
+            self.sum = self.sum * rescale + probs.sum(dim=-1, keepdim=True)
+            self.acc = self.acc * rescale + weighted
         self.max = new_max
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
@@ -142,7 +150,7 @@ def blockwise_attention(module, query, key, value, attention_mask, dropout: floa
     """The attention function registered as NAME: blockwise over a deferred layer, else transformers' SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    layer = _take(key)
+    layer = deferred_of(key)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

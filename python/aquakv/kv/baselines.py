@@ -7,7 +7,8 @@ from typing import Callable, Optional
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from aquakv.kv.window import WindowLayer, sliding_layers
+from aquakv.kv.cache_state import LocalLayer
+from aquakv.kv.local_layers import sliding_layers
 
 
 class Fp16Layer(DynamicLayer):
@@ -31,17 +32,12 @@ class Fp16Cache(Cache):
     def __init__(self, model: torch.nn.Module):
         cfg = model.config.get_text_config(decoder=True)
         sliding = sliding_layers(cfg)
-        super().__init__(layers=[WindowLayer(sliding[i], torch.float16) if i in sliding else Fp16Layer()
+        super().__init__(layers=[LocalLayer(sliding[i], torch.float16) if i in sliding else Fp16Layer()
                                  for i in range(cfg.num_hidden_layers)])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers
                    for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
-
-
-def fp16_cache_factory(model: torch.nn.Module) -> Fp16Cache:
-    """cache_factory of the unquantized fp16 baseline."""
-    return Fp16Cache(model)
 
 
 def transformers_cache_backends() -> dict[str, Optional[str]]:

@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 
 from aquakv.evaluation.windows import cut_windows
 from aquakv.kv.capture import iter_layer_states
-from aquakv.kv.fit import _SequentialFit, structure_groups
-from aquakv.kv.predictors import AquaKVPredictors, AquaKVSettings, _layer0_bits
+from aquakv.kv.fit import SequentialFit, structure_groups
+from aquakv.kv.predictor_settings import AquaKVSettings, parse_layer0_bits
+from aquakv.kv.predictors import AquaKVPredictors
 from aquakv.kv.support import check_supported
-from aquakv.kv.window import window_layers
+from aquakv.kv.local_layers import exact_local_layers
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
     data: 1-D LongTensors of token ids (any length, cut into windows of `window` tokens) or strings + tokenizer=.
     bits: code bits per value for layers >= 1 (HIGGS grid (grid_dim, 2**(bits*grid_dim)), group_size = head_dim
       by default). layer0_bits: bits of layer 0's centered quantizer, or "fp16" to keep layer 0 exact.
-      A hybrid model's local layers are kept exact by the cache and not fitted (aquakv.kv.window); its first
+      A hybrid model's local layers are kept exact by the cache and not fitted (aquakv.kv.local_layers); its first
       compressed layer takes layer 0's part.
     rank: reduced-rank predictors (two factors of rank r) instead of dense C x C / 2C x C maps.
     structure: "full" (dense maps, the default) or "per-head": block-diagonal maps, KV head g of a layer predicted
@@ -114,7 +115,7 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
     _check_options(bits=bits, layer0_bits=layer0_bits, damping=damping, sinks=sinks, held_out=held_out)
     check_supported(model, who="aquakv.calibrate", probe=True)
     info = AquaKVPredictors.model_info_of(model)
-    settings = AquaKVSettings(bits=bits, grid_dim=grid_dim, seed=seed, layer0_bits=_layer0_bits(layer0_bits),
+    settings = AquaKVSettings(bits=bits, grid_dim=grid_dim, seed=seed, layer0_bits=parse_layer0_bits(layer0_bits),
                               group_size=group_size or AquaKVPredictors.default_group_size(info["head_dim"]))
     settings.quantizer_for(True), settings.quantizer_for(False)  # validates bits/grid/group before the slow part
     if rank is not None and rank < 1:
@@ -123,8 +124,8 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
     windows = make_windows(data, tokenizer, window, max_windows, min_tokens=sinks + 1)
     n_fit, _ = _split(windows, sinks, held_out)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    exact = window_layers(model.config)  # a hybrid model's local layers: kept exact, not fitted
-    fit = _SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device,
+    exact = exact_local_layers(model.config)  # a hybrid model's local layers: kept exact, not fitted
+    fit = SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device,
                          structure, groups)
     with tqdm(total=info["num_layers"], desc="aquakv: calibrating layers", unit="layer", disable=not progress) as bar:
         for layer, keys, values in iter_layer_states(model, windows, sinks, offload=offload, progress=bar):

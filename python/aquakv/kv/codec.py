@@ -1,9 +1,24 @@
-"""One layer of the chunked KV caches: the codec protocol (how its chunks of keys and values are compressed) and
-the layer's state (`ChunkedLayer`: sinks | codec store | buffer, and its row and length edits).
+"""The codec protocol: how one layer's keys and values are compressed, on plain tensors. Every KV codec of the
+package (AQUA-KV and HIGGS in `aquakv.kv.aqua_codec`, KIVI in `aquakv.kv.kivi`) implements `KVCodec`; the
+transformers cache (`aquakv.kv.cache.ChunkedKVCache`) is one caller of it, and anything that holds tensors (a
+paged-attention backend) can be another. Nothing here, nor in any codec, imports transformers.
 
-The chunking policy (`aquakv.kv.policy.ChunkedKVCache`) decides which tokens are compressed and when; a codec
-decides how. A "store" is whatever object the codec keeps for the compressed tokens of one layer; the policy only
-hands it back to the codec. Stores hold compact tensors only (see `compact`), so that byte counts are real.
+Words (docs/kv_cache.md draws them):
+  store    what a codec keeps for the compressed tokens of one layer (packed codes, scales...): an object only the
+           codec reads; the caller keeps it and hands it back. Stores hold compact tensors (`compact`).
+  chain    the previous compressed layer's reconstruction of the same tokens ([B, H, T, D], keys before RoPE), which
+           AQUA-KV predicts a layer from. `encode` and `decode` take the chain in and give this layer's
+           reconstruction out, which is the next layer's chain. The caller owns it and keeps it only while it walks
+           the layers of one forward (`aquakv.kv.cache_state.ForwardState`).
+  pre_rope a codec that stores keys before RoPE: its caller un-rotates keys before `encode` and passes the cos/sin
+           of the decoded tokens to `decode`, which re-rotates them.
+
+Three kinds of layer, each explicit:
+  chain start  layer 0, or the first compressed layer of a hybrid model: chain=None in and out of nothing (AQUA-KV
+               codes it with an intercept-only prediction and layer 0's quantizer).
+  chained      every other compressed layer: chain = the reconstruction of `aquakv.kv.local_layers.chain_sources`.
+  exact local  a hybrid model's sliding-window layer: never reaches a codec (the cache keeps it exact).
+Codecs that do not predict (HIGGS, KIVI) have needs_previous_layer = False and are always given chain=None.
 """
 from __future__ import annotations
 
@@ -11,7 +26,6 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from aquakv.kv.rope import rotate
 
@@ -19,59 +33,34 @@ KV = tuple[torch.Tensor, torch.Tensor]
 
 
 class KVCodec(ABC):
-    """Compresses chunks of one layer's keys and values. All tensors [B, H, T, D] float32 on the model's device.
+    """Compresses runs of one layer's keys and values. Tensors are [B, H, T, D]; reconstructions are float32.
 
-    A "store" is whatever object the codec uses for the quantized tokens of one layer; the policy only passes
-    it back to the codec. Every method returns a new store and leaves the one it was given as it was: the cache
-    builds a layer's next state aside and keeps it only once the whole update has succeeded. Stores hold compact
-    tensors (`compact`), so that `nbytes` is what they really keep alive.
+    Every method returns a new store and leaves the one it was given as it was: a caller can build a layer's next
+    state aside and keep it only once everything has succeeded.
     """
 
-    pre_rope: bool = True  # keys arrive un-rotated and decoded keys get re-rotated by the policy
-    # encode/decode get prev = the previous compressed layer's reconstruction of the same tokens (layer l-1 unless
-    # the model has exact local layers: aquakv.kv.window.chain_sources)
-    needs_previous_layer: bool = False
+    pre_rope: bool = True  # keys are encoded un-rotated; decode re-rotates them with the cos/sin it is given
+    needs_previous_layer: bool = False  # encode/decode read the chain (AQUA-KV with predictors)
 
     @abstractmethod
-    def encode(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, prev: KV | None
+    def encode(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, chain: KV | None
                ) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """One new chunk -> (store of these tokens, keys_hat, values_hat)."""
+        """A run of new tokens (keys un-rotated when pre_rope) and the chain's reconstruction of the same tokens ->
+        (a store of these tokens, keys_hat, values_hat): this layer's reconstruction, the next layer's chain."""
 
     @abstractmethod
-    def decode(self, layer_idx: int, store: Any, prev: KV | None) -> KV:
-        """Every token of the store -> (keys_hat, values_hat)."""
+    def decode(self, layer_idx: int, store: Any, chain: KV | None, *, start: int = 0, stop: int | None = None,
+               cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float32, chain_out: KV | None = None, out: KV | None = None) -> KV:
+        """Tokens [start, stop) of the store (stop None: all) -> (keys, values) [B, H, stop - start, D] in `dtype`.
 
-    decodes_ranges: bool = False  # decode_range is implemented (attention="blockwise" needs it)
-    # decode_block is one fused kernel: the policy then decodes a materialized layer through it too, straight into
-    # the buffer attention reads, instead of decode + rotate + copy
-    fused_decode_block: bool = False
-
-    def decode_range(self, layer_idx: int, store: Any, start: int, stop: int, prev: KV | None) -> KV:
-        """Tokens [start, stop) of the store -> (keys_hat, values_hat) [B, H, stop - start, D], touching only what
-        those tokens need; prev: layer l-1's reconstruction of the same tokens."""
-        raise NotImplementedError(f"{type(self).__name__} does not decode token ranges")
-
-    def decode_block(self, layer_idx: int, store: Any, start: int, stop: int, prev: KV | None,
-                     cos: torch.Tensor | None, sin: torch.Tensor | None, dtype: torch.dtype, hat: KV | None,
-                     out: KV | None = None) -> KV:
-        """Tokens [start, stop) as attention reads them: (keys, values) [B, H, stop - start, D] in `dtype`, keys
-        re-rotated with cos/sin [B, stop - start, D] when the codec is pre-RoPE. hat: [B, H, T_b, D] views (any float
-        dtype) that receive the un-rotated reconstruction (what the next layer's predictor reads), or None.
-        out: [B, H, T_b, D] tensors of `dtype` (views of a larger buffer are fine) to write and return, or None.
-        Codecs with a fused kernel override this; the default composes decode_range and rotate."""
-        k_hat, v_hat = self.decode_range(layer_idx, store, start, stop, prev)
-        if hat is not None:
-            hat[0].copy_(k_hat)
-            hat[1].copy_(v_hat)
-        if self.pre_rope:
-            k_out = torch.empty(k_hat.shape, dtype=dtype, device=k_hat.device) if out is None else out[0]
-            k_hat = rotate(k_hat, cos, sin, out=k_out)
-        if out is None:
-            return k_hat.to(dtype), v_hat.to(dtype)
-        if k_hat is not out[0]:
-            out[0].copy_(k_hat)
-        out[1].copy_(v_hat)
-        return out
+        chain: the chain's reconstruction of those tokens (None for a chain start or a codec that does not
+        predict). cos/sin [B, stop - start, R]: re-rotate the keys (pre_rope codecs; None leaves them un-rotated).
+        chain_out: [B, H, stop - start, D] tensors (views of a larger buffer are fine, any float dtype) that receive
+        this layer's un-rotated reconstruction, the next layer's chain; or None. out: [B, H, stop - start, D]
+        tensors of `dtype` to write and return (e.g. views of the keys attention reads), or None. Reads only what
+        those tokens need.
+        """
 
     @abstractmethod
     def append(self, store: Any | None, new: Any) -> Any:
@@ -93,6 +82,25 @@ class KVCodec(ABC):
         """Every byte the store holds."""
 
 
+def deliver(k_hat: torch.Tensor, v_hat: torch.Tensor, *, cos: torch.Tensor | None, sin: torch.Tensor | None,
+            dtype: torch.dtype, chain_out: KV | None, out: KV | None) -> KV:
+    """The end of a composed `KVCodec.decode` (codecs without a fused kernel for it): the reconstruction
+    (k_hat, v_hat) [B, H, T, D] float32 written into chain_out, keys re-rotated with cos/sin (if given), both
+    written into `out` or returned in `dtype`."""
+    if chain_out is not None:
+        chain_out[0].copy_(k_hat)
+        chain_out[1].copy_(v_hat)
+    if cos is not None:
+        k_out = torch.empty(k_hat.shape, dtype=dtype, device=k_hat.device) if out is None else out[0]
+        k_hat = rotate(k_hat, cos, sin, out=k_out)
+    if out is None:
+        return k_hat.to(dtype), v_hat.to(dtype)
+    if k_hat is not out[0]:
+        out[0].copy_(k_hat)
+    out[1].copy_(v_hat)
+    return out
+
+
 def compact(x: torch.Tensor) -> torch.Tensor:
     """x itself if it is the whole of its own storage, else a compact copy.
 
@@ -102,94 +110,3 @@ def compact(x: torch.Tensor) -> torch.Tensor:
     """
     whole = x.is_contiguous() and x.storage_offset() == 0 and x.untyped_storage().nbytes() == x.nbytes
     return x if whole else x.clone(memory_format=torch.contiguous_format)
-
-
-class ChunkedLayer(CacheLayerMixin):
-    """State of one layer; the cache drives it (`ChunkedKVCache.update`), the layer answers length queries."""
-
-    is_compileable = False
-    is_croppable = True
-    is_sliding = False
-    supports_early_init = False
-
-    def __init__(self):
-        super().__init__()
-        self.clear()
-
-    def clear(self) -> None:
-        self.sink_k = self.sink_v = None  # [B, H, S, D] post-RoPE, storage dtype
-        self.buf_k = self.buf_v = None  # [B, H, Tb, D] post-RoPE, storage dtype
-        self.store = None  # codec store of the quantized tokens
-        self.num_sinks = self.num_quantized = self.num_buffered = 0
-        self.is_initialized = False
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.batch, self.num_heads, _, self.head_dim = key_states.shape
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError("a ChunkedLayer is updated through its ChunkedKVCache")
-
-    def get_seq_length(self) -> int:
-        return self.num_sinks + self.num_quantized + self.num_buffered
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.clear()
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.sink_k, self.sink_v, self.buf_k, self.buf_v) if t is not None]
-
-    def select_rows(self, index: torch.Tensor, codec: KVCodec) -> None:
-        """Batch rows `index` (LongTensor [B'] on this layer's device, checked by the cache) of every part."""
-        for name in ("sink_k", "sink_v", "buf_k", "buf_v"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.index_select(0, index))
-        if self.store is not None:
-            self.store = codec.select_batch(self.store, index)
-        self.batch = index.shape[0]
-
-    def keep_first(self, keep: int, codec: KVCodec) -> None:
-        """Keep the first `keep` tokens (sinks first, then quantized, then buffered), as compact copies."""
-        n_sink = min(keep, self.num_sinks)
-        n_quant = min(keep - n_sink, self.num_quantized)
-        n_buf = keep - n_sink - n_quant
-        self.sink_k, self.sink_v = _keep(self.sink_k, n_sink), _keep(self.sink_v, n_sink)
-        self.buf_k, self.buf_v = _keep(self.buf_k, n_buf), _keep(self.buf_v, n_buf)
-        if n_quant < self.num_quantized:
-            self.store = codec.truncate(self.store, n_quant) if n_quant else None
-        self.num_sinks, self.num_quantized, self.num_buffered = n_sink, n_quant, n_buf
-
-
-def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    """a | b along the tokens, in a tensor of its own (b may be a slice of the model's update)."""
-    return compact(b) if a is None else torch.cat([a, b], dim=-2)
-
-
-def _keep(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """The first n tokens, copied: a view would keep the cropped tokens' bytes alive."""
-    return compact(t[:, :, :n]) if t is not None and n else None
-
-
-def checked_batch_index(index, batch: int | None, who: str) -> torch.Tensor:
-    """index: 1-D integer rows of the current batch (may repeat) -> LongTensor; raises before anything changes."""
-    if not isinstance(index, torch.Tensor):
-        index = torch.as_tensor(index)
-    if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"{who}: the index must hold integers, got dtype {index.dtype}")
-    if index.dim() != 1 or index.numel() == 0:
-        raise ValueError(f"{who}: the index must be a non-empty 1-D tensor of batch rows, got shape "
-                         f"{tuple(index.shape)}")
-    if batch is not None:
-        lo, hi = int(index.min()), int(index.max())
-        if lo < 0 or hi >= batch:
-            raise IndexError(f"{who}: index values must be in [0, {batch}) for a batch of {batch}, got "
-                             f"{lo if lo < 0 else hi}")
-    return index.long()

@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from aquakv.kv.affine_map import AffineMap
-from aquakv.kv.predictors import AquaKVPredictors, AquaKVSettings
+from aquakv.kv.predictor_settings import AquaKVSettings
+from aquakv.kv.predictors import AquaKVPredictors
 from aquakv.quantizer import HiggsQuantizer
 
 log = logging.getLogger(__name__)
@@ -156,11 +157,11 @@ def _reconstruct(amap: AffineMap | None, inputs: list[torch.Tensor], target: tor
     return hat, err
 
 
-class _SequentialFit:
+class SequentialFit:
     """Fits the predictors one layer at a time, in order, with quantization in the loop: each layer's regression
     inputs are the previous compressed layer's reconstructions, exactly as inference will see them. Only those
     reconstructions (float32 [N, C], on `store`) are kept between layers. Exact layers (a hybrid model's local
-    layers, aquakv.kv.window) get no maps and leave the chain as it was."""
+    layers, aquakv.kv.local_layers) get no maps and leave the chain as it was."""
 
     def __init__(self, n_fit: int, settings: AquaKVSettings, rank: int | None, damping: float, device: torch.device,
                  store: torch.device, structure: str = "full", groups: int = 1):
@@ -226,9 +227,9 @@ def fit_predictors(keys: list[torch.Tensor], values: list[torch.Tensor], n_fit: 
     """The fitting half of `calibrate`, on captured states (see `aquakv.kv.capture.capture_states`): rows [N, C] per
     layer, the first n_fit rows for fitting and the rest held out for the report. The lists are not modified.
     structure: "full" (dense maps) or "per-head" (block diagonal over model_info's KV heads).
-    exact_layers: layers the cache keeps exact (`aquakv.kv.window.window_layers(model.config)`)."""
+    exact_layers: layers the cache keeps exact (`aquakv.kv.local_layers.exact_local_layers(model.config)`)."""
     device = torch.device(device)
-    fit = _SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device,
+    fit = SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device,
                          structure, structure_groups(structure, model_info["num_kv_heads"]))
     exact = set(exact_layers)
     for layer, (k, v) in enumerate(tqdm(list(zip(keys, values)), desc="aquakv: fitting layers", disable=not progress,

@@ -9,7 +9,7 @@ KIVI (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV
 - the newest tokens stay in an fp16 residual window of up to R = 128 tokens.
 
 Here the numbers live in `KiviCodec` and the residual window is the fp16 buffer of the package's chunking
-policy (`aquakv.kv.policy.ChunkedKVCache`): once the buffer holds >= `buffer` tokens they are quantized as one
+cache (`aquakv.kv.cache.ChunkedKVCache`): once the buffer holds >= `buffer` tokens they are quantized as one
 chunk, keys in groups of `group_size` tokens per channel, values per token. (KIVI proper releases values
 from the window one token at a time; flushing whole chunks keeps between 0 and R values in fp16 instead of
 exactly R, and lets every codec of the package share one policy.) Nothing here needs calibration. The min/max
@@ -20,12 +20,10 @@ packed codes, fp16 scales and zero points, fp16 sinks and buffer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from aquakv.kv.codec import KVCodec
-from aquakv.kv.policy import ChunkedKVCache
+from aquakv.kv.codec import KVCodec, deliver
 from aquakv.uniform import UniformQuantized, dequantize_uniform, quantize_uniform
 
 _SUPPORTED_BITS = (1, 2, 4, 8)
@@ -50,7 +48,7 @@ class KiviChunk:
 
 
 class KiviCodec(KVCodec):
-    """KIVI's numbers as a codec of `aquakv.kv.policy.ChunkedKVCache` (which owns the fp16 sinks and buffer).
+    """KIVI's numbers as a `KVCodec` (the cache, `aquakv.kv.cache.ChunkedKVCache`, owns the fp16 sinks and buffer).
 
     bits: 1, 2, 4 or 8. group_size: tokens per key group and channels per value group (capped at head_dim).
     pre_rope: quantize keys before RoPE (KIVI quantizes the post-RoPE keys the model hands the cache: False).
@@ -96,16 +94,11 @@ class KiviCodec(KVCodec):
         k_hat, v_hat = self._decode_chunk(chunk)
         return [chunk], k_hat, v_hat
 
-    def decode(self, layer_idx, store, prev):
-        parts = [self._decode_chunk(c) for c in store]
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
-
-    decodes_ranges = True
-
-    def decode_range(self, layer_idx, store, start, stop, prev):
-        """Decodes the chunks that overlap [start, stop) (a chunk is the unit of KIVI's key groups)."""
+    def decode(self, layer_idx, store, chain, *, start=0, stop=None, cos=None, sin=None, dtype=torch.float32,
+               chain_out=None, out=None):
+        """`KVCodec.decode`: the chunks that overlap [start, stop) are decoded (a chunk is the unit of KIVI's key
+        groups) and cut to those tokens; keys re-rotated when cos/sin are given (pre_rope)."""
+        stop = self.num_tokens(store) if stop is None else stop
         keys, values, seen = [], [], 0
         for c in store:
             lo, hi = max(start - seen, 0), min(stop - seen, c.num_tokens)
@@ -117,8 +110,10 @@ class KiviCodec(KVCodec):
             if seen >= stop:
                 break
         if len(keys) == 1:
-            return keys[0], values[0]
-        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+            k_hat, v_hat = keys[0], values[0]
+        else:
+            k_hat, v_hat = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        return deliver(k_hat, v_hat, cos=cos, sin=sin, dtype=dtype, chain_out=chain_out, out=out)
 
     def append(self, store, new):
         return list(new) if store is None else store + list(new)
@@ -151,24 +146,3 @@ class KiviCodec(KVCodec):
 
     def __repr__(self) -> str:
         return f"KiviCodec(bits={self.bits}, group_size={self.group_size}, pre_rope={self.pre_rope})"
-
-
-class KiviCache(ChunkedKVCache):
-    """KIVI-style 1/2/4/8-bit KV cache: `model(..., cache=KiviCache(model, bits=2))` or `generate()`.
-
-    The newest tokens wait in an fp16 buffer (KIVI's residual window, `buffer` = its residual length R) and are
-    quantized as one chunk once `buffer` of them have accumulated; `sinks` first tokens stay in fp16 (KIVI itself
-    keeps none; 4 gives it the same policy as AQUA-KV so that a comparison isolates the quantizer).
-    `nbytes()` counts every byte; `bits_per_value()` covers the quantized part (codes, scales, zero points).
-    """
-
-    def __init__(self, model, bits: int = 2, *, group_size: int = 32, sinks: int = 4, buffer: int = 128,
-                 pre_rope: bool = False, storage_dtype: torch.dtype | None = None, attention: str = "materialize",
-                 block_tokens: int | None = None):
-        super().__init__(model, KiviCodec(bits, group_size, pre_rope), sinks=sinks, buffer=buffer,
-                         storage_dtype=storage_dtype, attention=attention, block_tokens=block_tokens)
-
-
-def kivi_factory(bits: int = 2, **kwargs) -> Callable[[torch.nn.Module], KiviCache]:
-    """A cache_factory for `aquakv.evaluation.evaluate_perplexity`: model -> fresh KiviCache(model, bits, **kwargs)."""
-    return lambda model: KiviCache(model, bits, **kwargs)

@@ -5,7 +5,7 @@ reconstruction, plus the quantizer settings they were calibrated with (DESIGN.md
     P^K_l = K^_{l-1} A_l + a_l,  P^V_l = [K^_l ; V^_{l-1}] B_l + b_l     (l >= 1)
     K^_l = P^K_l + Q_l(K_l - P^K_l),  V^_l likewise
 
-In a hybrid model (Gemma 3) the local layers are kept exact (`exact_layers`, aquakv.kv.window): they have no maps,
+In a hybrid model (Gemma 3) the local layers are kept exact (`exact_layers`, aquakv.kv.local_layers): they have no maps,
 and every other layer is predicted from the previous compressed one (`sources`; "l - 1" above), the first compressed
 layer taking layer 0's part.
 
@@ -16,41 +16,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import PurePath
 
 import torch
 
 from aquakv.kv.affine_map import AffineMap
-from aquakv.kv.window import chain_sources, window_layers
+from aquakv.kv.local_layers import chain_sources, exact_local_layers
+from aquakv.kv.predictor_settings import AquaKVSettings, parse_layer0_bits
+from aquakv.kv.predictors_file import read_predictors, save_predictors
 from aquakv.quantizer import HiggsQuantizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AquaKVSettings:
-    """Quantizer settings shared by calibration and the cache.
-
-    bits: bits per value (log2(n) / grid_dim) for layers >= 1 (HIGGS grid (grid_dim, n = 2**(bits*grid_dim))).
-    layer0_bits: bits per value for layer 0 (the first compressed layer: it has nothing to be predicted from), or
-      None to keep it in fp16 (no quantization).
-    group_size: HIGGS group (values sharing a scale and a Hadamard rotation); defaults to head_dim.
-    """
-
-    bits: float
-    grid_dim: int
-    group_size: int
-    seed: int
-    layer0_bits: float | None
-
-    def quantizer_for(self, chain_start: bool) -> HiggsQuantizer | None:
-        """The residual quantizer of the first compressed layer (chain_start) or of any later one; None means the
-        layer is stored in fp16."""
-        bits = self.layer0_bits if chain_start else self.bits
-        if bits is None:
-            return None
-        return HiggsQuantizer(bits=bits, dim=self.grid_dim, group_size=self.group_size, seed=self.seed)
 
 
 class AquaKVPredictors:
@@ -61,7 +37,7 @@ class AquaKVPredictors:
     layers); a value map takes (K^_l, V^_s) [.., 2C]. Where there is no source (layer 0, or the first compressed
     layer) the maps are intercept-only (the calibrated per-channel means).
     exact_layers: layers the cache keeps exact, neither predicted nor quantized (the local layers of a hybrid model,
-    `aquakv.kv.window.window_layers`); their maps are None.
+    `aquakv.kv.local_layers.exact_local_layers`); their maps are None.
     """
 
     def __init__(self, key_maps: list[AffineMap | None], value_maps: list[AffineMap | None],
@@ -136,7 +112,7 @@ class AquaKVPredictors:
         if m is None:
             return None
         if m.in_features is None:
-            return m._params(like.device).bias.expand(like.shape)
+            return m.placed(like.device).bias.expand(like.shape)
         return m(prev_keys, matmul_dtype=matmul_dtype)
 
     def predict_values(self, layer_idx: int, keys_hat: torch.Tensor, prev_values: torch.Tensor | None,
@@ -147,14 +123,14 @@ class AquaKVPredictors:
         if m is None:
             return None
         if m.in_features is None:
-            return m._params(keys_hat.device).bias.expand(keys_hat.shape)
+            return m.placed(keys_hat.device).bias.expand(keys_hat.shape)
         return m(keys_hat, prev_values, matmul_dtype=matmul_dtype)
 
     # ---- construction --------------------------------------------------------------------------------
     @staticmethod
     def model_info_of(model) -> dict:
         """Architecture facts the predictors depend on, read from a transformers model's config."""
-        from aquakv import __version__
+        from aquakv.version import __version__
 
         cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
         heads = cfg.num_attention_heads
@@ -182,10 +158,10 @@ class AquaKVPredictors:
         info = cls.model_info_of(model)
         settings = AquaKVSettings(bits=bits, grid_dim=grid_dim,
                                   group_size=group_size or cls.default_group_size(info["head_dim"]), seed=seed,
-                                  layer0_bits=_layer0_bits(bits if layer0_bits is None else layer0_bits))
+                                  layer0_bits=parse_layer0_bits(bits if layer0_bits is None else layer0_bits))
         settings.quantizer_for(True), settings.quantizer_for(False)  # validate (bits, grid) before anyone uses them
         n = info["num_layers"]
-        return cls([None] * n, [None] * n, settings, info, exact_layers=window_layers(model.config))
+        return cls([None] * n, [None] * n, settings, info, exact_layers=exact_local_layers(model.config))
 
     # ---- compatibility ---------------------------------------------------------------------------------
     def check_compatible(self, model) -> None:
@@ -194,7 +170,7 @@ class AquaKVPredictors:
         info = self.model_info_of(model)
         diffs = [f"{key}: predictors have {self.model_info[key]}, model has {info[key]}"
                  for key in ("num_layers", "num_kv_heads", "head_dim", "kv_width") if self.model_info[key] != info[key]]
-        exact = tuple(sorted(window_layers(model.config)))
+        exact = tuple(sorted(exact_local_layers(model.config)))
         if not diffs and exact != self.exact_layers:
             diffs.append(f"layers kept exact (local layers of a hybrid model): predictors have "
                          f"{list(self.exact_layers) or 'none'}, model has {list(exact) or 'none'} (predictors "
@@ -210,16 +186,12 @@ class AquaKVPredictors:
     def save(self, path: str | os.PathLike) -> None:
         """One safetensors file, written atomically: tensors `{key,value}.{layer}.{bias,weight,down,up}`, JSON
         metadata in the header (schema: aquakv.kv.predictors_file)."""
-        from aquakv.kv.predictors_file import save_predictors
-
         save_predictors(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AquaKVPredictors":
         """Read a file written by `save`, validated against the schema; ValueError naming the path and field."""
-        from aquakv.kv.predictors_file import load_predictors
-
-        return load_predictors(path)
+        return cls(**read_predictors(path))
 
     def __repr__(self) -> str:
         s = self.settings
@@ -234,14 +206,6 @@ class AquaKVPredictors:
         return (f"AquaKVPredictors({kind}, {self.num_layers} layers, C={self.kv_width}, bits={s.bits}, "
                 f"grid_dim={s.grid_dim}, group_size={s.group_size}, layer0={'fp16' if s.layer0_bits is None else s.layer0_bits}"
                 f", rank={rank}{per_head}{exact}, compressed part {self.bits_per_value():.3f} bits/value)")
-
-
-def _layer0_bits(layer0_bits: float | str | None) -> float | None:
-    if layer0_bits is None or layer0_bits == "fp16":
-        return None
-    if isinstance(layer0_bits, str):
-        raise ValueError(f"layer0_bits must be a number of bits or 'fp16', got {layer0_bits!r}")
-    return layer0_bits
 
 
 def portable_model_name(name_or_path: str) -> str:

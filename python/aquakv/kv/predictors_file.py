@@ -30,8 +30,8 @@ import torch
 
 from aquakv.atomic_writes import save_safetensors_atomic
 from aquakv.kv.affine_map import AffineMap
-from aquakv.kv.predictors import AquaKVPredictors, AquaKVSettings
-from aquakv.kv.window import chain_sources
+from aquakv.kv.local_layers import chain_sources
+from aquakv.kv.predictor_settings import AquaKVSettings
 
 FORMAT = "aquakv-predictors"
 FORMAT_VERSION = 3  # 2: block-diagonal (per-head) maps; 3: exact layers; files without either are written as 1
@@ -54,8 +54,9 @@ class _Invalid(ValueError):
 
 
 # ---- saving -------------------------------------------------------------------------------------------------------
-def save_predictors(preds: AquaKVPredictors, path: str | os.PathLike) -> None:
-    """Write `preds` to `path` atomically. Refuses (ValueError) predictors the loader would refuse."""
+def save_predictors(preds, path: str | os.PathLike) -> None:
+    """Write `preds` (an `aquakv.kv.predictors.AquaKVPredictors`) to `path` atomically. Refuses (ValueError)
+    predictors the loader would refuse."""
     tensors = {}
     for kind, maps in (("key", preds.key_maps), ("value", preds.value_maps)):
         for layer, m in enumerate(maps):
@@ -80,8 +81,9 @@ def save_predictors(preds: AquaKVPredictors, path: str | os.PathLike) -> None:
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
-def load_predictors(path: str | os.PathLike) -> AquaKVPredictors:
-    """Read and validate a predictors file (see the module docstring for the schema)."""
+def read_predictors(path: str | os.PathLike) -> dict:
+    """Read and validate a predictors file (see the module docstring for the schema) -> the keyword arguments of
+    `aquakv.kv.predictors.AquaKVPredictors` (which `AquaKVPredictors.load` builds from them)."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -117,7 +119,8 @@ def load_predictors(path: str | os.PathLike) -> AquaKVPredictors:
             parts = layout.get((kind, layer))
             maps[kind].append(None if parts is None else
                               AffineMap.from_tensors({p: tensors[f"{kind}.{layer}.{p}"] for p in parts}))
-    return AquaKVPredictors(maps["key"], maps["value"], settings, info, report, calibration, exact_layers=exact)
+    return dict(key_maps=maps["key"], value_maps=maps["value"], settings=settings, model_info=info, report=report,
+                calibration=calibration, exact_layers=exact)
 
 
 def _parse(header: str):

@@ -78,7 +78,7 @@ def _dynamic(_preds, _seed, _attention):
 
 def _kivi(bits: int):
     def build(_preds, _seed, attention):
-        from aquakv.kv.kivi import kivi_factory
+        from aquakv.kv.cache_presets import kivi_factory
 
         return kivi_factory(bits, attention=attention)
     return build
@@ -86,7 +86,7 @@ def _kivi(bits: int):
 
 def _higgs_fixed(bits: int):
     def build(_preds, seed, attention):
-        from aquakv.kv.higgs import HiggsCache
+        from aquakv.kv.cache_presets import HiggsCache
 
         return lambda model: HiggsCache(model, bits, seed=seed, attention=attention)
     return build
@@ -94,7 +94,7 @@ def _higgs_fixed(bits: int):
 
 def _higgs_like(preds, _seed, attention):
     """HIGGS without predictors at the predictors' bits, grid, group size and sign seed: AQUA-KV's ablation."""
-    from aquakv.kv.higgs import HiggsCache
+    from aquakv.kv.cache_presets import HiggsCache
 
     s = preds.settings
     return lambda model: HiggsCache(model, s.bits, grid_dim=s.grid_dim, group_size=s.group_size, seed=s.seed,
@@ -105,7 +105,7 @@ def _aquakv(predictor_dtype: str):
     def build(preds, _seed, attention):
         import torch
 
-        from aquakv.kv.aqua import AquaKVCache
+        from aquakv.kv.cache_presets import AquaKVCache
 
         dtype = getattr(torch, predictor_dtype)
         return lambda model: AquaKVCache(model, preds, attention=attention, predictor_dtype=dtype)

@@ -11,6 +11,7 @@ several layer types (Gemma 3: `forward(x, position_ids, layer_type)` with a rope
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import weakref
 
@@ -149,11 +150,27 @@ class RotaryTracker:
 
     def close(self) -> None:
         """Remove the hook (idempotent)."""
-        self._finalizer()
+        if self._finalizer is not None:
+            self._finalizer()
 
     @property
     def closed(self) -> bool:
-        return not self._finalizer.alive
+        return self._finalizer is None or not self._finalizer.alive
+
+    def __getstate__(self) -> dict:
+        """Pickled (and deep-copied) closed: the hook belongs to the live model's module, so the module goes without
+        its forward hooks (a shallow copy; its buffers are shared). cos_sin keeps working."""
+        module = copy.copy(self.module)
+        for name in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                     "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+            if hasattr(module, name):
+                setattr(module, name, type(getattr(module, name))())
+        return {"module": module, "layer_types": self.layer_types}
+
+    def __setstate__(self, state: dict) -> None:
+        self.module, self.layer_types = state["module"], state["layer_types"]
+        self._forward = _plain_forward(self.module)
+        self.last_positions, self._finalizer = None, None
 
     @property
     def single_kind(self) -> bool:
@@ -182,7 +199,8 @@ class RotaryTracker:
         corrupt its keys.
         """
         if self.closed:
-            raise RuntimeError(f"{who}: the cache was closed (its rotary hook removed); create a new cache")
+            raise RuntimeError(f"{who}: the cache was closed (its rotary hook removed); create a new cache, or "
+                               f"attach(model) a cache restored from a pickle")
         pos, self.last_positions = self.last_positions, None
         if pos is None:
             raise RuntimeError(f"{who}: no positions were recorded for this forward: the model's rotary module "
