@@ -39,7 +39,6 @@ CODEC_LAYER: tuple[str, ...] = ("aquakv.kv.codec", "aquakv.kv.aqua_codec", "aqua
 # (rule, importer, imported[, name]) -> who fixes it; fnmatch patterns, so an entry survives its owner's file moves
 # (pv_tune.py -> pv/tune.py). Remove an entry once its import is gone: a stale entry fails the test.
 ALLOWED = {
-    ("private", "aquakv.weights.pv[._]layer", "aquakv.weights.linear", "_flat_groups"): "B / C (linear.py is C's)",
     ("private", "aquakv.weights.rtn", "aquakv.weights.linear", "_flat_groups"): "B / C (linear.py is C's)",
     ("private", "aquakv.ops", "aquakv.ops_checks", "_check_*_args"): "C (ops.py and ops_checks.py are C's)",
 }
