@@ -45,8 +45,11 @@ codes changed per step, held-out perplexity curve, tokens, wall time), with --pl
 --checkpoint-every N an atomic checkpoint OUT/checkpoint/pv_checkpoint.pt that --resume continues from.
 Held-out perplexity is measured on the bundled evaluation text (or --eval-text), disjoint from the training text.
 
-What to expect (SmolLM2-135M on a shared 2-core CPU, docs/pv_tuning.md): a step of 2 x 256 tokens takes about
-STEP_2X256 s, a step of 4 x 256 about STEP_4X256 s; --plot draws the loss, codes-changed and perplexity curves.
+What to expect (SmolLM2-135M, PV, docs/pv_tuning.md): a step of 2 x 128 tokens takes about 8 s on one idle
+thread; on a 2-core CPU shared with other work, 38 s, and 69 s for 4 x 256. The bar (or, in a
+redirected log, a line every ~10 s) shows the time left; --plot draws the loss, codes-changed and perplexity
+curves, with the guard's validation perplexity. With the defaults, 30 steps of 4 x 256 tokens of a manual took a
+3-bit model's perplexity on that project's release notes from 88.3 to 27.5 (the teacher: 19.4).
 """
 
 EPILOG = """\
