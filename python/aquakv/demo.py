@@ -123,7 +123,7 @@ def run_demo(device: str = "cpu", quick: bool = False, seed: int = 0, progress: 
         note(f"calibrating AQUA-KV-{bits} on {count(cfg.calib_windows, 'window')} of {cfg.calib_window} tokens ...")
         preds[bits] = timed(f"calibrate {bits}-bit", lambda: calibrate(
             model, [calib], bits=bits, window=cfg.calib_window, max_windows=cfg.calib_windows, seed=seed,
-            progress=progress and sys.stderr.isatty()))  # kv.calibration's bars are raw tqdm: terminals only
+            progress=progress))
         say(f"AQUA-KV-{bits} calibrated on {count(cfg.calib_windows, 'window')} of {cfg.calib_window} tokens in "
             f"{res.seconds[f'calibrate {bits}-bit']:.1f} s: compressed part {preds[bits].bits_per_value():.2f} "
             f"bits/value (all bytes held: the table's bits/value)")

@@ -17,8 +17,8 @@ from aquakv.cli.common import (
     grid_bits_choices,
     layer0_bits,
     positive_int,
+    progress_on,
     read_texts,
-    show_progress,
     token_ids,
 )
 
@@ -82,7 +82,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     preds = calibrate(model, [ids], bits=args.bits, window=args.window, max_windows=args.windows,
                       rank=args.rank, structure=args.structure, layer0_bits=layer0, seed=args.seed,
-                      progress=show_progress(args))
+                      progress=progress_on(args))
     seconds = time.perf_counter() - t0
     with atomic_path(out) as tmp:  # an interrupt while saving leaves no half-written predictors file
         preds.save(tmp)

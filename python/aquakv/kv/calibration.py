@@ -13,7 +13,6 @@ import time
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from aquakv.evaluation.windows import cut_windows
 from aquakv.kv.capture import iter_layer_states
@@ -22,6 +21,7 @@ from aquakv.kv.predictor_settings import AquaKVSettings, parse_layer0_bits
 from aquakv.kv.predictors import AquaKVPredictors
 from aquakv.kv.support import check_supported
 from aquakv.kv.local_layers import exact_local_layers
+from aquakv.progress import progress as progress_bar  # `progress` is the argument that turns it on
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
     exact = exact_local_layers(model.config)  # a hybrid model's local layers: kept exact, not fitted
     fit = SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device,
                          structure, groups)
-    with tqdm(total=info["num_layers"], desc="aquakv: calibrating layers", unit="layer", disable=not progress) as bar:
+    with progress_bar(total=info["num_layers"], desc="aquakv: calibrating layers", unit="layer",
+                      enabled=progress) as bar:
         for layer, keys, values in iter_layer_states(model, windows, sinks, offload=offload, progress=bar):
             fit.add_layer(keys, values, exact=layer in exact)
     preds = fit.predictors(info)

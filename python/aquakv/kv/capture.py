@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache
 from aquakv.hf_compat import cache_kwargs
 from aquakv.kv.predictors import AquaKVPredictors
 from aquakv.kv.rope import RotaryTracker, unrotate
+from aquakv.progress import progress as progress_bar  # `progress` is the argument that turns it on
 from aquakv.runner import LayerRunner
 
 
@@ -157,11 +158,9 @@ def capture_states(model: nn.Module, windows: list[torch.Tensor], sinks: int = 4
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every layer's pre-RoPE keys and values at once: fp16 CPU rows [N, C] per layer (see `iter_layer_states`,
     which `aquakv.calibrate` uses to hold one layer at a time)."""
-    from tqdm.auto import tqdm
-
     keys, values = [], []
-    with tqdm(total=AquaKVPredictors.model_info_of(model)["num_layers"], desc="aquakv: capturing KV", unit="layer",
-              disable=not progress) as bar:
+    with progress_bar(total=AquaKVPredictors.model_info_of(model)["num_layers"], desc="aquakv: capturing KV",
+                      unit="layer", enabled=progress) as bar:
         for _, k, v in iter_layer_states(model, windows, sinks, progress=bar):
             keys.append(k)
             values.append(v)

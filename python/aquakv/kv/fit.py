@@ -8,11 +8,11 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from aquakv.kv.affine_map import AffineMap
 from aquakv.kv.predictor_settings import AquaKVSettings
 from aquakv.kv.predictors import AquaKVPredictors
+from aquakv.progress import progress as progress_bar  # `progress` is the argument that turns it on
 from aquakv.quantizer import HiggsQuantizer
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def fit_predictors(keys: list[torch.Tensor], values: list[torch.Tensor], n_fit: 
     fit = SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device,
                          structure, structure_groups(structure, model_info["num_kv_heads"]))
     exact = set(exact_layers)
-    for layer, (k, v) in enumerate(tqdm(list(zip(keys, values)), desc="aquakv: fitting layers", disable=not progress,
-                                        unit="layer")):
+    for layer, (k, v) in enumerate(progress_bar(list(zip(keys, values)), desc="aquakv: fitting layers",
+                                                enabled=progress, unit="layer")):
         fit.add_layer(k if offload else k.to(device), v if offload else v.to(device), exact=layer in exact)
     return fit.predictors(model_info)
