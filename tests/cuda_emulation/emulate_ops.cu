@@ -6,6 +6,8 @@
 //   emulate_ops quantize_scaled DTYPE ROWS C LOG_G N_POINTS D X GRID SIGNS CODES SCALES [MAX_BLOCKS]
 //     (SCALES is read: the given s of every group; higgs_quantize_scaled)
 //   emulate_ops dequantize DTYPE ROWS C LOG_G N_POINTS D CODES SCALES GRID SIGNS OUT  [MAX_BLOCKS]
+//   emulate_ops linear     DTYPE BATCH OUT IN LOG_G N_POINTS D X CODES SCALES GRID SIGNS BIAS|- Y [MAX_BLOCKS]
+//     (higgs_linear: both launches, the gemv with the batch tile its launcher picks)
 //   emulate_ops pack       ROWS COUNT BITS CODES OUT                                  [MAX_BLOCKS]
 //   emulate_ops unpack     ROWS COUNT BITS PACKED OUT                                 [MAX_BLOCKS]
 //   emulate_ops reconstruct DTYPE B T C LOG_G N_POINTS D HEAD_DIM PRED_COLS RESIDUAL_FIRST CODES SCALES GRID
@@ -31,6 +33,7 @@
 #include "aquakv/bitpack.h"
 #include "aquakv/hadamard.cuh"
 #include "aquakv/higgs.cuh"
+#include "aquakv/higgs_linear.cuh"
 #include "host_simt.h"
 
 namespace {
@@ -318,6 +321,70 @@ int run_reconstruct(char** argv, int argc) {
   return 0;
 }
 
+int run_linear(char** argv, int argc) {
+  const DType dtype = parse_dtype(argv[2]);
+  const int64_t batch = std::atoll(argv[3]), out = std::atoll(argv[4]), in = std::atoll(argv[5]);
+  const int log_g = std::atoi(argv[6]), n_points = std::atoi(argv[7]), d = std::atoi(argv[8]);
+  const int64_t max_blocks = argc > 16 ? std::atoll(argv[16]) : 3;
+  const int code_bits = aquakv::cuda::log2_pow2(n_points);
+  const int64_t groups = in >> log_g;
+  const size_t es = dtype_size(dtype);
+  Buffer x = read_file(argv[9], static_cast<size_t>(batch * in) * es);
+  Buffer codes = read_file(argv[10], out * groups * aquakv::cuda::group_code_bytes(log_g, d, code_bits));
+  Buffer scales = read_file(argv[11], 2 * out * groups);
+  Buffer grid = read_file(argv[12], sizeof(float) * n_points * d);
+  Buffer signs = read_file(argv[13], sizeof(float) << log_g);
+  const bool has_bias = std::string(argv[14]) != "-";
+  Buffer bias = has_bias ? read_file(argv[14], out * es) : Buffer();
+  Buffer xr(sizeof(float) * batch * in), y(static_cast<size_t>(batch * out) * es);
+  aquakv::cuda::LinearCudaArgs a{};
+  a.x = x.data();
+  a.signs = static_cast<const float*>(signs.data());
+  a.xr = static_cast<float*>(xr.data());
+  a.codes = static_cast<const uint8_t*>(codes.data());
+  a.scales = static_cast<const uint16_t*>(scales.data());
+  a.grid = static_cast<const float*>(grid.data());
+  a.bias = has_bias ? bias.data() : nullptr;
+  a.y = y.data();
+  a.batch = batch;
+  a.in = in;
+  a.out = out;
+  a.log_g = log_g;
+  a.n_points = n_points;
+  a.d = d;
+  a.code_bits = code_bits;
+  const int threads = aquakv::cuda::kLinearThreads;
+  const auto launch = [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    if (in > 0)
+      aquakv::emu::run_grid(blocks_for(aquakv::cuda::linear_rotate_tiles(a), max_blocks), threads,
+                            aquakv::cuda::linear_rotate_smem(a), [&](const HostSimt& s, float* smem) {
+                              aquakv::cuda::higgs_linear_rotate_body<T>(s, a, smem);
+                            });
+    const auto gemv = [&](auto kb) {
+      constexpr int kB = decltype(kb)::value;
+      aquakv::emu::run_grid(blocks_for(aquakv::cuda::linear_gemv_blocks(a, kB), max_blocks), threads,
+                            aquakv::cuda::linear_gemv_smem(a), [&](const HostSimt& s, float* smem) {
+                              aquakv::cuda::higgs_linear_gemv_body<T, kB>(s, a, smem);
+                            });
+    };
+    switch (aquakv::cuda::linear_batch_tile(batch)) {
+      case 1: gemv(aquakv::cuda::IntTag<1>{}); break;
+      case 2: gemv(aquakv::cuda::IntTag<2>{}); break;
+      case 4: gemv(aquakv::cuda::IntTag<4>{}); break;
+      default: gemv(aquakv::cuda::IntTag<8>{}); break;
+    }
+    return cudaSuccess;
+  };
+  cudaError_t err = cudaErrorInvalidValue;
+  if (dtype == DType::kFloat32) err = launch(aquakv::cuda::TypeTag<float>{});
+  if (dtype == DType::kFloat16) err = launch(aquakv::cuda::TypeTag<__half>{});
+  if (dtype == DType::kBFloat16) err = launch(aquakv::cuda::TypeTag<__nv_bfloat16>{});
+  check(err, "linear");
+  write_file(argv[15], y.data(), static_cast<size_t>(batch * out) * es);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -328,6 +395,7 @@ int main(int argc, char** argv) {
     if (op == "quantize_scaled" && argc >= 13) return run_quantize(argv, argc, true);
     if (op == "dequantize" && argc >= 13) return run_dequantize(argv, argc);
     if ((op == "pack" || op == "unpack") && argc >= 7) return run_bitpack(argv, argc, op == "pack");
+    if (op == "linear" && argc >= 16) return run_linear(argv, argc);
     if (op == "reconstruct" && argc >= 31) return run_reconstruct(argv, argc);
     std::fprintf(stderr, "usage: see the header of tests/cuda_emulation/emulate_ops.cu\n");
     return 2;
