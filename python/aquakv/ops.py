@@ -238,7 +238,8 @@ def _aqua_reconstruct_fake(codes, scales, grid, signs, group_size, inputs, weigh
                                  hat_out)
 
 
-# ---- higgs_linear on CUDA until it has its own kernel: decode, then one matmul (the old HiggsLinear path) -----
+# ---- higgs_linear on CUDA where the extension was built without its kernel (csrc/cuda/higgs_linear_cuda.cu):
+# decode, then one matmul (the old HiggsLinear path), so HiggsLinear still runs there, without the memory saving.
 
 
 def _higgs_linear_decoded(x, codes, scales, grid, signs, group_size: int, bias=None) -> torch.Tensor:
@@ -248,7 +249,8 @@ def _higgs_linear_decoded(x, codes, scales, grid, signs, group_size: int, bias=N
     return y.to(x.dtype)
 
 
-if not torch._C._dispatch_has_kernel_for_dispatch_key("aquakv::higgs_linear", "CUDA"):
+CUDA_STAND_IN = not torch._C._dispatch_has_kernel_for_dispatch_key("aquakv::higgs_linear", "CUDA")
+if CUDA_STAND_IN:
     torch.library.register_kernel("aquakv::higgs_linear", "cuda", _higgs_linear_decoded)
 
 
