@@ -57,7 +57,7 @@ def test_aquakv2_beats_higgs2_and_kivi2_on_held_out_text(smollm2, held_out, pred
     from aquakv.evaluation import format_table
     from aquakv.kv import AquaKVCache, HiggsCache
     from aquakv.kv.baselines import Fp16Cache
-    from aquakv.kv.kivi import kivi_factory
+    from aquakv.kv.cache_presets import kivi_factory
 
     model, _ = smollm2
     rows = [("fp16", perplexity(model, held_out, Fp16Cache)),

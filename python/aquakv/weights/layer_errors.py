@@ -42,7 +42,10 @@ def layer_costs(model: nn.Module, grids: Sequence[Grid], *, group_size: int = DE
     if not layers:
         raise ValueError("the model has no nn.Linear layer to quantize")
     numel = np.array([m.weight.numel() for m in layers.values()], dtype=np.int64)
-    cost = np.array([[higgs_weight_cost(int(n), dim, points, group_size) for dim, points in grids] for n in numel],
+    # Costs in HiggsLinear's row-aligned layout: a 576-wide layer stores groups of 64, so 4 scale bits more per
+    # 256 weights than whole groups of 256 would suggest.
+    cost = np.array([[higgs_weight_cost(m.weight.numel(), dim, points, group_size, in_features=m.in_features)
+                      for dim, points in grids] for m in layers.values()],
                     dtype=np.int64).reshape(len(layers), len(grids))
     return list(layers), numel, cost
 
@@ -66,7 +69,7 @@ def measure_layer_errors(model: nn.Module, grids: Sequence[Grid] | None = None, 
         for j, (dim, n) in enumerate(grids):
             w_hat = higgs_quantize_dequantize_weight(w, dim=dim, n_points=n, group_size=group_size, seed=seed)
             errors[i, j] = float((w - w_hat).double().pow(2).sum()) / max(energy, 1e-300)
-            cost[i, j] = higgs_weight_cost(w.numel(), dim, n, group_size)
+            cost[i, j] = higgs_weight_cost(w.numel(), dim, n, group_size, in_features=linear.in_features)
             bar.update()
     bar.close()
     return LayerTable(list(layers), numel, grids, group_size, errors, cost)
