@@ -3,8 +3,8 @@ and the test fails on a cycle, an upward import, a private name imported from an
 import reaching the engine-independent codec layer.
 
 Every import counts, module-level or inside a function (a cycle hidden in a function body is still a cycle in the
-design); imports under `if TYPE_CHECKING:` do not (they never run). Known violations in code that another engineer
-owns are listed in ALLOWED with the owner; the entry goes when the code is fixed, and a stale entry fails too.
+design); imports under `if TYPE_CHECKING:` do not (they never run). A violation that must stay for a while is listed
+in ALLOWED with the reason (none today); the entry goes when the code is fixed, and a stale entry fails too.
 """
 from __future__ import annotations
 
@@ -36,12 +36,9 @@ ONLY = {"evaluation": {"atomic_writes", "progress", "hf_compat", "lazy"}}
 # The engine-independent codec layer (issue 20): no transformers import, directly or through aquakv modules.
 CODEC_LAYER: tuple[str, ...] = ("aquakv.kv.codec", "aquakv.kv.aqua_codec", "aquakv.kv.kivi", "aquakv.kv.predictors")
 
-# (rule, importer, imported[, name]) -> who fixes it; fnmatch patterns, so an entry survives its owner's file moves
+# (rule, importer, imported[, name]) -> why it stays; fnmatch patterns, so an entry survives its owner's file moves
 # (pv_tune.py -> pv/tune.py). Remove an entry once its import is gone: a stale entry fails the test.
-ALLOWED = {
-    ("private", "aquakv.weights.rtn", "aquakv.weights.linear", "_flat_groups"): "B / C (linear.py is C's)",
-    ("private", "aquakv.ops", "aquakv.ops_checks", "_check_*_args"): "C (ops.py and ops_checks.py are C's)",
-}
+ALLOWED: dict[tuple[str, ...], str] = {}
 
 
 def module_name(path: pathlib.Path) -> str:

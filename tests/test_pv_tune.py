@@ -17,7 +17,7 @@ from aquakv.weights import (
     quantize_model,
     save_quantized,
 )
-from aquakv.weights.linear import HiggsLinear, _flat_groups
+from aquakv.weights.linear import HiggsLinear, flat_groups
 from aquakv.weights.pv.loss import kl_window_loss
 from aquakv.weights.pv.step import max_changes, rotate_normalise, v_step_codes
 from aquakv.weights.quantize import higgs_layers
@@ -91,8 +91,8 @@ def _layer(seed: int = 0, bits: float = 2, dim: int = 2) -> HiggsLinear:
 def _v_step(layer: HiggsLinear, noise: float, **kw):
     w = layer.dequantize_weight().float()
     target = w + noise * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(5))
-    grid, signs = layer.quantizer._grid_and_signs(w.device)
-    return v_step_codes(_flat_groups(target, GROUP), layer.codes, layer.scales, grid, signs, GROUP,
+    grid, signs = layer.quantizer.grid_and_signs(w.device)
+    return v_step_codes(flat_groups(target, GROUP), layer.codes, layer.scales, grid, signs, GROUP,
                         weight_norm=float(w.norm()), **kw), w
 
 
@@ -129,9 +129,9 @@ def test_v_step_respects_the_trust_ratio_and_keeps_at_least_one_change(trust):
 def test_ste_v_step_reencodes_every_code_and_reports_the_real_move(dim):
     layer = _layer(seed=2, dim=dim)
     out, w = _v_step(layer, 1.0, max_code_change_per_step=0.01, code_trust_ratio=1e-9, select=False)
-    grid, signs = layer.quantizer._grid_and_signs(w.device)
+    grid, signs = layer.quantizer.grid_and_signs(w.device)
     target = w + 1.0 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(out.codes, encode_with_scales(_flat_groups(target, GROUP), layer.scales, grid, signs, GROUP))
+    assert torch.equal(out.codes, encode_with_scales(flat_groups(target, GROUP), layer.scales, grid, signs, GROUP))
     old = ops.unpack_bits(layer.codes, layer.grid.code_bits, GROUP // dim).long()
     new = ops.unpack_bits(out.codes, layer.grid.code_bits, GROUP // dim).long()
     assert out.changed == int((old != new).sum()) > 1 and out.candidates == old.numel()  # no selection, no limit

@@ -9,14 +9,14 @@ from aquakv.uniform import (
     uniform_codes,
     uniform_decode,
 )
-from aquakv.weights.linear import _flat_groups
+from aquakv.weights.linear import flat_groups
 from aquakv.weights.rtn import rtn_quantize_dequantize
 from old_uniform import old_kivi_quantize
 
 
 def _old_rtn(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """aquakv.weights.rtn.rtn_quantize_dequantize before the merge."""
-    groups = _flat_groups(weight.detach().float(), group_size)
+    groups = flat_groups(weight.detach().float(), group_size)
     pad = groups.numel() - weight.numel()
     if pad:
         groups = groups.clone()

@@ -22,14 +22,14 @@ import torch
 
 from aquakv import _C  # noqa: F401  (loads the library that defines torch.ops.aquakv.*)
 from aquakv.ops_checks import (  # noqa: F401  (check_group_size is public here)
-    _check_aqua_reconstruct_args,
-    _check_hadamard_args,
-    _check_higgs_dequantize_args,
-    _check_higgs_linear_args,
-    _check_higgs_quantize_args,
-    _check_higgs_quantize_scaled_args,
-    _check_pack_args,
-    _check_unpack_args,
+    check_aqua_reconstruct_args,
+    check_hadamard_args,
+    check_higgs_dequantize_args,
+    check_higgs_linear_args,
+    check_higgs_quantize_args,
+    check_higgs_quantize_scaled_args,
+    check_pack_args,
+    check_unpack_args,
     check_group_size,
 )
 
@@ -177,7 +177,7 @@ def aqua_reconstruct(
 
 @torch.library.register_fake("aquakv::hadamard")
 def _hadamard_fake(x: torch.Tensor, signs: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
-    _check_hadamard_args(x, signs)
+    check_hadamard_args(x, signs)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -185,7 +185,7 @@ def _hadamard_fake(x: torch.Tensor, signs: torch.Tensor | None = None, scale: fl
 def _higgs_quantize_fake(
     x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    group_bytes = _check_higgs_quantize_args(x, grid, signs, group_size)
+    group_bytes = check_higgs_quantize_args(x, grid, signs, group_size)
     groups = x.shape[-1] // group_size
     lead = x.shape[:-1]
     codes = x.new_empty((*lead, groups * group_bytes), dtype=torch.uint8)
@@ -195,7 +195,7 @@ def _higgs_quantize_fake(
 
 @torch.library.register_fake("aquakv::higgs_quantize_scaled")
 def _higgs_quantize_scaled_fake(x, scales, grid, signs, group_size: int) -> torch.Tensor:
-    group_bytes = _check_higgs_quantize_scaled_args(x, scales, grid, signs, group_size)
+    group_bytes = check_higgs_quantize_scaled_args(x, scales, grid, signs, group_size)
     return x.new_empty((*x.shape[:-1], x.shape[-1] // group_size * group_bytes), dtype=torch.uint8)
 
 
@@ -208,33 +208,33 @@ def _higgs_dequantize_fake(
     group_size: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    _check_higgs_dequantize_args(codes, scales, grid, signs, group_size, dtype)
+    check_higgs_dequantize_args(codes, scales, grid, signs, group_size, dtype)
     return scales.new_empty((*scales.shape[:-1], scales.shape[-1] * group_size), dtype=dtype)
 
 
 @torch.library.register_fake("aquakv::higgs_linear")
 def _higgs_linear_fake(x, codes, scales, grid, signs, group_size: int, bias=None) -> torch.Tensor:
-    out = _check_higgs_linear_args(x, codes, scales, grid, signs, group_size, bias)
+    out = check_higgs_linear_args(x, codes, scales, grid, signs, group_size, bias)
     return x.new_empty((*x.shape[:-1], out))
 
 
 @torch.library.register_fake("aquakv::pack_bits")
 def _pack_bits_fake(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    _check_pack_args(codes, bits)
+    check_pack_args(codes, bits)
     count = codes.shape[-1]
     return codes.new_empty((*codes.shape[:-1], (count * bits + 7) // 8), dtype=torch.uint8)
 
 
 @torch.library.register_fake("aquakv::unpack_bits")
 def _unpack_bits_fake(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    _check_unpack_args(packed, bits, count)
+    check_unpack_args(packed, bits, count)
     return packed.new_empty((*packed.shape[:-1], count), dtype=torch.int32)
 
 
 @torch.library.register_fake("aquakv::aqua_reconstruct")
 def _aqua_reconstruct_fake(codes, scales, grid, signs, group_size, inputs, weights, up, bias, cos, sin, out,
                            hat_out) -> None:
-    _check_aqua_reconstruct_args(codes, scales, grid, signs, group_size, inputs, weights, up, bias, cos, sin, out,
+    check_aqua_reconstruct_args(codes, scales, grid, signs, group_size, inputs, weights, up, bias, cos, sin, out,
                                  hat_out)
 
 
@@ -243,7 +243,7 @@ def _aqua_reconstruct_fake(codes, scales, grid, signs, group_size, inputs, weigh
 
 
 def _higgs_linear_decoded(x, codes, scales, grid, signs, group_size: int, bias=None) -> torch.Tensor:
-    _check_higgs_linear_args(x, codes, scales, grid, signs, group_size, bias)
+    check_higgs_linear_args(x, codes, scales, grid, signs, group_size, bias)
     weight = higgs_dequantize(codes, scales, grid, signs, group_size, torch.float32)
     y = torch.nn.functional.linear(x.float(), weight, None if bias is None else bias.float())
     return y.to(x.dtype)

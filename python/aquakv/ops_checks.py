@@ -106,7 +106,7 @@ def check_group_size(group_size: int, dim: int, code_bits: int, *, op: str = "ch
         raise GroupSizeError(str(e)) from None
 
 
-def _check_hadamard_args(x: torch.Tensor, signs: torch.Tensor | None) -> None:
+def check_hadamard_args(x: torch.Tensor, signs: torch.Tensor | None) -> None:
     op = "hadamard"
     _check_at_least_1d(op, "x", x)
     _check_float_dtype(op, "x", x.dtype)
@@ -125,7 +125,7 @@ def _check_higgs_common(op: str, grid: torch.Tensor, signs: torch.Tensor, group_
     return d, code_bits, group_size // d * code_bits // 8
 
 
-def _check_higgs_quantize_args(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, group_size: int) -> int:
+def check_higgs_quantize_args(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, group_size: int) -> int:
     """Returns bytes of codes per group."""
     op = "higgs_quantize"
     _check_at_least_1d(op, "x", x)
@@ -138,7 +138,7 @@ def _check_higgs_quantize_args(x: torch.Tensor, grid: torch.Tensor, signs: torch
     return group_bytes
 
 
-def _check_higgs_quantize_scaled_args(x, scales, grid, signs, group_size: int) -> int:
+def check_higgs_quantize_scaled_args(x, scales, grid, signs, group_size: int) -> int:
     """Returns bytes of codes per group."""
     op = "higgs_quantize_scaled"
     _check_at_least_1d(op, "x", x)
@@ -165,7 +165,7 @@ def _check_codes_match_scales(op: str, codes, scales, group_size: int, d: int, c
              f"{group_bytes} bytes per group (group_size {group_size} / d {d} * code_bits {code_bits} / 8)")
 
 
-def _check_higgs_dequantize_args(codes, scales, grid, signs, group_size: int, dtype: torch.dtype) -> None:
+def check_higgs_dequantize_args(codes, scales, grid, signs, group_size: int, dtype: torch.dtype) -> None:
     op = "higgs_dequantize"
     _check_at_least_1d(op, "codes", codes)
     _check_at_least_1d(op, "scales", scales)
@@ -177,7 +177,7 @@ def _check_higgs_dequantize_args(codes, scales, grid, signs, group_size: int, dt
     _check_same_device(op, ("codes", codes), ("scales", scales), ("grid", grid), ("signs", signs))
 
 
-def _check_higgs_linear_args(x, codes, scales, grid, signs, group_size: int, bias) -> int:
+def check_higgs_linear_args(x, codes, scales, grid, signs, group_size: int, bias) -> int:
     """Returns out (codes' rows)."""
     op = "higgs_linear"
     _check_at_least_1d(op, "x", x)
@@ -212,7 +212,7 @@ def _check_prediction_dtype(op: str, name: str, t: torch.Tensor, first: torch.Te
              f"the prediction's matmul dtype), got {t.dtype}")
 
 
-def _check_aqua_reconstruct_args(codes, scales, grid, signs, group_size: int, inputs, weights, up, bias, cos, sin,
+def check_aqua_reconstruct_args(codes, scales, grid, signs, group_size: int, inputs, weights, up, bias, cos, sin,
                                  out, hat_out) -> None:
     op = "aqua_reconstruct"
     _require(codes.dim() == 3, lambda: f"{op}: codes must be 3-D [B, T, bytes], got shape {_sizes(codes)}")
@@ -285,7 +285,7 @@ def _check_aqua_reconstruct_args(codes, scales, grid, signs, group_size: int, in
     _check_same_device(op, *named)
 
 
-def _check_pack_args(codes: torch.Tensor, bits: int) -> None:
+def check_pack_args(codes: torch.Tensor, bits: int) -> None:
     op = "pack_bits"
     _check_at_least_1d(op, "codes", codes)
     _check_dtype(op, "codes", codes, torch.int32)
@@ -294,7 +294,7 @@ def _check_pack_args(codes: torch.Tensor, bits: int) -> None:
              lambda: f"{op}: codes last dim {codes.shape[-1]} is too large (at most 2**58 codes per row)")
 
 
-def _check_unpack_args(packed: torch.Tensor, bits: int, count: int) -> None:
+def check_unpack_args(packed: torch.Tensor, bits: int, count: int) -> None:
     op = "unpack_bits"
     _check_at_least_1d(op, "packed", packed)
     _check_dtype(op, "packed", packed, torch.uint8)

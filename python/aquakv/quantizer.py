@@ -189,9 +189,6 @@ class HiggsQuantizer:
     def grid_and_signs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(grid [n, d] float32, signs [group_size] float32) on `device`, as the fused ops take them (kept per
         device): for callers that run `aquakv.ops` on this quantizer's codes themselves."""
-        return self._grid_and_signs(device)
-
-    def _grid_and_signs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on_device:
             self._on_device[device] = (self._grid_cpu.to(device), self._signs_cpu.to(device))
         return self._on_device[device]
@@ -210,7 +207,7 @@ class HiggsQuantizer:
         pad = -x.shape[-1] % group
         if pad:
             rows = torch.nn.functional.pad(rows, (0, pad))
-        grid, signs = self._grid_and_signs(x.device)
+        grid, signs = self.grid_and_signs(x.device)
         codes, scales = torch.ops.aquakv.higgs_quantize(rows, grid, signs, group)
         # One cheap check (scales are 1/G of the input), one sync: a scale that is not a normal fp16 number means
         # NaN/Inf input, a norm beyond 65504, or a tiny norm whose fp16 scale underflowed; zero groups are fine.
@@ -226,7 +223,7 @@ class HiggsQuantizer:
                              f"this quantizer has {self.settings}")
         if qt.shape[-1] == 0:
             return torch.empty(qt.shape, dtype=qt.dtype, device=qt.device)
-        grid, signs = self._grid_and_signs(qt.device)
+        grid, signs = self.grid_and_signs(qt.device)
         rows = torch.ops.aquakv.higgs_dequantize(qt.codes, qt.scales, grid, signs, self.settings.group_size, qt.dtype)
         return rows[:, : qt.shape[-1]].reshape(qt.shape)
 

@@ -112,7 +112,7 @@ class HiggsLinear(nn.Module):
 
     def weight_groups(self, weight: torch.Tensor) -> torch.Tensor:
         """[out, in] -> [out * in_padded / G, G]: the groups of this layer's layout (rows zero-padded if needed)."""
-        return _flat_groups(F.pad(weight, (0, self.in_padded - self.in_features)), self.group_size)
+        return flat_groups(F.pad(weight, (0, self.in_padded - self.in_features)), self.group_size)
 
     # ---- state dict -------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -212,7 +212,7 @@ def _describe_config(config: list[int]) -> str:
     return f"grid (d={dim}, n={n}), group_size {group}, seed {seed}, shape [{out_features}, {in_features}]"
 
 
-def _flat_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+def flat_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """[out, in] -> [ceil(out*in / G), G], row-major, zero-padded at the tail (with G from row_group_size, or a
     weight padded by HiggsLinear.weight_groups, no group crosses a row)."""
     flat = weight.reshape(-1)
@@ -231,5 +231,5 @@ def higgs_quantize_dequantize_weight(weight: torch.Tensor, *, dim: int, n_points
     group_size, padded = row_group_size(in_features, group_size, dim, n_points)
     q = HiggsQuantizer(bits=grid_bits(dim, n_points), dim=dim, group_size=group_size, seed=seed)
     rows = F.pad(weight.detach().float(), (0, padded - in_features))
-    deq = q.quantize_dequantize(_flat_groups(rows, group_size)).reshape(out_features, padded)
+    deq = q.quantize_dequantize(flat_groups(rows, group_size)).reshape(out_features, padded)
     return deq[:, :in_features].to(weight.dtype)

@@ -13,7 +13,7 @@ from torch import nn
 
 from aquakv.progress import progress as progress_bar
 from aquakv.uniform import uniform_codes, uniform_decode
-from aquakv.weights.linear import DEFAULT_GROUP_SIZE, _flat_groups
+from aquakv.weights.linear import DEFAULT_GROUP_SIZE, flat_groups
 from aquakv.weights.quantize import quantizable_linears
 
 
@@ -28,7 +28,7 @@ def rtn_quantize_dequantize(weight: torch.Tensor, bits: int, group_size: int = D
         raise ValueError(f"rtn_quantize_dequantize: bits must be in 1..16, got {bits}")
     if group_size < 1:
         raise ValueError(f"rtn_quantize_dequantize: group_size must be positive, got {group_size}")
-    groups = _flat_groups(weight.detach().float(), group_size)
+    groups = flat_groups(weight.detach().float(), group_size)
     # The padded tail must not widen the last group's range: pad with that group's own first value.
     pad = groups.numel() - weight.numel()
     if pad:

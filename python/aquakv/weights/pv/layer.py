@@ -31,7 +31,7 @@ class TunedHiggsLinear(nn.Module):
         super().__init__()
         object.__setattr__(self, "layer", layer)  # not a submodule: its buffers stay out of this module's state
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        grid, signs = layer.quantizer._grid_and_signs(layer.codes.device)
+        grid, signs = layer.quantizer.grid_and_signs(layer.codes.device)
         self.register_buffer("grid", grid, persistent=False)
         self.register_buffer("signs", signs, persistent=False)
         self.scale = nn.Parameter(layer.scales.detach().float().reshape(-1).clone())
