@@ -77,10 +77,10 @@ def _what_the_answers_show(quantized: str, exact: str) -> str:
 
 
 def run_demo(device: str = "cpu", quick: bool = False, seed: int = 0, progress: bool = True,
-             config: Optional[DemoConfig] = None, model=None, tokenizer=None, out: TextIO = sys.stdout,
+             config: Optional[DemoConfig] = None, model=None, tokenizer=None, out: Optional[TextIO] = None,
              log: Optional[TextIO] = None) -> DemoResult:
-    """Run the demo and print its report to `out` and what it is doing to `log` (default: stderr at call time);
-    returns the numbers.
+    """Run the demo and print its report to `out` and what it is doing to `log` (defaults: stdout and stderr at
+    call time, never the streams of whenever this module was imported); returns the numbers.
 
     config: sizes (default DemoConfig(), or QUICK with quick=True). model, tokenizer: use these instead of
     loading the bundled SmolLM2 (the tokenizer must have a chat template for the generation step).
@@ -97,7 +97,7 @@ def run_demo(device: str = "cpu", quick: bool = False, seed: int = 0, progress: 
     res = DemoResult()
 
     def say(text: str = "") -> None:
-        print(text, file=out, flush=True)
+        print(text, file=out if out is not None else sys.stdout, flush=True)
 
     def note(text: str) -> None:  # progress, not results
         print(text, file=log if log is not None else sys.stderr, flush=True)
