@@ -27,7 +27,7 @@ LAYERS = [
     {"quantizer", "uniform"},
     {"evaluation"},
     {"kv", "weights"},
-    {"longctx", "demo"},
+    {"longctx", "demo", "vllm"},
     {"cli"},
     {"__main__", "aquakv"},
 ]

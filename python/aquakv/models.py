@@ -172,6 +172,19 @@ def _build(gguf_path: Path, entry: Path, tmp: Path):
     return None
 
 
+def hf_directory(gguf_path: str | os.PathLike | None = None) -> Path:
+    """The conversion-cache directory of a GGUF file (default: the bundled SmolLM2), built if missing: an ordinary
+    Hugging Face checkpoint directory (config, safetensors, tokenizer) that other engines, such as vLLM, load."""
+    path = Path(gguf_path) if gguf_path is not None else bundled_model_dir() / SMOLLM2_GGUF
+    entry = conversion_dir(path)
+    if not (entry.exists() and _complete(entry)):
+        load_gguf_cached(path)
+    if not _complete(entry):
+        raise RuntimeError(f"{path.name} could not be converted into a checkpoint directory (it keeps quantized GGUF "
+                           f"blocks, or the cache root {cache_root()} is not writable)")
+    return entry
+
+
 def load_gguf_cached(gguf_path: Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a GGUF file through the conversion cache (module docstring). The model keeps the
     GGUF's directory as its name, as a direct load would, so artifacts record the model, not the cache entry."""
