@@ -174,3 +174,19 @@ def test_paged_layers_decode_like_the_store_path(model, adapters):
             torch.testing.assert_close(keys[rows0], k_ref[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(values[rows0], v_ref[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(chain.keys[rows0], to_rows(out[0])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_plan_finds_its_rows_in_another_groups_plan():
+    """Layers with another page size get their own pages and block table from vLLM; the chain crosses by (request,
+    index in sequence), so both plans agree on every token's position."""
+    bs = 4
+    seq_lens, slots_a = torch.tensor([7, 5]), torch.tensor([4 * 8 + 2, 4 * 9 + 0])
+    a = plan_forward(seq_lens, torch.tensor([[5, 8], [2, 9]], dtype=torch.int32), slots_a, bs)
+    b = plan_forward(seq_lens, torch.tensor([[11, 3], [7, 4]], dtype=torch.int32), torch.tensor([14, 16]), bs)
+    rows = b.rows_in(a)
+    assert torch.equal(a.positions[rows], b.positions)
+    chain = torch.arange(a.num_rows)
+    for r, length in enumerate(seq_lens.tolist()):
+        for p in range(length):  # the same (request, position) reads the same chain row, whichever group
+            row_b = int(b.table[r, p // bs]) * bs + p % bs
+            assert int(chain[rows][row_b]) == int(a.table[r, p // bs]) * bs + p % bs

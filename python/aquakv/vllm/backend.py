@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 from vllm import _custom_ops as vllm_ops
 from vllm.config import get_current_vllm_config_or_none
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
@@ -24,27 +25,37 @@ from aquakv.vllm.layer_step import read_pages, write_new_tokens
 from aquakv.vllm.pages import layer_layouts
 from aquakv.vllm.rope_tables import rope_tables
 from aquakv.vllm.scratch import SCRATCH
+from aquakv.vllm.sinks import SinkTable, keep_sinks_exact, sink_keys
 
 log = logging.getLogger("vllm.aquakv")  # under "vllm." so vLLM's logging configuration prints it
 
 
+def engine_codec(vllm_config):
+    """(settings, codec) of an engine with additional_config["aquakv"], every start-time check made; raises
+    AquaKVConfigError naming what cannot be served."""
+    settings = ServingConfig.parse(vllm_config.additional_config["aquakv"])
+    facts = EngineFacts(hf_config=vllm_config.model_config.hf_config, model=vllm_config.model_config.model,
+                        kv_cache_dtype=vllm_config.cache_config.cache_dtype,
+                        tensor_parallel_size=vllm_config.parallel_config.tensor_parallel_size,
+                        pipeline_parallel_size=vllm_config.parallel_config.pipeline_parallel_size)
+    check_engine(facts)
+    return settings, build_codec(settings, facts)
+
+
 class Serving:
-    """Everything one process serves with: the settings, the codec, each layer's row layout, the rotary tables."""
+    """Everything a worker serves with: the settings, the codec, each layer's row layout, the rotary tables and
+    the exact sinks."""
 
     def __init__(self, vllm_config):
-        self.settings = ServingConfig.parse(vllm_config.additional_config["aquakv"])
-        facts = EngineFacts(hf_config=vllm_config.model_config.hf_config, model=vllm_config.model_config.model,
-                            kv_cache_dtype=vllm_config.cache_config.cache_dtype,
-                            tensor_parallel_size=vllm_config.parallel_config.tensor_parallel_size,
-                            pipeline_parallel_size=vllm_config.parallel_config.pipeline_parallel_size)
-        check_engine(facts)
-        self.codec = build_codec(self.settings, facts)
+        self.settings, self.codec = engine_codec(vllm_config)
         self.layouts = layer_layouts(self.codec)
         self.rope = rope_tables(vllm_config.model_config, self.codec.predictors.head_dim)
+        self.sinks = SinkTable(self.codec.predictors.num_layers) if self.settings.sinks else None
         rows = [layout.row_bytes for layout in self.layouts]
-        log.info("aquakv: %r; page rows of %s bytes per token (fp16 K+V: %d), %.2f bits per value", self.codec,
-                 sorted(set(rows)), 4 * self.codec.predictors.kv_width,
-                 8 * sum(rows) / len(rows) / (2 * self.codec.predictors.kv_width))
+        log.info("aquakv: %r; page rows of %s bytes per token (fp16 K+V: %d), %.2f bits per value; exact sink: %s",
+                 self.codec, sorted(set(rows)), 4 * self.codec.predictors.kv_width,
+                 8 * sum(rows) / len(rows) / (2 * self.codec.predictors.kv_width),
+                 "position 0" if self.sinks is not None else "none")
 
 
 def serving() -> Serving | None:
@@ -66,6 +77,27 @@ class AquaKVAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_impl_cls():
         return CPUAttentionBackendImpl if serving() is None else AquaKVAttentionImpl
+
+
+def install_config_check() -> None:
+    """Check an aquakv engine's settings when vLLM checks its config, in the process that builds it (the front end,
+    before any engine process starts): a refusal reaches the caller of `LLM(...)` or the server's command line as
+    an AquaKVConfigError with its message, not as a dead engine core."""
+    from vllm.platforms import current_platform
+
+    platform = type(current_platform)
+    stock = platform.check_and_update_config
+    if getattr(stock, "aquakv", False):
+        return
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        stock(vllm_config)
+        extra = getattr(vllm_config, "additional_config", None)
+        if isinstance(extra, dict) and "aquakv" in extra:
+            engine_codec(vllm_config)
+
+    check_and_update_config.aquakv = True
+    platform.check_and_update_config = classmethod(check_and_update_config)
 
 
 def _wrap_layer_spec() -> None:
@@ -114,19 +146,25 @@ class AquaKVAttentionImpl(CPUAttentionBackendImpl):
         serve, idx = self.serve, extract_layer_index(layer.layer_name)
         codec, layout = serve.codec, serve.layouts[idx]
         n = attn_metadata.num_actual_tokens
-        plan = SCRATCH.plan(attn_metadata, kv_cache.shape[2])
+        key, value = key[:n], value[:n]
+        plan = SCRATCH.plan(get_forward_context(), attn_metadata, kv_cache.shape[2])
         source = codec.predictors.sources[idx] if codec.needs_previous_layer else None
-        chain = SCRATCH.chain_of(source)
-        write_new_tokens(codec, layout, idx, plan, key[:n], value[:n], kv_cache, chain, serve.rope)
+        chain = SCRATCH.chain_of(source, plan)
+        write_new_tokens(codec, layout, idx, plan, key, value, kv_cache, chain, serve.rope)
+        if serve.sinks is not None and idx == 0:
+            SCRATCH.sink_keys = sink_keys(plan, kv_cache, layout.row_bytes)
         keys, values, mine = read_pages(codec, layout, idx, plan, kv_cache, chain, serve.rope, query.dtype,
                                         keep_chain=codec.needs_previous_layer)
         SCRATCH.keep(mine)
+        if serve.sinks is not None:
+            keep_sinks_exact(serve.sinks, SCRATCH.sink_keys, idx, plan, key[plan.new_tokens], value[plan.new_tokens],
+                             keys, values)
         # The new tokens are attended exact in the forward that writes them (later forwards read their codes).
-        keys[plan.new_rows] = key[:n][plan.new_tokens].to(keys.dtype)
-        values[plan.new_rows] = value[:n][plan.new_tokens].to(values.dtype)
-        blocks, heads, size = plan.blocks.numel(), keys.shape[1], plan.block_size
-        decoded = torch.empty((blocks, heads, 2 * size, keys.shape[2]), dtype=query.dtype)
-        key_cache, value_cache = decoded.chunk(2, dim=2)
+        keys[plan.new_rows] = key[plan.new_tokens].to(keys.dtype)
+        values[plan.new_rows] = value[plan.new_tokens].to(values.dtype)
+        decoded = torch.empty((plan.blocks.numel(), keys.shape[1], 2 * plan.block_size, keys.shape[2]),
+                              dtype=query.dtype)
+        key_cache, value_cache = decoded.chunk(2, dim=2)  # vLLM's CPU layout: a block's keys, then its values
         vllm_ops.cpu_attn_reshape_and_cache(keys.contiguous(), values.contiguous(), key_cache, value_cache,
                                             torch.arange(plan.num_rows, dtype=torch.int64), layer.isa)
         vllm_ops.cpu_attention_with_kv_cache(

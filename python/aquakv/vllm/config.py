@@ -4,6 +4,7 @@ vLLM's config, so the refusals are unit-tested without an engine.
 
     {"predictors": "p2.safetensors"}                 AQUA-KV at that file's bits (from `aquakv calibrate`)
     {"method": "higgs", "bits": 2}                   HIGGS alone, data-free (also "seed", "group_size", "grid_dim")
+    "sinks": 1 (default) or 0                        keep each sequence's first token exact (aquakv.vllm.sinks)
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from aquakv.kv.predictors import AquaKVPredictors
 from aquakv.kv.support import check_config
 
 METHODS = ("aquakv", "higgs")
-KEYS = {"aquakv": {"method", "predictors"}, "higgs": {"method", "bits", "seed", "group_size", "grid_dim"}}
+KEYS = {"aquakv": {"method", "predictors", "sinks"},
+        "higgs": {"method", "bits", "seed", "group_size", "grid_dim", "sinks"}}
 # Architectures whose vLLM model applies rotate-half (neox) RoPE to whole heads, which the plugin un-rotates and
 # re-rotates; others are refused until checked (docs/model_families.md lists the families and why).
 SERVED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -36,6 +38,7 @@ class ServingConfig:
     seed: int = 0
     group_size: int | None = None
     grid_dim: int = 2
+    sinks: int = 1
 
     @classmethod
     def parse(cls, raw) -> "ServingConfig":
@@ -49,19 +52,23 @@ class ServingConfig:
         if unknown:
             raise AquaKVConfigError(f'additional_config["aquakv"]: unknown keys {unknown} for method {method!r} '
                                     f'(known: {sorted(KEYS[method])})')
+        sinks = raw.get("sinks", 1)
+        if sinks not in (0, 1) or isinstance(sinks, bool):
+            raise AquaKVConfigError(f'additional_config["aquakv"]["sinks"] must be 1 (the first token kept exact, the '
+                                    f'default) or 0, got {sinks!r}')
         if method == "aquakv":
             path = raw.get("predictors")
             if not isinstance(path, str) or not path:
                 raise AquaKVConfigError('additional_config["aquakv"]["predictors"] must be the path of a predictors '
                                         'file from `aquakv calibrate`')
-            return cls("aquakv", predictors=path)
+            return cls("aquakv", predictors=path, sinks=sinks)
         bits = raw.get("bits")
         if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits <= 0:
             raise AquaKVConfigError(f'additional_config["aquakv"]["bits"] must be a positive number for method '
                                     f'"higgs", got {bits!r}')
         group = raw.get("group_size")
         return cls("higgs", bits=bits, seed=int(raw.get("seed", 0)), group_size=None if group is None else int(group),
-                   grid_dim=int(raw.get("grid_dim", 2)))
+                   grid_dim=int(raw.get("grid_dim", 2)), sinks=sinks)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class Chain:
     layer: int
     keys: torch.Tensor
     values: torch.Tensor
+    plan: ForwardPlan  # whose scratch rows these are
 
     @property
     def nbytes(self) -> int:
@@ -71,7 +72,7 @@ def read_pages(codec: AquaKVCodec, layout: RowLayout, layer: int, plan: ForwardP
     prev = None if chain is None else (to_heads(chain.keys.unsqueeze(0), h), to_heads(chain.values.unsqueeze(0), h))
     mine = None
     if keep_chain:
-        mine = Chain(layer, torch.empty(plan.num_rows, layout.width), torch.empty(plan.num_rows, layout.width))
+        mine = Chain(layer, torch.empty(plan.num_rows, layout.width), torch.empty(plan.num_rows, layout.width), plan)
     chain_out = None if mine is None else (to_heads(mine.keys.unsqueeze(0), h), to_heads(mine.values.unsqueeze(0), h))
     k, v = codec.decode(layer, store, prev, cos=cos.unsqueeze(0), sin=sin.unsqueeze(0), dtype=dtype,
                         chain_out=chain_out)

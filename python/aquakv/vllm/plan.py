@@ -22,11 +22,24 @@ class ForwardPlan:
     new_tokens: torch.Tensor  # [N] bool over the forward's tokens: those vLLM writes (slot >= 0)
     new_rows: torch.Tensor  # [n_new] int64: the scratch row of each written token
     new_slots: torch.Tensor  # [n_new] int64: its page slot (page id * block_size + offset)
+    owner: torch.Tensor  # [U] int64: request * max_blocks + index of a sequence that reads each scratch block
     block_size: int
 
     @property
     def num_rows(self) -> int:
         return self.blocks.numel() * self.block_size
+
+    def rows_in(self, other: "ForwardPlan") -> torch.Tensor:
+        """[num_rows] int64: where each of this plan's scratch rows sits in `other`, a plan of the same forward for
+        another group of layers (vLLM gives layers with another page size their own pages and block tables)."""
+        if other.block_size != self.block_size:
+            raise RuntimeError(f"aquakv: layer groups with block sizes {self.block_size} and {other.block_size}")
+        width = other.table.shape[1]
+        blocks = other.table.view(-1)[(self.owner // self.table.shape[1]) * width + self.owner % self.table.shape[1]]
+        rows = (blocks.to(torch.int64)[:, None] * self.block_size + torch.arange(self.block_size)[None, :]).view(-1)
+        if not torch.equal(other.positions[rows], self.positions):
+            raise RuntimeError("aquakv: two layer groups of one forward disagree on the positions of their tokens")
+        return rows
 
 
 def plan_forward(seq_lens: torch.Tensor, block_table: torch.Tensor, slot_mapping: torch.Tensor,
@@ -41,7 +54,10 @@ def plan_forward(seq_lens: torch.Tensor, block_table: torch.Tensor, slot_mapping
     used = torch.arange(block_table.shape[1])[None, :] < num_blocks[:, None]  # [R, max_blocks]
     pages = block_table.to(torch.int64)[used]
     index_in_sequence = torch.arange(block_table.shape[1]).expand_as(block_table)[used]
+    flat_index = torch.arange(block_table.numel()).view(block_table.shape)[used]
     blocks, scratch_of = torch.unique(pages, sorted=True, return_inverse=True)
+    owner = torch.full((blocks.numel(),), block_table.numel(), dtype=torch.int64)
+    owner.scatter_reduce_(0, scratch_of, flat_index, "amin")
     first = torch.full((blocks.numel(),), block_table.shape[1], dtype=torch.int64)
     last = torch.full((blocks.numel(),), -1, dtype=torch.int64)
     first.scatter_reduce_(0, scratch_of, index_in_sequence, "amin")
@@ -63,4 +79,4 @@ def plan_forward(seq_lens: torch.Tensor, block_table: torch.Tensor, slot_mapping
             max(blocks.numel() - 1, 0))], page_of_new):
         raise RuntimeError("aquakv: a new token's slot lies in a page outside every request's block table")
     new_rows = scratch_block * block_size + new_slots % block_size
-    return ForwardPlan(blocks, table, positions, new_tokens, new_rows, new_slots, block_size)
+    return ForwardPlan(blocks, table, positions, new_tokens, new_rows, new_slots, owner, block_size)

@@ -16,27 +16,38 @@ from aquakv.vllm.plan import ForwardPlan, plan_forward
 
 class ForwardScratch:
     def __init__(self):
-        self._metadata = None
-        self._plan: ForwardPlan | None = None
+        self._forward = None  # the vLLM forward context these belong to
+        self._plans: dict[int, tuple[object, ForwardPlan]] = {}  # id(attention metadata) -> (it, its plan)
         self._chain: Chain | None = None
+        self.sink_keys: tuple[list, list] = ([], [])  # this forward's sinks (aquakv.vllm.sinks.sink_keys)
 
-    def plan(self, attn_metadata, block_size: int) -> ForwardPlan:
-        if attn_metadata is not self._metadata:
+    def plan(self, forward, attn_metadata, block_size: int) -> ForwardPlan:
+        """The plan of this forward for the layers that share `attn_metadata` (one per group of layers with one
+        page size); a new `forward` drops everything of the previous one."""
+        if forward is not self._forward:
+            self._forward, self._plans, self._chain, self.sink_keys = forward, {}, None, ([], [])
+        held = self._plans.get(id(attn_metadata))
+        if held is None or held[0] is not attn_metadata:
             n = attn_metadata.num_actual_tokens
-            self._plan = plan_forward(attn_metadata.seq_lens, attn_metadata.block_table,
-                                      attn_metadata.slot_mapping[:n], block_size)
-            self._metadata, self._chain = attn_metadata, None
-        return self._plan
+            held = (attn_metadata, plan_forward(attn_metadata.seq_lens, attn_metadata.block_table,
+                                                attn_metadata.slot_mapping[:n], block_size))
+            self._plans[id(attn_metadata)] = held
+        return held[1]
 
-    def chain_of(self, source: int | None) -> Chain | None:
-        """The reconstruction of layer `source` in this forward (None for a chain start); refuses a stale one."""
+    def chain_of(self, source: int | None, plan: ForwardPlan) -> Chain | None:
+        """The reconstruction of layer `source` in this forward, in `plan`'s rows (None for a chain start); refuses
+        a stale one."""
         if source is None:
             return None
-        if self._chain is None or self._chain.layer != source:
-            have = "none" if self._chain is None else f"layer {self._chain.layer}'s"
+        chain = self._chain
+        if chain is None or chain.layer != source:
+            have = "none" if chain is None else f"layer {chain.layer}'s"
             raise RuntimeError(f"aquakv (vLLM): this layer is predicted from layer {source}, but the scratch holds "
                                f"{have} reconstruction (layers ran out of order or a layer was skipped)")
-        return self._chain
+        if chain.plan is not plan:  # the source layer has pages of another size: its rows are ordered otherwise
+            rows = plan.rows_in(chain.plan)
+            chain = self._chain = Chain(chain.layer, chain.keys[rows], chain.values[rows], plan)
+        return chain
 
     def keep(self, chain: Chain | None) -> None:
         if chain is not None:
