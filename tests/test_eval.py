@@ -150,3 +150,27 @@ def test_evaluation_names_import_without_torch():
             "assert 'torch' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_long_batch_reports_progress_between_its_steps(model, tokens, monkeypatch):
+    """A batch of windows fed step by step can take minutes on a loaded CPU: the redirected log gets a line every
+    interval from inside it (which forward it is at), not one line when the whole batch is over."""
+    import io
+
+    from aquakv.evaluation import perplexity
+    from aquakv.progress import LineProgress
+
+    out, now = io.StringIO(), [0.0]
+
+    def clock():  # every reading is 11 s later: each update is past the 10 s interval
+        now[0] += 11.0
+        return now[0]
+
+    monkeypatch.setattr(perplexity, "progress_bar",
+                        lambda **kw: LineProgress(stream=out, clock=clock, interval=10.0,
+                                                  **{k: kw[k] for k in ("total", "desc", "unit", "enabled")}))
+    evaluate_perplexity(model, tokens, None, window=128, step=32, max_windows=2, batch_size=2, desc="fp16")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("fp16: 0/2 window, ") and lines[0].endswith("batch 1/1, step 1/4")
+    assert [ln.rsplit(", ", 1)[-1] for ln in lines[:-1]] == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
+    assert lines[-1].startswith("fp16: 2/2 window, ") and lines[-1].endswith(" elapsed, done")

@@ -70,10 +70,17 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor,
     sizes: list[float] = []
     compressed: list[int] = []
     with progress_bar(total=len(windows), desc=desc, unit="window", enabled=progress, leave=False) as bar:
+        n_batches = -(-len(windows) // batch_size)
+
+        def heartbeat(done: int, n: int) -> None:  # a line every interval inside a long batch, not only after it
+            bar.set_postfix_str(f"batch {first // batch_size + 1}/{n_batches}, step {done}/{n}")
+            bar.update(0)
+
         for first in range(0, len(windows), batch_size):
             ids = windows[first: first + batch_size]
             cache = None if step is None else factory(model)
-            nll_sum += float(window_nll(model, ids, cache, step).sum())
+            nll_sum += float(window_nll(model, ids, cache, step, on_step=heartbeat).sum())
+            bar.set_postfix_str("")
             nbytes = cache_nbytes(cache)
             if nbytes is not None:
                 sizes.append(nbytes / len(ids))
