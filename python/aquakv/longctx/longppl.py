@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -51,13 +51,14 @@ def feed_schedule(window: int, prefill: int, chunk: int, step: int) -> list[tupl
 
 
 @torch.no_grad()
-def scheduled_nll(model: torch.nn.Module, ids: torch.Tensor, cache, pieces: Sequence[tuple[int, int]]
-                  ) -> torch.Tensor:
+def scheduled_nll(model: torch.nn.Module, ids: torch.Tensor, cache, pieces: Sequence[tuple[int, int]],
+                  on_piece: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """Summed NLL (nats, float64 [B, len(pieces)]) of the next-token predictions made inside each piece of ids [B, T].
 
     pieces: consecutive [start, end) ranges covering 0..T, fed in order through `cache` (one forward each). A
     piece's column sums the predictions from its positions whose targets lie inside the window (the last position
     has none), computed as `window_nll` computes them, so uniform pieces reproduce it bit for bit.
+    on_piece(done, n): called after each of the n forwards (progress inside a long window).
     """
     batch, window = ids.shape
     if not pieces or pieces[0][0] != 0 or pieces[-1][1] != window or any(
@@ -69,15 +70,19 @@ def scheduled_nll(model: torch.nn.Module, ids: torch.Tensor, cache, pieces: Sequ
         n_pred = min(end, window - 1) - start
         if n_pred > 0:
             out[:, i] = token_nll(logits[:, :n_pred], ids[:, start + 1: start + 1 + n_pred]).double().sum(-1)
+        if on_piece is not None:
+            on_piece(i + 1, len(pieces))
     return out
 
 
 def long_window_nll(model: torch.nn.Module, ids: torch.Tensor, cache=None, *, prefill: int, chunk: int,
-                    step: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+                    step: int = 32, on_piece: Optional[Callable[[int, int], None]] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(all, tail): summed NLL float64 [B] of all window - 1 predictions in ids [B, T], and of the predictions made
-    from the stepped positions prefill .. T - 2 alone (see the module docstring for the protocol)."""
+    from the stepped positions prefill .. T - 2 alone (see the module docstring for the protocol). on_piece: as in
+    scheduled_nll."""
     pieces = feed_schedule(ids.shape[1], prefill, chunk, step)
-    per_piece = scheduled_nll(model, ids, cache, pieces)
+    per_piece = scheduled_nll(model, ids, cache, pieces, on_piece)
     total = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
     tail = torch.zeros_like(total)
     for i, (start, _) in enumerate(pieces):  # accumulated in feeding order, as window_nll does
@@ -136,10 +141,18 @@ def evaluate_long_perplexity(model: torch.nn.Module, token_ids: torch.Tensor,
     t0 = time.perf_counter()
     nll_all = nll_tail = 0.0
     sizes: list[float] = []
-    for ids in progress_bar(windows, desc=desc, unit="window", enabled=progress, leave=False):
+    bar = progress_bar(windows, desc=desc, unit="window", enabled=progress, leave=False)
+
+    def heartbeat(done: int, n: int) -> None:  # a line every interval inside a window of minutes, not only after it
+        bar.set_postfix_str(f"forward {done}/{n}")
+        bar.update(0)
+
+    for ids in bar:
         cache = factory(model)
         try:
-            total, tail = long_window_nll(model, ids[None].to(device), cache, prefill=prefill, chunk=chunk, step=step)
+            total, tail = long_window_nll(model, ids[None].to(device), cache, prefill=prefill, chunk=chunk, step=step,
+                                          on_piece=heartbeat)
+            bar.set_postfix_str("")
             nbytes = cache_nbytes(cache)
         finally:
             close = getattr(cache, "close", None)
