@@ -115,6 +115,10 @@ def _plot_from(dirs: list[str], out: Path) -> int:
     from aquakv.weights.pv.plot import plot_pv_curves
     from aquakv.weights.pv.tune import PVTuneResult
 
+    missing = [d for d in dirs if not (Path(d) / "pv_bench.json").is_file()]
+    if missing:
+        raise SystemExit(f"--plot-from: no pv_bench.json in {', '.join(missing)} (each DIR is the --out of an earlier "
+                         "bench_pv_tune.py run)")
     reports = [json.loads((Path(d) / "pv_bench.json").read_text()) for d in dirs]
     if len({round(r["data_free"]["held_out"], 6) for r in reports}) != 1:
         raise SystemExit("--plot-from: the runs do not share a data-free start (their data-free perplexities differ)")
