@@ -107,3 +107,21 @@ def test_a_shard_config_splits_heads():
     shard = shard_config(_llama_config(), 2)
     assert (shard.num_key_value_heads, shard.num_attention_heads, shard.head_dim) == (1, 2, 16)
     assert AquaKVPredictors.model_info_of(type("M", (), {"config": shard})())["kv_width"] == 16
+
+
+def test_higgs_shards_decode_as_the_unsharded_cache():
+    """Tensor parallelism by hand: each rank codes its own KV head with the shard codec; the decoded heads equal the
+    unsharded codec's decode of the same tokens (HIGGS groups and signs repeat per head)."""
+    import torch
+    from aquakv.kv.higgs_store import to_heads
+
+    full = build_codec(ServingConfig("higgs", bits=2), _facts())
+    shard = build_codec(ServingConfig("higgs", bits=2), _facts(tp=2))
+    gen = torch.Generator().manual_seed(0)
+    k, v = (to_heads(torch.randn(1, 11, full.predictors.kv_width, generator=gen), 2) for _ in range(2))
+    for layer in range(full.predictors.num_layers):
+        want_k, want_v = full.decode(layer, full.encode(layer, k, v, None)[0], None)
+        for rank in range(2):
+            part = slice(rank, rank + 1)
+            got_k, got_v = shard.decode(layer, shard.encode(layer, k[:, part], v[:, part], None)[0], None)
+            assert torch.equal(got_k, want_k[:, part]) and torch.equal(got_v, want_v[:, part])
