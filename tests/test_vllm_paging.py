@@ -155,8 +155,9 @@ def test_paged_layers_decode_like_the_store_path(model, adapters):
             v_new = torch.stack([src[r][layer][1][p] for r, p in tokens]).view(-1, h, d)
             cos, sin = rope(torch.tensor([p for _, p in tokens]))
             k_rot = rotate(k_new.transpose(0, 1).unsqueeze(0), cos[None], sin[None])[0].transpose(0, 1)
-            write_new_tokens(codec, layout, layer, plan, k_rot, v_new, pages[layer], chain, rope)
-            keys, values, chain = read_pages(codec, layout, layer, plan, pages[layer], chain, rope, torch.float32,
+            tables = rope(plan.positions)
+            write_new_tokens(codec, layout, layer, plan, k_rot, v_new, pages[layer], chain, tables)
+            keys, values, chain = read_pages(codec, layout, layer, plan, pages[layer], chain, tables, torch.float32,
                                              keep_chain=True)
             # the store path: request 0 encodes [start, stop) with its own chain; decode everything so far
             prev = None if layer == 0 else store_chain

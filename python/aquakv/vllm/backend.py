@@ -150,10 +150,11 @@ class AquaKVAttentionImpl(CPUAttentionBackendImpl):
         plan = SCRATCH.plan(get_forward_context(), attn_metadata, kv_cache.shape[2])
         source = codec.predictors.sources[idx] if codec.needs_previous_layer else None
         chain = SCRATCH.chain_of(source, plan)
-        write_new_tokens(codec, layout, idx, plan, key, value, kv_cache, chain, serve.rope)
+        tables = SCRATCH.tables(plan, serve.rope)
+        write_new_tokens(codec, layout, idx, plan, key, value, kv_cache, chain, tables)
         if serve.sinks is not None and idx == 0:
             SCRATCH.sink_keys = sink_keys(plan, kv_cache, layout.row_bytes)
-        keys, values, mine = read_pages(codec, layout, idx, plan, kv_cache, chain, serve.rope, query.dtype,
+        keys, values, mine = read_pages(codec, layout, idx, plan, kv_cache, chain, tables, query.dtype,
                                         keep_chain=codec.needs_previous_layer)
         SCRATCH.keep(mine)
         if serve.sinks is not None:
@@ -165,7 +166,7 @@ class AquaKVAttentionImpl(CPUAttentionBackendImpl):
         decoded = torch.empty((plan.blocks.numel(), keys.shape[1], 2 * plan.block_size, keys.shape[2]),
                               dtype=query.dtype)
         key_cache, value_cache = decoded.chunk(2, dim=2)  # vLLM's CPU layout: a block's keys, then its values
-        vllm_ops.cpu_attn_reshape_and_cache(keys.contiguous(), values.contiguous(), key_cache, value_cache,
+        vllm_ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache,
                                             torch.arange(plan.num_rows, dtype=torch.int64), layer.isa)
         vllm_ops.cpu_attention_with_kv_cache(
             query=query[:n], key_cache=key_cache, value_cache=value_cache, output=output[:n],

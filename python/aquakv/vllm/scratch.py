@@ -18,6 +18,7 @@ class ForwardScratch:
     def __init__(self):
         self._forward = None  # the vLLM forward context these belong to
         self._plans: dict[int, tuple[object, ForwardPlan]] = {}  # id(attention metadata) -> (it, its plan)
+        self._tables: dict[int, tuple] = {}  # id(plan) -> (plan, (cos, sin) of its rows)
         self._chain: Chain | None = None
         self.sink_keys: tuple[list, list] = ([], [])  # this forward's sinks (aquakv.vllm.sinks.sink_keys)
 
@@ -26,12 +27,20 @@ class ForwardScratch:
         page size); a new `forward` drops everything of the previous one."""
         if forward is not self._forward:
             self._forward, self._plans, self._chain, self.sink_keys = forward, {}, None, ([], [])
+            self._tables = {}
         held = self._plans.get(id(attn_metadata))
         if held is None or held[0] is not attn_metadata:
             n = attn_metadata.num_actual_tokens
             held = (attn_metadata, plan_forward(attn_metadata.seq_lens, attn_metadata.block_table,
                                                 attn_metadata.slot_mapping[:n], block_size))
             self._plans[id(attn_metadata)] = held
+        return held[1]
+
+    def tables(self, plan: ForwardPlan, rope) -> tuple:
+        """The rotary (cos, sin) of every row of `plan`, evaluated once per forward (rope: aquakv.vllm.rope_tables)."""
+        held = self._tables.get(id(plan))
+        if held is None or held[0] is not plan:
+            held = self._tables[id(plan)] = (plan, rope(plan.positions))
         return held[1]
 
     def chain_of(self, source: int | None, plan: ForwardPlan) -> Chain | None:
