@@ -139,6 +139,10 @@ def main() -> None:
     def job(cache, kind, dtype="float32", **kw):
         return {"model": model, "aquakv": aquakv_config(cache, predictors), "kind": kind, "dtype": dtype, **kw}
 
+    def save():  # after every phase: a long run that is stopped keeps what it measured
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out / "results.md").write_text(report(results))
+
     if "capacity" in args.phases:
         results["capacity"] = {}
         for dtype in ("float32", "bfloat16"):
@@ -146,14 +150,16 @@ def main() -> None:
                 say(f"capacity: {cache} {dtype}")
                 _, tokens = run_job(job(cache, "start", dtype), out / "logs", f"capacity_{cache}_{dtype}")
                 results["capacity"][f"{cache}/{dtype}"] = tokens
+        save()
     if "quality" in args.phases:
         results["quality"] = quality(args, job, out, predictors)
-    if "passkey" in args.phases:
-        results["passkey"] = passkey(args, job, out)
+        save()
     if "speed" in args.phases:
         results["speed"] = speed(args, job, out, model, predictors)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(report(results))
+        save()
+    if "passkey" in args.phases:
+        results["passkey"] = passkey(args, job, out)
+        save()
     print(report(results))
 
 

