@@ -2,6 +2,7 @@
 served from its codes keeping the perplexity of the same model served from its dequantized weights."""
 from __future__ import annotations
 
+import pytest
 import torch
 from aquakv.cli import main
 from aquakv.cli.generate import _perplexity, _weight_bytes
@@ -34,3 +35,36 @@ def test_mixed_grid_model_from_codes_keeps_the_dequantized_perplexity():
     dense = _perplexity(model, ids)
     # The same weights; only float32 summation order differs (docs/ops.md's bound, a few ulps per layer).
     assert abs(from_codes - dense) <= 1e-5 * dense, (from_codes, dense)
+
+
+def test_calibration_inside_generate_shows_progress_unless_quiet(tmp_path, monkeypatch):
+    """Without --predictors, generate calibrates first (a minute or more on a loaded CPU): that phase draws its
+    progress like `aquakv calibrate` does, and -q silences it."""
+    import argparse
+
+    import aquakv.data
+    import aquakv.kv
+    import aquakv.models
+    from aquakv.cli import generate
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake_calibrate(*args, **kwargs):
+        seen.append(kwargs["progress"])
+        raise Stop
+
+    model = make_tiny_llama(seed=0)
+    monkeypatch.setattr(aquakv.models, "load_model", lambda device="cpu": (model, None))
+    monkeypatch.setattr(aquakv.data, "default_texts", lambda split: ["text"])
+    monkeypatch.setattr(aquakv.data, "tokenize", lambda tok, texts: torch.arange(256) % model.config.vocab_size)
+    monkeypatch.setattr(aquakv.kv, "calibrate", fake_calibrate)
+    (tmp_path / "higgs_weights.json").write_text("{}")
+    for quiet in (False, True):
+        args = argparse.Namespace(device="cpu", weights=str(tmp_path), predictors=None, context=64, new_tokens=2,
+                                  check_ppl=False, no_baseline=True, seed=0, quiet=quiet, verbose=False)
+        with pytest.raises(Stop):
+            generate.run(args)
+    assert seen == [True, False]

@@ -129,7 +129,8 @@ def run(args) -> int:
         print("calibrating AQUA-KV-2 predictors (pass --predictors FILE from `aquakv calibrate` to skip) ...",
               flush=True)
         calib = tokenize(tokenizer, default_texts("calibration"))
-        preds = calibrate(model, [calib], bits=2, window=512, max_windows=4, seed=args.seed, progress=False)
+        preds = calibrate(model, [calib], bits=2, window=512, max_windows=4, seed=args.seed,
+                          progress=not args.quiet)  # a minute or more on a loaded CPU: show it
 
     rows = []
     if not args.no_baseline:
