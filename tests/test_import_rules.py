@@ -22,7 +22,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "python" / "aquakv"
 LAYERS = [
     {"_C"},
     {"atomic_writes", "progress", "version", "lazy", "hf_compat", "data", "models", "runner", "grids", "reference",
-     "ops_checks"},
+     "ops_checks", "allocation"},
     {"ops"},
     {"quantizer", "uniform"},
     {"evaluation"},
