@@ -228,7 +228,8 @@ def speed(args, job, out: Path, model: str, predictors) -> dict:
     for cache in args.caches:
         say(f"speed: {cache}, batches {args.batches} at {args.context} tokens")
         result, _ = run_job(job(cache, "speed", prefix_caching=False, context=args.context, batches=args.batches,
-                                new_tokens=args.new_tokens, batched_tokens=2048), out / "logs", f"speed_{cache}")
+                                new_tokens=args.new_tokens, batched_tokens=2048, max_model_len=per_request + 128),
+                            out / "logs", f"speed_{cache}")
         found[cache] = {"runs": result["runs"]}
         blocks = args.budget_mib * 2 ** 20 // (128 * page_bytes_per_token(cache, model, predictors))
         batch = int(blocks // math.ceil(per_request / 128))

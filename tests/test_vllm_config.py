@@ -79,7 +79,7 @@ def test_higgs_needs_no_file():
     ("missing", "does not exist"),
     ("corrupt", "p2.safetensors"),
     ("other model", "num_layers: predictors have 4, model has 6"),
-    ("tp", "serves tensor_parallel_size 1 only"),
+    ("tp", "serves tensor_parallel_size 1, not 2: its maps mix KV heads"),
 ])
 def test_bad_predictors_are_refused(predictors_file, tmp_path, problem, message):
     path, facts = predictors_file, _facts()
@@ -125,3 +125,52 @@ def test_higgs_shards_decode_as_the_unsharded_cache():
             part = slice(rank, rank + 1)
             got_k, got_v = shard.decode(layer, shard.encode(layer, k[:, part], v[:, part], None)[0], None)
             assert torch.equal(got_k, want_k[:, part]) and torch.equal(got_v, want_v[:, part])
+
+
+@pytest.fixture(scope="module")
+def per_head_file(tmp_path_factory):
+    """A block-diagonal (one block per KV head) file calibrated on the tiny Llama: it serves TP 1 and 2."""
+    import torch
+    from aquakv.kv.calibration import calibrate
+
+    ids = torch.randint(3, TINY_CONFIG["vocab_size"], (512,), generator=torch.Generator().manual_seed(0))
+    preds = calibrate(make_tiny_llama(), [ids], bits=2, window=128, structure="per-head", progress=False)
+    path = tmp_path_factory.mktemp("ph") / "ph2.safetensors"
+    preds.save(path)
+    return path
+
+
+def test_tp_sizes_a_file_serves(predictors_file, per_head_file):
+    from aquakv.vllm.shards import served_tp_sizes
+
+    assert served_tp_sizes(AquaKVPredictors.load(predictors_file)) == [1]  # dense maps mix both heads
+    assert served_tp_sizes(AquaKVPredictors.load(per_head_file)) == [1, 2]
+    with pytest.raises(AquaKVConfigError, match="serves tensor_parallel_size 1 or 2, not 4"):
+        build_codec(ServingConfig("aquakv", predictors=str(per_head_file)), _facts(tp=4))  # 2 heads on 4 ranks
+
+
+def test_per_head_predictors_shard_as_the_unsharded_cache(per_head_file):
+    """AQUA-KV under tensor parallelism by hand: each rank encodes and decodes its own KV head along its own chain
+    with its slice of the per-head maps; every layer's decoded heads equal the unsharded codec's. Equal within 1e-6
+    rather than bit for bit: the unsharded maps run both heads' blocks in one batched matmul, a rank one block."""
+    import torch
+    from aquakv.kv.higgs_store import to_heads
+
+    spec = ServingConfig("aquakv", predictors=str(per_head_file))
+    full = build_codec(spec, _facts())
+    ranks = [build_codec(spec, _facts(tp=2), rank) for rank in range(2)]
+    assert all(r.predictors.kv_width == TINY_CONFIG["head_dim"] for r in ranks)
+    gen = torch.Generator().manual_seed(1)
+    chain, chains = None, [None, None]
+    for layer in range(full.predictors.num_layers):
+        k, v = (to_heads(torch.randn(1, 37, full.predictors.kv_width, generator=gen), 2) for _ in range(2))
+        store, *chain_next = full.encode(layer, k, v, chain)
+        want_k, want_v = full.decode(layer, store, chain)
+        for rank, codec in enumerate(ranks):
+            part = slice(rank, rank + 1)
+            shard_store, *shard_next = codec.encode(layer, k[:, part], v[:, part], chains[rank])
+            got_k, got_v = codec.decode(layer, shard_store, chains[rank])
+            torch.testing.assert_close(got_k, want_k[:, part], rtol=0, atol=1e-6)
+            torch.testing.assert_close(got_v, want_v[:, part], rtol=0, atol=1e-6)
+            chains[rank] = tuple(shard_next)
+        chain = tuple(chain_next)

@@ -30,16 +30,16 @@ from aquakv.vllm.sinks import SinkTable, keep_sinks_exact, sink_keys
 log = logging.getLogger("vllm.aquakv")  # under "vllm." so vLLM's logging configuration prints it
 
 
-def engine_codec(vllm_config):
-    """(settings, codec) of an engine with additional_config["aquakv"], every start-time check made; raises
-    AquaKVConfigError naming what cannot be served."""
+def engine_codec(vllm_config, rank: int = 0):
+    """(settings, codec of tensor-parallel rank `rank`) of an engine with additional_config["aquakv"], every
+    start-time check made; raises AquaKVConfigError naming what cannot be served."""
     settings = ServingConfig.parse(vllm_config.additional_config["aquakv"])
     facts = EngineFacts(hf_config=vllm_config.model_config.hf_config, model=vllm_config.model_config.model,
                         kv_cache_dtype=vllm_config.cache_config.cache_dtype,
                         tensor_parallel_size=vllm_config.parallel_config.tensor_parallel_size,
                         pipeline_parallel_size=vllm_config.parallel_config.pipeline_parallel_size)
     check_engine(facts)
-    return settings, build_codec(settings, facts)
+    return settings, build_codec(settings, facts, rank)
 
 
 class Serving:
@@ -47,7 +47,9 @@ class Serving:
     the exact sinks."""
 
     def __init__(self, vllm_config):
-        self.settings, self.codec = engine_codec(vllm_config)
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        self.settings, self.codec = engine_codec(vllm_config, get_tensor_model_parallel_rank())
         self.layouts = layer_layouts(self.codec)
         self.rope = rope_tables(vllm_config.model_config, self.codec.predictors.head_dim)
         self.sinks = SinkTable(self.codec.predictors.num_layers) if self.settings.sinks else None

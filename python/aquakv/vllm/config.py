@@ -17,6 +17,7 @@ from aquakv.kv.aqua_codec import AquaKVCodec
 from aquakv.kv.local_layers import exact_local_layers
 from aquakv.kv.predictors import AquaKVPredictors
 from aquakv.kv.support import check_config
+from aquakv.vllm.shards import shard_predictors
 
 METHODS = ("aquakv", "higgs")
 KEYS = {"aquakv": {"method", "predictors", "sinks"},
@@ -110,8 +111,9 @@ def model_shim(facts: EngineFacts) -> SimpleNamespace:
     return SimpleNamespace(config=facts.hf_config, name_or_path=facts.model)
 
 
-def build_codec(serving: ServingConfig, facts: EngineFacts) -> AquaKVCodec:
-    """The codec the pages hold, checked against the model; AquaKVConfigError naming the file and the mismatch."""
+def build_codec(serving: ServingConfig, facts: EngineFacts, rank: int = 0) -> AquaKVCodec:
+    """The codec the pages of tensor-parallel rank `rank` hold, checked against the model; AquaKVConfigError naming
+    the file and the mismatch."""
     shim = model_shim(facts)
     if serving.method == "higgs" and facts.tensor_parallel_size != 1:
         shim.config = shard_config(facts.hf_config, facts.tensor_parallel_size)
@@ -129,12 +131,9 @@ def build_codec(serving: ServingConfig, facts: EngineFacts) -> AquaKVCodec:
         try:
             preds = AquaKVPredictors.load(path)
             preds.check_compatible(shim)
+            preds = shard_predictors(preds, facts.tensor_parallel_size, rank)
         except ValueError as e:
             raise AquaKVConfigError(f"aquakv (vLLM): predictors file {path!r}: {e}") from None
-    if facts.tensor_parallel_size != 1 and preds.has_adapters:
-        raise AquaKVConfigError(f"aquakv (vLLM): predictors file {serving.predictors!r} serves tensor_parallel_size "
-                                f"1 only: its maps mix all {preds.num_kv_heads} KV heads, which tensor parallelism "
-                                f"splits across ranks (HIGGS, {{\"method\": \"higgs\"}}, shards by head)")
     if facts.tensor_parallel_size != 1 and preds.settings.group_size > preds.head_dim:
         # A HIGGS group (one Hadamard rotation, one scale) must not straddle two heads, which TP may place apart.
         raise AquaKVConfigError(f"aquakv (vLLM) higgs: group_size {preds.settings.group_size} spans more than one "
