@@ -24,7 +24,7 @@ LAYERS = [
     {"atomic_writes", "progress", "version", "lazy", "hf_compat", "data", "models", "runner", "grids", "reference",
      "ops_checks", "allocation"},
     {"ops"},
-    {"quantizer", "uniform"},
+    {"quantizer", "uniform", "domains"},
     {"evaluation"},
     {"kv", "weights"},
     {"longctx", "demo", "vllm"},
