@@ -14,7 +14,7 @@ from aquakv import ops
 from aquakv.kv.codec import KV, KVCodec, compact, deliver
 from aquakv.kv.higgs_store import HiggsStore, Part, to_heads, to_rows
 from aquakv.kv.predictors import AquaKVPredictors
-from aquakv.quantizer import QuantizedTensor
+from aquakv.quantizer import HiggsQuantizer, QuantizedTensor
 
 _CPU = torch.device("cpu")
 
@@ -44,15 +44,20 @@ class AquaKVCodec(KVCodec):
         self.num_kv_heads = predictors.num_kv_heads
         self.needs_previous_layer = predictors.has_adapters  # zero predictors (HIGGS) read no chain
         exact = set(predictors.exact_layers)
-        self.quantizers = [None if layer in exact else predictors.quantizer(layer)
+        # Keys and values of a layer have their own quantizers: they differ only with per-layer widths
+        # (settings.key_bits / value_bits); both share group size and seed, hence the Hadamard signs.
+        self.quantizers = [None if layer in exact else predictors.quantizer(layer, "keys")
                            for layer in range(predictors.num_layers)]
-        # What the fused decode reads, gathered once here (per device in _fused_inputs): each layer's grid and
-        # signs, and its key and value maps in the op's layout (zero: no inputs, zero bias).
+        self.value_quantizers = [None if layer in exact else predictors.quantizer(layer, "values")
+                                 for layer in range(predictors.num_layers)]
+        # What the fused decode reads, gathered once here (per device in _fused_inputs): each layer's key grid, value
+        # grid and signs, and its key and value maps in the op's layout (zero: no inputs, zero bias).
         zero = ([], None, torch.zeros(predictors.kv_width, dtype=torch.float32))
-        self._fused_base = [None if q is None else
-                            (*q.grid_and_signs(_CPU), *(zero if m is None else m.op_weights() for m in
-                                                       (predictors.key_maps[layer], predictors.value_maps[layer])))
-                            for layer, q in enumerate(self.quantizers)]
+        self._fused_base = [None if q is None or qv is None else
+                            (*q.grid_and_signs(_CPU), qv.grid_and_signs(_CPU)[0],
+                             *(zero if m is None else m.op_weights() for m in
+                               (predictors.key_maps[layer], predictors.value_maps[layer])))
+                            for layer, (q, qv) in enumerate(zip(self.quantizers, self.value_quantizers))]
         self._fused_on: dict = {}  # (layer, device) -> the same on that device, matrices in predictor_dtype
 
     # ---- encode ----------------------------------------------------------------------------------------
@@ -64,9 +69,12 @@ class AquaKVCodec(KVCodec):
             return None, None
         return to_rows(chain[0]), to_rows(chain[1])  # in the chain's dtype: the maps cast it to the matmuls'
 
-    def _encode_part(self, layer_idx: int, x: torch.Tensor) -> tuple[Part, torch.Tensor]:
-        """x: [B, T, C] float32 -> (stored part, its reconstruction float32)."""
-        q = self.quantizers[layer_idx] if self.quantize else None
+    def _quantizer(self, layer_idx: int, part: str) -> HiggsQuantizer | None:
+        return (self.quantizers if part == "keys" else self.value_quantizers)[layer_idx]
+
+    def _encode_part(self, layer_idx: int, x: torch.Tensor, part: str) -> tuple[Part, torch.Tensor]:
+        """x: [B, T, C] float32 -> (stored part, its reconstruction float32). part: "keys" or "values"."""
+        q = self._quantizer(layer_idx, part) if self.quantize else None
         if q is None:
             stored = compact(x.to(torch.float16 if self.quantize else self.exact_dtype))
             return stored, stored.float()
@@ -82,10 +90,10 @@ class AquaKVCodec(KVCodec):
         prev_k, prev_v = self._chain_rows(layer_idx, chain)
         k, v = to_rows(keys.float()), to_rows(values.float())
         pk = preds.predict_keys(layer_idx, prev_k, like=k, matmul_dtype=mm)
-        k_part, k_res = self._encode_part(layer_idx, k if pk is None else k - pk)
+        k_part, k_res = self._encode_part(layer_idx, k if pk is None else k - pk, "keys")
         k_hat = self._add(pk, k_res)
         pv = preds.predict_values(layer_idx, k_hat, prev_v, matmul_dtype=mm)
-        v_part, v_res = self._encode_part(layer_idx, v if pv is None else v - pv)
+        v_part, v_res = self._encode_part(layer_idx, v if pv is None else v - pv, "values")
         v_hat = self._add(pv, v_res)
         h = keys.shape[1]
         return HiggsStore(k_part, v_part), to_heads(k_hat, h), to_heads(v_hat, h)
@@ -98,6 +106,8 @@ class AquaKVCodec(KVCodec):
         the composed path for layers stored unquantized, groups padded past C, or partial rotary."""
         stop = store.num_tokens if stop is None else stop
         q = self.quantizers[layer_idx] if self.quantize else None
+        if q is not None and self.value_quantizers[layer_idx] is None:
+            q = None  # a part kept in fp16: the composed path serves it
         chain_rows = None if chain_out is None else (_rows_view(chain_out[0]), _rows_view(chain_out[1]))
         c = store.keys.shape[-1]
         if (not self.fused or q is None or not isinstance(store.keys, QuantizedTensor) or c % q.settings.group_size
@@ -111,31 +121,31 @@ class AquaKVCodec(KVCodec):
         """The composed decode of every token of `store` -> (keys_hat, values_hat) [B, H, T, D] float32, un-rotated."""
         preds, mm = self.predictors, self.predictor_dtype
         prev_k, prev_v = self._chain_rows(layer_idx, chain)
-        k_res = self._dequantize(layer_idx, store.keys)
+        k_res = self._dequantize(layer_idx, store.keys, "keys")
         k_hat = self._add(preds.predict_keys(layer_idx, prev_k, like=k_res, matmul_dtype=mm), k_res)
-        v_res = self._dequantize(layer_idx, store.values)
+        v_res = self._dequantize(layer_idx, store.values, "values")
         v_hat = self._add(preds.predict_values(layer_idx, k_hat, prev_v, matmul_dtype=mm), v_res)
         h = self.num_kv_heads
         return to_heads(k_hat, h), to_heads(v_hat, h)
 
-    def _dequantize(self, layer_idx: int, part: Part) -> torch.Tensor:
-        if isinstance(part, torch.Tensor):
-            return part.float()
-        return self.quantizers[layer_idx].dequantize(part)
+    def _dequantize(self, layer_idx: int, stored: Part, part: str) -> torch.Tensor:
+        if isinstance(stored, torch.Tensor):
+            return stored.float()
+        return self._quantizer(layer_idx, part).dequantize(stored)
 
     def _fused_inputs(self, layer_idx: int, device: torch.device):
-        """(grid, signs, key map, value map) of a layer on `device`, each map (weights, up, bias) in the op's
-        layout with its matrices in the predictor dtype and its bias in float32 (kept per device)."""
+        """(key grid, signs, value grid, key map, value map) of a layer on `device`, each map (weights, up, bias) in
+        the op's layout with its matrices in the predictor dtype and its bias in float32 (kept per device)."""
         key = (layer_idx, device)
         if key not in self._fused_on:
-            grid, signs, *maps = self._fused_base[layer_idx]
+            grid, signs, value_grid, *maps = self._fused_base[layer_idx]
             mm = self.predictor_dtype
 
             def placed(weights, up, bias):
                 return ([w.to(device=device, dtype=mm).contiguous() for w in weights],
                         None if up is None else up.to(device=device, dtype=mm).contiguous(),
                         bias.to(device=device, dtype=torch.float32).contiguous())
-            self._fused_on[key] = (grid.to(device), signs.to(device), *(placed(*m) for m in maps))
+            self._fused_on[key] = (grid.to(device), signs.to(device), value_grid.to(device), *(placed(*m) for m in maps))
         return self._fused_on[key]
 
     def _decode_fused(self, layer_idx, store, chain, start, stop, cos, sin, dtype, chain_rows, out) -> KV:
@@ -147,7 +157,7 @@ class AquaKVCodec(KVCodec):
             chain_rows = tuple(torch.empty(r.shape, dtype=torch.float32, device=r.device) for r in chain_rows)
         b, t, c = store.keys.shape
         h, n, device, mm = self.num_kv_heads, stop - start, store.keys.device, self.predictor_dtype
-        grid, signs, key_map, value_map = self._fused_inputs(layer_idx, device)
+        key_grid, signs, value_grid, key_map, value_map = self._fused_inputs(layer_idx, device)
         prev_k, prev_v = (None, None) if chain is None else (_chain_rows(chain[0], mm), _chain_rows(chain[1], mm))
         if out is None:
             keys = torch.empty((b, h, n, c // h), dtype=dtype, device=device)
@@ -157,9 +167,10 @@ class AquaKVCodec(KVCodec):
         k_hat, v_hat = chain_rows or (None, None)
         if k_hat is None and value_map[0]:  # the value predictor reads this layer's keys even when nobody keeps them
             k_hat = torch.empty((b, n, c), dtype=torch.float32, device=device)
-        for part, dest, hat_out, inputs, rotation, (weights, up, bias) in (
-                (store.keys, keys, k_hat, lambda: (prev_k,), (cos, sin), key_map),
-                (store.values, values, v_hat, lambda: (k_hat.to(mm), prev_v), (None, None), value_map)):
+        # One op call per part, each with its own grid: keys and values may be coded at different widths.
+        for part, grid, dest, hat_out, inputs, rotation, (weights, up, bias) in (
+                (store.keys, key_grid, keys, k_hat, lambda: (prev_k,), (cos, sin), key_map),
+                (store.values, value_grid, values, v_hat, lambda: (k_hat.to(mm), prev_v), (None, None), value_map)):
             inputs = inputs() if weights else ()  # the value part reads the keys the key part has just written
             codes = part.codes.view(b, t, -1)[:, start:stop]
             scales = part.scales.view(b, t, -1)[:, start:stop]

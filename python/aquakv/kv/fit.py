@@ -5,7 +5,8 @@ sees them.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -124,6 +125,7 @@ class _Errors:
     pred: float = 0.0
     recon: float = 0.0
     higgs: float = 0.0
+    candidates: list[float] = field(default_factory=list)  # reconstruction error with each candidate quantizer
 
     def relative(self, prefix: str) -> dict[str, float]:
         y = max(self.y, 1e-30)
@@ -132,12 +134,14 @@ class _Errors:
 
 
 def _reconstruct(amap: AffineMap | None, inputs: list[torch.Tensor], target: torch.Tensor,
-                 quantizer: HiggsQuantizer | None, n_fit: int, device: torch.device, store: torch.device
-                 ) -> tuple[torch.Tensor, _Errors]:
-    """Y^ = P + Q(Y - P) over all rows (float32 [N, C] on `store`), and held-out errors. quantizer None: fp16."""
+                 quantizer: HiggsQuantizer | None, n_fit: int, device: torch.device, store: torch.device,
+                 candidates: Sequence[HiggsQuantizer] = ()) -> tuple[torch.Tensor, _Errors]:
+    """Y^ = P + Q(Y - P) over all rows (float32 [N, C] on `store`), and held-out errors. quantizer None: fp16.
+    candidates: other quantizers whose held-out reconstruction error of the same residual is measured too (the
+    e_lj of the bit allocation, aquakv.kv.bit_allocation)."""
     n = target.shape[0]
     hat = torch.empty(target.shape, dtype=torch.float32, device=store)
-    err = _Errors()
+    err = _Errors(candidates=[0.0] * len(candidates))
 
     def q(x: torch.Tensor) -> torch.Tensor:
         return x.half().float() if quantizer is None else quantizer.quantize_dequantize(x)
@@ -154,6 +158,9 @@ def _reconstruct(amap: AffineMap | None, inputs: list[torch.Tensor], target: tor
             err.pred += (yh if pred is None else yh - pred.expand_as(y)[held:]).pow(2).sum().item()
             err.recon += (yh_hat - yh).pow(2).sum().item()
             err.higgs += (q(yh) - yh).pow(2).sum().item()
+            residual = yh if pred is None else yh - pred.expand_as(y)[held:]
+            for j, c in enumerate(candidates):
+                err.candidates[j] += (c.quantize_dequantize(residual) - residual).pow(2).sum().item()
     return hat, err
 
 
@@ -164,11 +171,14 @@ class SequentialFit:
     layers, aquakv.kv.local_layers) get no maps and leave the chain as it was."""
 
     def __init__(self, n_fit: int, settings: AquaKVSettings, rank: int | None, damping: float, device: torch.device,
-                 store: torch.device, structure: str = "full", groups: int = 1):
+                 store: torch.device, structure: str = "full", groups: int = 1,
+                 candidates: Sequence[HiggsQuantizer] = ()):
         self.n_fit, self.settings, self.rank, self.damping = n_fit, settings, rank, damping
         self.structure, self.groups = structure, groups  # groups: G of the block-diagonal maps (1: dense)
         self.device, self.store = device, store
-        self.quantizers = {True: settings.quantizer_for(True), False: settings.quantizer_for(False)}
+        self.candidates = list(candidates)
+        # per compressed layer: {"layer", "keys": [e_j], "values": [e_j]} held-out relative errors per candidate
+        self.candidate_errors: list[dict] = []
         self.key_maps: list[AffineMap | None] = []
         self.value_maps: list[AffineMap | None] = []
         self.exact_layers: list[int] = []
@@ -187,22 +197,26 @@ class SequentialFit:
             self.exact_layers.append(layer)
             return
         start = self._prev is None  # nothing to predict from: intercept only, layer 0's quantizer
-        quantizer = self.quantizers[start]
+        k_quantizer, v_quantizer = (self.settings.quantizer_for(start, layer, part) for part in ("keys", "values"))
         if start:
             k_map, k_inputs = _mean_map(keys, n_fit, device), []
         else:
             k_inputs = [self._prev[0]]
             k_map = self._fit(k_inputs, keys)
-        k_hat, k_err = _reconstruct(k_map, k_inputs, keys, quantizer, n_fit, device, self.store)
+        k_hat, k_err = _reconstruct(k_map, k_inputs, keys, k_quantizer, n_fit, device, self.store, self.candidates)
         if start:
             v_map, v_inputs = _mean_map(values, n_fit, device), []
         else:
             v_inputs = [k_hat, self._prev[1]]
             v_map = self._fit(v_inputs, values)
-        v_hat, v_err = _reconstruct(v_map, v_inputs, values, quantizer, n_fit, device, self.store)
+        v_hat, v_err = _reconstruct(v_map, v_inputs, values, v_quantizer, n_fit, device, self.store, self.candidates)
         self.key_maps.append(k_map)
         self.value_maps.append(v_map)
         self.report.append({"layer": layer, **k_err.relative("key"), **v_err.relative("value")})
+        if self.candidates:
+            self.candidate_errors.append({"layer": layer, "chain_start": start,
+                                          **{p: [e / max(err.y, 1e-30) for e in err.candidates]
+                                             for p, err in (("keys", k_err), ("values", v_err))}})
         log.debug("layer %d: %s", layer, self.report[-1])
         self._prev = (k_hat, v_hat)
 

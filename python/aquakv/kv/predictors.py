@@ -22,7 +22,7 @@ import torch
 
 from aquakv.kv.affine_map import AffineMap
 from aquakv.kv.local_layers import chain_sources, exact_local_layers
-from aquakv.kv.predictor_settings import AquaKVSettings, parse_layer0_bits
+from aquakv.kv.predictor_settings import AquaKVSettings, check_widths, parse_layer0_bits
 from aquakv.kv.predictors_file import read_predictors, save_predictors
 from aquakv.quantizer import HiggsQuantizer
 
@@ -52,11 +52,12 @@ class AquaKVPredictors:
             raise ValueError(f"AquaKVPredictors: exact layers {list(self.exact_layers)} beyond {len(self.key_maps)} "
                              f"layers")
         self.sources = chain_sources(len(self.key_maps), set(self.exact_layers))
+        check_widths(settings, self.sources, self.exact_layers)  # per-layer widths must fit these layers
         self.settings = settings
         self.model_info = dict(model_info)
         self.report = list(report or [])  # per layer: held-out relative errors (see aquakv.calibrate)
         self.calibration = dict(calibration or {})  # how it was calibrated: windows, tokens, damping, rank...
-        self._quantizers: dict[int, HiggsQuantizer | None] = {}
+        self._quantizers: dict[tuple[int, str], HiggsQuantizer | None] = {}
         self._warned_names: set[tuple[str, str]] = set()
 
     # ---- shapes and settings -------------------------------------------------------------------------
@@ -86,21 +87,20 @@ class AquaKVPredictors:
     def compressed_layers(self) -> list[int]:
         return [layer for layer in range(self.num_layers) if layer not in self.exact_layers]
 
-    def quantizer(self, layer_idx: int) -> HiggsQuantizer | None:
-        """The residual quantizer of a compressed layer (None: stored in fp16)."""
-        if layer_idx not in self._quantizers:
+    def quantizer(self, layer_idx: int, part: str = "keys") -> HiggsQuantizer | None:
+        """The residual quantizer of a compressed layer's keys or values (None: stored in fp16); the two differ only
+        with per-layer widths (settings.key_bits / value_bits)."""
+        if (layer_idx, part) not in self._quantizers:
             start = self.sources[layer_idx] is None
-            self._quantizers[layer_idx] = self.settings.quantizer_for(chain_start=start)
-        return self._quantizers[layer_idx]
+            self._quantizers[layer_idx, part] = self.settings.quantizer_for(start, layer_idx, part)
+        return self._quantizers[layer_idx, part]
 
     def bits_per_value(self) -> float:
-        """Nominal storage cost per compressed value averaged over compressed layers, layer 0 and HIGGS scales
-        included."""
-        costs = []
-        for layer in self.compressed_layers():
-            q = self.quantizer(layer)
-            costs.append(16.0 if q is None else q.bits_per_value + 16.0 * (-self.kv_width % q.settings.group_size)
-                         / self.kv_width)
+        """Nominal storage cost per compressed value (codes + HIGGS scales) averaged over the keys and values of the
+        compressed layers, layer 0 included: the quantity `aquakv calibrate` prints and `--budget` sets."""
+        costs = [(part_bits_per_value(self.quantizer(layer, "keys"), self.kv_width)
+                  + part_bits_per_value(self.quantizer(layer, "values"), self.kv_width)) / 2  # (a + a) / 2 == a
+                 for layer in self.compressed_layers()]
         return sum(costs) / len(costs)
 
     # ---- prediction ----------------------------------------------------------------------------------
@@ -203,9 +203,18 @@ class AquaKVPredictors:
         groups = sorted({m.groups for m in self.key_maps + self.value_maps if m is not None and m.in_features})
         per_head = "" if groups in ([], [1]) else f", per-head blocks G={'/'.join(map(str, groups))}"
         exact = f", {len(self.exact_layers)} local layers exact" if self.exact_layers else ""
-        return (f"AquaKVPredictors({kind}, {self.num_layers} layers, C={self.kv_width}, bits={s.bits}, "
+        bits = "per layer (mixed)" if s.mixed else s.bits
+        return (f"AquaKVPredictors({kind}, {self.num_layers} layers, C={self.kv_width}, bits={bits}, "
                 f"grid_dim={s.grid_dim}, group_size={s.group_size}, layer0={'fp16' if s.layer0_bits is None else s.layer0_bits}"
                 f", rank={rank}{per_head}{exact}, compressed part {self.bits_per_value():.3f} bits/value)")
+
+
+def part_bits_per_value(q: HiggsQuantizer | None, width: int) -> float:
+    """Bits per value of one layer's keys or values of width C: 16 in fp16, else codes + scales (+ the scales of
+    the zero padding when C is not a multiple of the group)."""
+    if q is None:
+        return 16.0
+    return q.bits_per_value + 16.0 * (-width % q.settings.group_size) / width
 
 
 def portable_model_name(name_or_path: str) -> str:
