@@ -66,6 +66,27 @@ def held_bits_per_value(model, preds, window: int, step: int = 32) -> float | No
     return (exact_bits + compressed_bits + positions_bits) / kv_values(model.config, 1, window)
 
 
+def positive_float(text: str) -> float:
+    """--budget: a finite number > 0 of bits per value."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of bits per value, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def widths_summary(preds) -> str:
+    """Two lines: the widths chosen per layer for keys and values (--budget), '-' where the layer keeps its own."""
+    s = preds.settings
+    rows = [f"{part} bits per layer: " + " ".join("-" if b is None else f"{b:g}" for b in widths)
+            for part, widths in (("keys", s.key_bits), ("values", s.value_bits))]
+    return "\n".join(rows)
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     from aquakv.evaluation.table import count
     from aquakv.atomic_writes import atomic_path
@@ -82,7 +103,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     preds = calibrate(model, [ids], bits=args.bits, window=args.window, max_windows=args.windows,
                       rank=args.rank, structure=args.structure, layer0_bits=layer0, seed=args.seed,
-                      progress=progress_on(args))
+                      budget=args.budget, sensitivity_windows=args.sensitivity_windows, progress=progress_on(args))
     seconds = time.perf_counter() - t0
     with atomic_path(out) as tmp:  # an interrupt while saving leaves no half-written predictors file
         preds.save(tmp)
@@ -94,6 +115,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         held_text = ("; all bytes held: not counted for models with exact local layers (see `aquakv eval`)"
                      if held is None else f"; all bytes held {held:.2f} (fp16 sinks and buffer included, one window)")
         print(f"compressed part {preds.bits_per_value():.2f} bits/value{held_text}")
+        if preds.settings.mixed:
+            print(widths_summary(preds))
     except KeyboardInterrupt:  # the work is done and saved: an interrupt now only cut the summary short
         print(f"aquakv calibrate: interrupted after saving; {out} is complete", file=sys.stderr)
     return 0
@@ -122,6 +145,13 @@ def add_calibrate(sub) -> None:
     p.add_argument("--windows", type=positive_int, default=32, metavar="N",
                    help="calibration windows, spread over the text (default 32)")
     p.add_argument("--window", type=positive_int, default=1024, metavar="W", help="tokens per calibration window (default 1024)")
+    p.add_argument("--budget", type=positive_float, metavar="B",
+                   help="choose the bits of every layer's keys and values (layers >= 1) by the linearity theorem at "
+                        "an average of B bits/value of the compressed part (codes + scales of keys and values of "
+                        "every layer, layer 0 included: the figure printed at the end); --bits is then the "
+                        "reference pass's width (docs/method.md). About 3x the time of a plain calibration")
+    p.add_argument("--sensitivity-windows", type=positive_int, default=4, metavar="N",
+                   help="calibration windows the sensitivities are measured on with --budget (default 4)")
     p.add_argument("--layer0-bits", type=layer0_bits, default="4", metavar="B|fp16",
                    help=f"bits of layer 0 (centered HIGGS; it has no predecessor to predict from): one of {bits}, "
                         "or fp16 (default 4)")

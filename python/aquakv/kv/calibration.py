@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from aquakv.evaluation.windows import cut_windows
+from aquakv.kv.calibration_budget import choose_widths, record_allocation
 from aquakv.kv.capture import iter_layer_states
 from aquakv.kv.fit import SequentialFit, structure_groups
 from aquakv.kv.predictor_settings import AquaKVSettings, parse_layer0_bits
@@ -89,7 +90,8 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
               rank: int | None = None, structure: str = "full", group_size: int | None = None, grid_dim: int = 2,
               layer0_bits: float | str = 4, seed: int = 0, device: str | torch.device | None = None,
               offload: bool = True, damping: float = 1e-3, sinks: int = 4, held_out: float = 0.1,
-              progress: bool = True) -> AquaKVPredictors:
+              budget: float | None = None, candidate_bits: Sequence[float] | None = None,
+              sensitivity_windows: int = 4, progress: bool = True) -> AquaKVPredictors:
     """Fit AQUA-KV predictors for `model` on calibration data.
 
     data: 1-D LongTensors of token ids (any length, cut into windows of `window` tokens) or strings + tokenizer=.
@@ -108,6 +110,11 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
       the previous layer's reconstructions, for all calibration tokens, whatever the depth of the model.
       offload=True keeps those on the CPU and streams them through `device`; offload=False keeps them on the
       devices (faster on a GPU with room to spare).
+    budget: average bits/value of the compressed part (codes + scales of keys and values of every compressed layer,
+      layer 0 included: `AquaKVPredictors.bits_per_value()`); the widths of every predicted layer's keys and values
+      are then chosen by the linearity theorem among candidate_bits (default: every shipped grid of grid_dim) and the
+      predictors fitted with them (aquakv.kv.calibration_budget; `bits` is the reference pass's width). Costs a
+      second pass and 4 * layers replays of `sensitivity_windows` windows.
     Deterministic for fixed inputs and settings. The report (predictors.report) holds per layer the held-out
     relative MSE of the predictions, of the final reconstruction, and of HIGGS alone at the same bits.
     """
@@ -125,13 +132,22 @@ def calibrate(model, data, bits: float = 2, *, tokenizer=None, window: int = 102
     n_fit, _ = _split(windows, sinks, held_out)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     exact = exact_local_layers(model.config)  # a hybrid model's local layers: kept exact, not fitted
-    fit = SequentialFit(n_fit, settings, rank, damping, device, torch.device("cpu") if offload else device,
-                         structure, groups)
+    fit_args = dict(rank=rank, damping=damping, device=device, store=torch.device("cpu") if offload else device,
+                    structure=structure, groups=groups)
+    allocation = None
+    if budget is not None:
+        settings, allocation, sens = choose_widths(
+            model, windows, settings, n_fit, budget=budget, fit_args=fit_args, sinks=sinks, offload=offload,
+            exact=exact, info=info, candidate_bits=candidate_bits, n_sensitivity_windows=sensitivity_windows,
+            progress=progress)
+    fit = SequentialFit(n_fit, settings, **fit_args)
     with progress_bar(total=info["num_layers"], desc="aquakv: calibrating layers", unit="layer",
                       enabled=progress) as bar:
         for layer, keys, values in iter_layer_states(model, windows, sinks, offload=offload, progress=bar):
             fit.add_layer(keys, values, exact=layer in exact)
     preds = fit.predictors(info)
+    if allocation is not None:
+        record_allocation(preds, allocation, sens)
     preds.calibration.update({"windows": len(windows), "window": window, "sinks": sinks,
                               "seconds": round(time.perf_counter() - t0, 1)})
     _log_summary(preds)

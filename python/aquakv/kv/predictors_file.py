@@ -12,8 +12,10 @@ Tensors (float32, finite), C = model.kv_width:
 Either every compressed layer has a key and a value map, or there are no tensors at all (HIGGS-only).
 Metadata: the header entry "aquakv" holds JSON {format, format_version, model, settings, report, calibration} and,
 for a hybrid model, exact_layers: the local layers the cache keeps exact (format_version 3; they have no tensors, and
-the first compressed layer is intercept-only like layer 0). Files without block-diagonal maps or exact layers are
-written as format_version 1, byte for byte as before those existed; older versions holding either are refused.
+the first compressed layer is intercept-only like layer 0). Per-layer widths chosen by the bit allocation are
+settings.key_bits and settings.value_bits (format_version 4): one entry per layer, bits where the layer is predicted,
+null at the chain start and at exact layers. Files without block-diagonal maps, exact layers or per-layer widths are
+written as format_version 1, byte for byte as before those existed; older versions holding any of them are refused.
 
 Loading refuses anything else before it allocates more than the file holds: every failure is one ValueError whose
 message starts with the file's path and names the field (a missing file stays a FileNotFoundError).
@@ -31,10 +33,10 @@ import torch
 from aquakv.atomic_writes import save_safetensors_atomic
 from aquakv.kv.affine_map import AffineMap
 from aquakv.kv.local_layers import chain_sources
-from aquakv.kv.predictor_settings import AquaKVSettings
+from aquakv.kv.predictor_settings import AquaKVSettings, LayerWidthSettings, check_widths
 
 FORMAT = "aquakv-predictors"
-FORMAT_VERSION = 3  # 2: block-diagonal (per-head) maps; 3: exact layers; files without either are written as 1
+FORMAT_VERSION = 4  # 2: block-diagonal (per-head) maps; 3: exact layers; 4: per-layer widths; else written as 1
 MAX_LAYERS = 4096  # far beyond any decoder (SmolLM2: 30); bounds what a header may make us allocate
 _MAX_INT = 2 ** 31
 
@@ -42,6 +44,7 @@ _TENSOR = re.compile(r"(key|value)\.(0|[1-9][0-9]{0,8})\.(bias|weight|down|up|bl
 _MODEL_INTS = ("num_layers", "num_kv_heads", "head_dim", "kv_width")
 _MODEL_STRS = ("name_or_path", "model_type", "aquakv_version")
 _SETTINGS = ("bits", "grid_dim", "group_size", "seed", "layer0_bits")
+_WIDTHS = ("key_bits", "value_bits")  # optional settings, format_version 4
 _TOP_REQUIRED = ("format", "format_version", "model", "settings")
 _TOP_OPTIONAL = ("report", "calibration", "exact_layers")
 
@@ -64,9 +67,10 @@ def save_predictors(preds, path: str | os.PathLike) -> None:
                 for name, t in m.tensors().items():
                     tensors[f"{kind}.{layer}.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
     blocks = any(m is not None and m.blocks is not None for m in preds.key_maps + preds.value_maps)
-    meta = {"format": FORMAT, "format_version": 3 if preds.exact_layers else 2 if blocks else 1,
-            "model": preds.model_info, "settings": asdict(preds.settings), "report": preds.report,
-            "calibration": preds.calibration}
+    version = 4 if preds.settings.mixed else 3 if preds.exact_layers else 2 if blocks else 1
+    settings = asdict(preds.settings)  # key_bits and value_bits only when the widths are per layer
+    meta = {"format": FORMAT, "format_version": version, "model": preds.model_info, "settings": settings,
+            "report": preds.report, "calibration": preds.calibration}
     if preds.exact_layers:
         meta["exact_layers"] = list(preds.exact_layers)
     header = json.dumps(meta)
@@ -148,7 +152,7 @@ def _check_metadata(meta) -> tuple[AquaKVSettings, dict, list[dict], dict, tuple
     if info["kv_width"] != info["num_kv_heads"] * info["head_dim"]:
         raise _Invalid("model.kv_width", f"{info['kv_width']} is not num_kv_heads * head_dim = "
                                          f"{info['num_kv_heads']} * {info['head_dim']}")
-    settings = _check_settings(meta["settings"])
+    settings = _check_settings(meta["settings"], version)
     report = meta.get("report", [])
     if not isinstance(report, list):
         raise _Invalid("report", f"must be a list of per-layer dicts, got {type(report).__name__}")
@@ -163,11 +167,21 @@ def _check_metadata(meta) -> tuple[AquaKVSettings, dict, list[dict], dict, tuple
             or exact != sorted(set(exact)) or len(exact) >= info["num_layers"]):
         raise _Invalid("exact_layers", f"must be increasing layer indices below model.num_layers = "
                                        f"{info['num_layers']}, leaving at least one layer compressed; got {exact!r}")
+    try:  # per-layer widths: one per layer, a shipped grid where the layer is predicted, null elsewhere
+        check_widths(settings, chain_sources(info["num_layers"], set(exact)), exact)
+    except ValueError as e:
+        raise _Invalid(str(e).split(" ", 1)[0].rstrip(":"), str(e).split(" ", 1)[1]) from None
     return settings, info, report, calibration, tuple(exact)
 
 
-def _check_settings(raw) -> AquaKVSettings:
-    _check_keys(raw, "settings", _SETTINGS, ())
+def _check_settings(raw, version: int) -> AquaKVSettings:
+    _check_keys(raw, "settings", _SETTINGS, _WIDTHS)
+    for key in _WIDTHS:
+        if key in raw and version < 4:
+            raise _Invalid(f"settings.{key}", f"per-layer widths need format_version 4, the file says {version}")
+        if key in raw and not isinstance(raw[key], list):
+            raise _Invalid(f"settings.{key}", f"must be a list with one width (or null) per layer, got {raw[key]!r}")
+    raw = {k: tuple(v) if k in _WIDTHS else v for k, v in raw.items()}
     for key in ("bits", "layer0_bits"):
         value = raw[key]
         if (value is None and key == "layer0_bits") or _is_number(value):
@@ -177,7 +191,7 @@ def _check_settings(raw) -> AquaKVSettings:
     for key in ("grid_dim", "group_size", "seed"):
         if not _is_int(raw[key]):
             raise _Invalid(f"settings.{key}", f"must be an integer, got {raw[key]!r}")
-    settings = AquaKVSettings(**raw)
+    settings = (LayerWidthSettings if "key_bits" in raw or "value_bits" in raw else AquaKVSettings)(**raw)
     for start, key in ((False, "bits"), (True, "layer0_bits")):  # the quantizers the cache will build, built now
         try:
             settings.quantizer_for(start)

@@ -131,6 +131,15 @@ def build_codec(serving: ServingConfig, facts: EngineFacts, rank: int = 0) -> Aq
         try:
             preds = AquaKVPredictors.load(path)
             preds.check_compatible(shim)
+        except ValueError as e:
+            raise AquaKVConfigError(f"aquakv (vLLM): predictors file {path!r}: {e}") from None
+        if preds.settings.mixed:
+            # A page row holds one code width for keys and values alike (aquakv.vllm.pages.RowLayout); per-layer,
+            # per-K/V widths are served by the transformers cache only (docs/vllm.md).
+            raise AquaKVConfigError(f"aquakv (vLLM): predictors file {path!r} has per-layer key/value bit widths "
+                                    f"(`aquakv calibrate --budget`, format_version 4), which the vLLM plugin does "
+                                    f"not serve yet; calibrate with --bits for vLLM")
+        try:
             preds = shard_predictors(preds, facts.tensor_parallel_size, rank)
         except ValueError as e:
             raise AquaKVConfigError(f"aquakv (vLLM): predictors file {path!r}: {e}") from None
