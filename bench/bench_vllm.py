@@ -92,7 +92,9 @@ def _speed(llm, context: int, batch: int, new_tokens: int) -> dict:
 def run_job(job: dict, log_dir: Path, name: str, budget_gib: int = 1) -> tuple[dict, int | None]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(budget_gib), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=env, capture_output=True,
+    job_file = log_dir / f"{name}.job.json"  # a file, not argv: passkey prompts of 4k tokens overflow a command line
+    job_file.write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(job_file)], env=env, capture_output=True,
                           text=True)
     log = proc.stdout + proc.stderr
     (log_dir / f"{name}.log").write_text(log)
@@ -108,7 +110,7 @@ def say(msg: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # a job file (JSON)
     parser.add_argument("--predictors", help="AQUA-KV predictors file (aquakv calibrate --bits 2)")
     parser.add_argument("--out", default="runs/vllm", help="directory for results.json, results.md and logs")
     parser.add_argument("--phases", nargs="+", default=["capacity", "quality", "passkey", "speed"],
@@ -123,7 +125,7 @@ def main() -> None:
     parser.add_argument("--budget-mib", type=int, default=64, help="speed: the fixed KV budget of the largest batch")
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        print("RESULT " + json.dumps(worker(json.loads(Path(args.worker).read_text()))), flush=True)
         return
     if "aquakv2" in args.caches and not args.predictors:
         parser.error("--predictors is required for the aquakv2 cache (or leave it out of --caches)")
