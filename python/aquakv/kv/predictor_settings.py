@@ -104,7 +104,7 @@ def check_widths(settings: AquaKVSettings, sources: Sequence[int | None], exact:
             try:
                 HiggsQuantizer(bits=bits, dim=settings.grid_dim, group_size=settings.group_size, seed=settings.seed)
             except ValueError as e:
-                raise ValueError(f"{field} = {bits!r}: no shipped grid for it ({e})") from None
+                raise ValueError(f"{field} {bits!r} bits: no shipped grid for it ({e})") from None
 
 
 def parse_layer0_bits(layer0_bits: float | str | None) -> float | None:

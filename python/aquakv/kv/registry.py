@@ -128,6 +128,11 @@ def _hf_missing(backend: str) -> Callable[[], Optional[str]]:
     return why
 
 
+def _bits_label(preds) -> str:
+    """'2' for uniform widths; 'mixed 2.32' (the compressed part's bits/value) for widths chosen per layer."""
+    return f"mixed {preds.bits_per_value():.2f}" if preds.settings.mixed else f"{preds.settings.bits:g}"
+
+
 _HF_BITS = 2  # quanto and hqq rows: 2-bit, the width the other compressed rows are compared at
 _ENTRIES = (
     CacheEntry("fp16", "unquantized keys and values stored in fp16 (the reference row)", False,
@@ -144,10 +149,10 @@ _ENTRIES = (
     CacheEntry("higgs", "HIGGS without predictors at the predictors' bits, grid and group size (the ablation of "
                "AQUA-KV)", True, lambda p: f"HIGGS-{p.settings.bits:g} (no predictors)", _higgs_like),
     CacheEntry("aquakv", "AQUA-KV: the predictors from `aquakv calibrate` plus HIGGS on the residual", True,
-               lambda p: f"AQUA-KV-{p.settings.bits:g}", _aquakv("float32")),
+               lambda p: f"AQUA-KV-{_bits_label(p)}", _aquakv("float32")),
     CacheEntry("aquakv-bf16", "AQUA-KV with its predictor matmuls in bfloat16 (accumulated in float32): 2-4x "
                "faster matmuls on CPUs with AVX512-BF16 or AMX and on GPUs", True,
-               lambda p: f"AQUA-KV-{p.settings.bits:g} (bf16 predictors)", _aquakv("bfloat16")),
+               lambda p: f"AQUA-KV-{_bits_label(p)} (bf16 predictors)", _aquakv("bfloat16")),
     CacheEntry("fp8", "transformers' QuantizedCache, fp8 backend (built into transformers)", False,
                lambda p: "transformers QuantizedCache (fp8)", _hf("fp8", _HF_BITS), _hf_missing("fp8")),
     CacheEntry("quanto", f"transformers' QuantizedCache, quanto backend at {_HF_BITS} bits (needs optimum-quanto)",
