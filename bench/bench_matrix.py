@@ -242,13 +242,14 @@ def main(argv=None) -> None:
         sys.exit(f"bench_matrix.py: {e}")
     import torch
 
+    from aquakv.evaluation.table import count
     from aquakv.models import load_model
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model_dir)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = dict(command=f"python {shlex.join(sys.argv)}", date=now, model=args.model_dir or "SmolLM2-135M (bundled)",
-                device=f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
+                device=f"cpu ({platform.processor() or platform.machine()}, {count(torch.get_num_threads(), 'thread')}); "
                        f"torch {torch.__version__}")
     try:
         results = run_matrix(model, tokenizer, settings, args.out, meta, progress=not args.quiet)

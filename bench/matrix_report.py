@@ -133,7 +133,12 @@ def heatmap(results: dict, path: str | Path) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.6 * len(domains) + 3.5, 0.42 * len(names) + 1.6), dpi=120)
     try:
-        im = ax.imshow(values, cmap="viridis_r", aspect="auto")
+        from matplotlib.colors import SymLogNorm
+
+        # Logarithmic above 0.5%: on a linear scale KIVI's +10% would paint every AQUA-KV cell the same colour.
+        finite = [v for row in values for v in row if v == v]
+        norm = SymLogNorm(linthresh=0.5, vmin=min(finite + [0.0]), vmax=max(finite + [1.0]))
+        im = ax.imshow(values, cmap="viridis_r", aspect="auto", norm=norm)
         ax.set_xticks(range(len(domains)), domains)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.set_xlabel("evaluated on")
@@ -142,7 +147,9 @@ def heatmap(results: dict, path: str | Path) -> Path:
                 c = rows[n].get(d)
                 if c is None:
                     continue
-                ax.text(j, i, f"{values[i][j]:+.2f}", ha="center", va="center", fontsize=7, color="white")
+                dark = norm(values[i][j]) > 0.5  # white text on the dark end of the map, black on the light end
+                ax.text(j, i, f"{values[i][j]:+.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
                 if c["kind"] == "in-domain":
                     ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
         fig.colorbar(im, ax=ax, label="perplexity vs fp16 (%)")
