@@ -118,7 +118,7 @@ struct XrTile {
 template <int D, int CB, int NB>
 AQUAKV_AVX512 AQUAKV_INLINE void row_block(const LinearArgs& a, int64_t j, int64_t g0, int64_t g1, const XrTile& xt,
                                            __m512* acc) {
-  const int64_t G = a.group_size, m = G / D;
+  const int64_t G = a.group_size;
   const float inv_g = 1.f / static_cast<float>(G);
   const uint8_t* cp = a.codes + j * a.groups * a.group_bytes;
   const uint16_t* sp = a.scales + j * a.groups;
@@ -131,41 +131,54 @@ AQUAKV_AVX512 AQUAKV_INLINE void row_block(const LinearArgs& a, int64_t j, int64
       for (int b = 0; b < NB; ++b) acc[b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(tail, xt.at(b, g * G)), acc[b]);
       continue;
     }
-    int64_t k = 0;
-    if constexpr (NB == 1) {  // one row of x: two sums, so that FMA latency never binds
+    if constexpr (NB == 1) {  // two sums, so that FMA latency never binds; the scale once per group
+      __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+      int64_t k = 0;
       for (; k + 32 <= G; k += 32) {
-        const __m512 w0 = _mm512_mul_ps(scale, points16<D, CB>(a.grid, cg + k / D * CB / 8));
-        const __m512 w1 = _mm512_mul_ps(scale, points16<D, CB>(a.grid, cg + (k + 16) / D * CB / 8));
-        acc[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt.at(0, g * G + k)), acc[0]);
-        acc[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt.at(0, g * G + k + 16)), acc[1]);
+        const __m512 w0 = points16<D, CB>(a.grid, cg + k / D * CB / 8);
+        const __m512 w1 = points16<D, CB>(a.grid, cg + (k + 16) / D * CB / 8);
+        s0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt.at(0, g * G + k)), s0);
+        s1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt.at(0, g * G + k + 16)), s1);
       }
-    }
-    for (; k < G; k += 16) {
-      const __m512 w = _mm512_mul_ps(scale, points16<D, CB>(a.grid, cg + k / D * CB / 8));
-      const float* xk = xt.at(0, g * G + k);
+      if (k < G) {  // G = 16
+        const __m512 w0 = points16<D, CB>(a.grid, cg + k / D * CB / 8);
+        s0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt.at(0, g * G + k)), s0);
+      }
+      acc[0] = _mm512_fmadd_ps(scale, _mm512_add_ps(s0, s1), acc[0]);
+    } else if constexpr (NB <= 8) {  // group sums in registers beside the row sums; the scale once per group
+      __m512 sum[NB];
+      for (int b = 0; b < NB; ++b) sum[b] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < G; k += 16) {
+        const __m512 w = points16<D, CB>(a.grid, cg + k / D * CB / 8);
+        const float* xk = xt.at(0, g * G + k);
+#pragma GCC unroll 8
+        for (int b = 0; b < NB; ++b) sum[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xk + b * xt.row), sum[b]);
+      }
+      for (int b = 0; b < NB; ++b) acc[b] = _mm512_fmadd_ps(scale, sum[b], acc[b]);
+    } else {  // 16 rows of x fill the registers: the scale goes on the points
+      for (int64_t k = 0; k < G; k += 16) {
+        const __m512 w = _mm512_mul_ps(scale, points16<D, CB>(a.grid, cg + k / D * CB / 8));
+        const float* xk = xt.at(0, g * G + k);
 #pragma GCC unroll 16
-      for (int b = 0; b < NB; ++b) acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xk + b * xt.row), acc[b]);
+        for (int b = 0; b < NB; ++b) acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xk + b * xt.row), acc[b]);
+      }
     }
   }
 }
 
-// out_t[j * batch + b0 + b] for rows of x b0 .. b0 + NB, output rows [j0, j1).
-// Two things keep the NB rows of xr in L1 while the codes stream: the columns go in blocks of kXrBlockFloats
-// (16 rows of in = 4096 are 256 KiB: read from L2 for every output row, the FMAs would wait on it; each block's
-// partial sums are added into out_t), and the rows are interleaved in 16-float chunks (rows in floats apart
-// share L1 sets: 16 of them overflow its 12 ways).
 template <int D, int CB, int NB>
 AQUAKV_AVX512 void rows_points(const LinearArgs& a, int64_t j0, int64_t j1, int64_t b0, float* out_t) {
-  constexpr int kAcc = NB == 1 ? 2 : NB;
   const int64_t G = a.group_size, chunks = (a.in + 15) / 16;
   const int64_t block_groups = std::max<int64_t>(1, kXrBlockFloats / NB / G);
   const float* xr0 = a.xr + b0 * a.in;
   std::vector<float> interleaved(NB > 1 ? chunks * NB * 16 : 0, 0.f);
   XrTile xt{xr0, a.in, 16};
   if (NB > 1) {
-    for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t floats = std::min<int64_t>(16, a.in - c * 16);
       for (int b = 0; b < NB; ++b)
-        std::memcpy(&interleaved[(c * NB + b) * 16], xr0 + b * a.in + c * 16, sizeof(float) * std::min<int64_t>(16, a.in - c * 16));
+        std::memcpy(&interleaved[(c * NB + b) * 16], xr0 + b * a.in + c * 16, sizeof(float) * floats);
+    }
     xt = XrTile{interleaved.data(), 16, NB * 16};
   }
   for (int64_t t0 = j0; t0 < j1; t0 += kRowTile) {
@@ -173,10 +186,9 @@ AQUAKV_AVX512 void rows_points(const LinearArgs& a, int64_t j0, int64_t j1, int6
     for (int64_t g0 = 0; g0 < a.groups; g0 += block_groups) {
       const int64_t g1 = std::min(a.groups, g0 + block_groups);
       for (int64_t j = t0; j < t1; ++j) {
-        __m512 acc[kAcc];
-        for (int b = 0; b < kAcc; ++b) acc[b] = _mm512_setzero_ps();
+        __m512 acc[NB];
+        for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
         row_block<D, CB, NB>(a, j, g0, g1, xt, acc);
-        if constexpr (NB == 1) acc[0] = _mm512_add_ps(acc[0], acc[1]);
         float* o = out_t + j * a.batch + b0;
         for (int b = 0; b < NB; ++b) o[b] = (g0 == 0 ? 0.f : o[b]) + _mm512_reduce_add_ps(acc[b]);
       }
