@@ -14,6 +14,7 @@ from aquakv.cli.common import (
     check_model_args,
     check_out_file,
     code_bits,
+    finite_positive,
     grid_bits_choices,
     layer0_bits,
     positive_int,
@@ -64,19 +65,6 @@ def held_bits_per_value(model, preds, window: int, step: int = 32) -> float | No
     compressed_bits = preds.bits_per_value() * per_token * n_quantized * len(layers)
     positions_bits = 32 * window  # int32 rotary position of every cached token
     return (exact_bits + compressed_bits + positions_bits) / kv_values(model.config, 1, window)
-
-
-def positive_float(text: str) -> float:
-    """--budget: a finite number > 0 of bits per value."""
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of bits per value, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
 
 
 def widths_summary(preds) -> str:
@@ -145,7 +133,7 @@ def add_calibrate(sub) -> None:
     p.add_argument("--windows", type=positive_int, default=32, metavar="N",
                    help="calibration windows, spread over the text (default 32)")
     p.add_argument("--window", type=positive_int, default=1024, metavar="W", help="tokens per calibration window (default 1024)")
-    p.add_argument("--budget", type=positive_float, metavar="B",
+    p.add_argument("--budget", type=finite_positive, metavar="B",
                    help="choose the bits of every layer's keys and values (layers >= 1) by the linearity theorem at "
                         "an average of B bits/value of the compressed part (codes + scales of keys and values of "
                         "every layer, layer 0 included: the figure printed at the end); --bits is then the "
