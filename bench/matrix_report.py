@@ -118,7 +118,7 @@ def markdown(results: dict) -> str:
 def heatmap(results: dict, path: str | Path) -> Path:
     """The matrix as a PNG: one row per method [calibration], one column per evaluation domain, colour = relative
     increase (%), in-domain cells outlined. Needs matplotlib (the `plot` extra)."""
-    from aquakv.atomic_writes import atomic_path
+    from aquakv.atomic_writes import save_png_atomic
     from aquakv.evaluation.plot import pyplot
 
     path = Path(path)
@@ -154,9 +154,7 @@ def heatmap(results: dict, path: str | Path) -> Path:
                     ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
         fig.colorbar(im, ax=ax, label="perplexity vs fp16 (%)")
         ax.set_title(f"{results['model']}: relative perplexity (in-domain cells outlined)", fontsize=9)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
+        save_png_atomic(fig, path)
     finally:
         plt.close(fig)
     return path

@@ -104,3 +104,11 @@ def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: di
         save_file(tensors, os.fspath(tmp), metadata=metadata)
     return Path(path)
 
+
+
+def save_png_atomic(fig, path: str | os.PathLike) -> Path:
+    """A matplotlib figure laid out tight and written as a PNG through `atomic_path` (the caller closes it)."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)

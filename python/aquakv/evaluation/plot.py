@@ -29,7 +29,7 @@ def plot_perplexity_vs_bits(rows: Sequence[tuple[str, PerplexityResult]], path: 
     Rows without bits_per_value cannot be placed and are listed in the legend title instead. baseline: a
     perplexity drawn as a dashed horizontal line (the unquantized cache). Written atomically; returns the path.
     """
-    from aquakv.atomic_writes import atomic_path
+    from aquakv.atomic_writes import save_png_atomic
 
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -51,9 +51,7 @@ def plot_perplexity_vs_bits(rows: Sequence[tuple[str, PerplexityResult]], path: 
         if placed or baseline is not None:
             ax.legend(fontsize=8, title=("no size: " + ", ".join(unplaced)) if unplaced else None,
                       title_fontsize=7)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
+        save_png_atomic(fig, path)
     finally:
         plt.close(fig)
     return path

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from aquakv.atomic_writes import atomic_path
+from aquakv.atomic_writes import save_png_atomic
 from aquakv.longctx.retrieval import NeedleResult
 
 
@@ -39,10 +39,7 @@ def save_heatmap(result: NeedleResult, cache: str, path: str | Path) -> Path:
             ax.text(col, row, f"{acc:.0%}", ha="center", va="center", fontsize=8)
     ax.set_title(f"passkey accuracy: {cache} ({result.samples} per cell)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.05)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return Path(path)
+    return save_png_atomic(fig, path)
 
 
 def write_heatmaps(result: NeedleResult, directory: str | Path) -> list[Path]:

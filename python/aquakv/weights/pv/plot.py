@@ -14,7 +14,7 @@ def plot_pv_curves(runs: Mapping[str, PVTuneResult], path: str | os.PathLike, *,
     """Write the curves of every run (label -> result) to a PNG, atomically; baseline_ppl: the teacher's held-out
     perplexity, drawn dashed. Returns the path."""
     from aquakv.evaluation.plot import pyplot
-    from aquakv.atomic_writes import atomic_path
+    from aquakv.atomic_writes import save_png_atomic
 
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -43,9 +43,7 @@ def plot_pv_curves(runs: Mapping[str, PVTuneResult], path: str | os.PathLike, *,
         axes[2].set_yscale("log")  # a 2-bit start sits orders of magnitude above the teacher
         if title:
             fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
+        save_png_atomic(fig, path)
     finally:
         plt.close(fig)
     return path
