@@ -212,7 +212,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "--calibrations entry)")
     p.add_argument("--out", default="matrix", help="folder for results.json, matrix.md, matrix.png")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model-dir", default=None, help="a local Hugging Face model folder (default: bundled SmolLM2)")
+    p.add_argument("--model-dir", default=None, help="a local Hugging Face model folder, or one holding --gguf "
+                   "(default: bundled SmolLM2)")
+    p.add_argument("--gguf", default=None, metavar="FILE", help="a GGUF file inside --model-dir (Gemma 3: "
+                   "docs/model_families.md)")
     p.add_argument("--render", default=None, metavar="RESULTS_JSON",
                    help="only write matrix.md and matrix.png next to an existing results.json")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -246,9 +249,10 @@ def main(argv=None) -> None:
     from aquakv.models import load_model
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model_dir)
+    model, tokenizer = load_model(args.model_dir, args.gguf)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    meta = dict(command=f"python {shlex.join(sys.argv)}", date=now, model=args.model_dir or "SmolLM2-135M (bundled)",
+    model_name = " / ".join(filter(None, (args.model_dir, args.gguf))) or "SmolLM2-135M (bundled)"
+    meta = dict(command=f"python {shlex.join(sys.argv)}", date=now, model=model_name,
                 device=f"cpu ({platform.processor() or platform.machine()}, {count(torch.get_num_threads(), 'thread')}); "
                        f"torch {torch.__version__}")
     try:

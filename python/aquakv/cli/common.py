@@ -153,6 +153,20 @@ def add_text_option(parser: argparse.ArgumentParser, split: str) -> None:
                              "Python's own reference documentation)")
 
 
+def add_text_or_domain_options(parser: argparse.ArgumentParser, split: str, default_domain: str) -> None:
+    """--text FILE... or --domain NAME (one of the text domains of aquakv.domains, its `split` part), never both."""
+    from aquakv.domains import DOMAINS, MIX
+
+    names = (*DOMAINS, MIX) if split == "calibration" else DOMAINS
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--text", nargs="+", metavar="FILE", help="UTF-8 text files, concatenated")
+    group.add_argument("--domain", choices=names, default=default_domain,
+                       help=f"a built-in text domain's {split} part instead of files (default {default_domain}; "
+                            "code: Python's reference documentation, legal: license texts, essays, wiki"
+                            + (", mix: equal shares of all four" if MIX in names else "")
+                            + "; docs/evaluation.md)")
+
+
 # ---- checks that run before any slow work -----------------------------------------------------------------------
 def resolve_device(name: str) -> str:
     """'auto' -> 'cuda' when available else 'cpu'; refuses a CUDA device that is not there."""
@@ -267,12 +281,22 @@ def check_window_fits(model, window: int, option: str = "--window") -> None:
         raise UserError(f"{option} {window} exceeds the model's {limit} positions")
 
 
-def read_texts(files: Optional[Sequence[str]], split: str) -> list[str]:
-    """The --text files (or the bundled text of `split`), checked: missing, directory, empty or binary -> UserError."""
+def read_texts(files: Optional[Sequence[str]], split: str, domain: Optional[str] = None) -> list[str]:
+    """The --text files, else the `split` part of text domain `domain` (aquakv.domains), else the bundled text of
+    `split`; checked: missing, directory, empty or binary file, or a domain whose source is not installed ->
+    UserError."""
     from aquakv.data import default_texts, read_text_files
+    from aquakv.domains import domain_texts
 
     try:
-        return read_text_files(files) if files else default_texts(split)
+        if files:
+            return read_text_files(files)
+        return domain_texts(domain, split) if domain else default_texts(split)
+    except FileNotFoundError as e:
+        if files:
+            raise UserError(str(e)) from None
+        raise UserError(f"--domain {domain}: {e}; or pass --text FILE ... (or --domain code, which ships with "
+                        "Python)") from None
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
 

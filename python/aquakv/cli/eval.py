@@ -9,7 +9,7 @@ from aquakv.cli.common import (
     UserError,
     add_common_options,
     add_model_options,
-    add_text_option,
+    add_text_or_domain_options,
     check_files,
     check_model_args,
     positive_int,
@@ -92,7 +92,7 @@ def run_eval(args: argparse.Namespace) -> int:
     check_files([args.predictors], "--predictors file")
     if args.plot is not None:
         _check_plot(args.plot)
-    texts = read_texts(args.text, "evaluation")
+    texts = read_texts(args.text, "evaluation", args.domain)
     preds = load_predictors(args.predictors)
     model, tokenizer = common.load(args)
     common.check_window_fits(model, args.window)
@@ -149,7 +149,7 @@ def add_eval(sub) -> None:
     p.__class__ = _EvalParser  # add_parser builds plain ArgumentParsers; this one lists the registry in its help
     add_model_options(p)
     p.add_argument("--predictors", required=True, metavar="P", help="a .safetensors file from `aquakv calibrate`")
-    add_text_option(p, "evaluation")
+    add_text_or_domain_options(p, "evaluation", "code")
     p.add_argument("--window", type=positive_int, default=1024, metavar="W", help="tokens per evaluation window (default 1024)")
     p.add_argument("--step", type=positive_int, default=32, metavar="S", help="tokens per forward call (default 32)")
     p.add_argument("--max-windows", type=positive_int, metavar="N", help="evaluate at most this many windows (default: all)")
