@@ -105,7 +105,6 @@ def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: di
     return Path(path)
 
 
-
 def save_png_atomic(fig, path: str | os.PathLike) -> Path:
     """A matplotlib figure laid out tight and written as a PNG through `atomic_path` (the caller closes it)."""
     fig.tight_layout()

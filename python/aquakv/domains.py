@@ -16,7 +16,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
-
 DOMAINS = ("code", "legal", "essays", "wiki")
 MIX = "mix"
 # What `aquakv calibrate` fits on when given no text: the mix, chosen by the cross-domain matrix (docs/evaluation.md,

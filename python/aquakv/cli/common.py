@@ -288,17 +288,18 @@ def read_texts(files: Optional[Sequence[str]], split: str, domain: Optional[str]
     from aquakv.data import default_texts, read_text_files
     from aquakv.domains import domain_texts
 
-    try:
-        if files:
+    if files:
+        try:
             return read_text_files(files)
-        return domain_texts(domain, split) if domain else default_texts(split)
-    except FileNotFoundError as e:
-        if files:
+        except (OSError, ValueError) as e:
             raise UserError(str(e)) from None
+    if domain is None:
+        return default_texts(split)
+    try:
+        return domain_texts(domain, split)
+    except FileNotFoundError as e:
         raise UserError(f"--domain {domain}: {e}; or pass --text FILE ... (or --domain code, which ships with "
                         "Python)") from None
-    except (OSError, ValueError) as e:
-        raise UserError(str(e)) from None
 
 
 def token_ids(tokenizer, files: Optional[Sequence[str]], split: str, texts: Optional[list[str]] = None):
