@@ -1,10 +1,11 @@
-"""higgs_linear's AVX-512 loop for 256-point grids (byte codes, point-major; csrc/cpu/higgs_linear_points_512.cpp).
+"""higgs_linear's point loops for 16-, 64- and 256-point grids (4-, 6- and 8-bit codes, point-major):
+csrc/cpu/higgs_linear_points_512.cpp on AVX-512, csrc/cpu/higgs_linear_points_256.cpp on AVX2.
 
-It tiles the rows of x by 16, 8, 4, 2 and 1, cuts the columns into blocks of 8192 / tile floats, the output rows
-into tiles of 64, and handles groups of fewer than 16 floats with a masked tail. The sweep crosses every one of
-those boundaries, with the bound of test_ops_higgs_linear (float32 accumulation in any order: gamma_(in+2) of
-the absolute products, plus the rotation's and the output rounding's share). Without AVX-512 the same cases run
-the general loops, which must meet the same bound.
+They tile the rows of x by 16 (AVX-512 only), 8, 4, 2 and 1, cut the columns into blocks of 8192 / tile floats,
+the output rows into tiles of 64, and handle groups of fewer than 16 floats with a masked tail. The sweep crosses
+every one of those boundaries, with the bound of test_ops_higgs_linear (float32 accumulation in any order:
+gamma_(in+2) of the absolute products, plus the rotation's and the output rounding's share). "avx512" on a CPU
+without it runs the AVX2 loop; without AVX2 both run the general loops, which must meet the same bound.
 """
 from __future__ import annotations
 

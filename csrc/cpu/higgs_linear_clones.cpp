@@ -294,19 +294,29 @@ void higgs_gemv_rows(const LinearArgs& a, int code_bits, int64_t j0, int64_t j1,
     case Isa::kAvx512:
       if (higgs_gemv_rows_points_512(a, code_bits, j0, j1, out_t)) return;
       return gemv_512(a, code_bits, j0, j1, code, w, acc, out_t);
-    case Isa::kAvx2: return gemv_256(a, code_bits, j0, j1, code, w, acc, out_t);
+    case Isa::kAvx2:
+      if (higgs_points_serve(code_bits, a.d, a.batch) && higgs_gemv_rows_points_256(a, code_bits, j0, j1, out_t))
+        return;
+      return gemv_256(a, code_bits, j0, j1, code, w, acc, out_t);
 #endif
     default: AQUAKV_DISPATCH_BITS(code_bits, CB, [&] { gemv_rows<CB>(a, j0, j1, code, w, acc, out_t); });
   }
 }
 
-// 64- and 256-point grids always; 16-point grids from two rows of x on, where decoding once for all rows beats
-// their register permutes (4096x4096 (2,16), thread time: batch 1 3.3 vs 3.7 ms, batch 4 5.4 vs 4.3, 16 13.6 vs
-// 10.6 ms, the point loop second).
-bool higgs_points_512_serves(int code_bits, int64_t d, int64_t batch) {
+// AVX-512: 64- and 256-point grids always; 16-point grids from two rows of x on, where decoding once for all rows
+// beats their register permutes (4096x4096 (2,16), thread time: batch 1 3.3 vs 3.7 ms, batch 4 5.4 vs 4.3, 16
+// 13.6 vs 10.6 ms, the point loop second). AVX2: every batch, 16-point grids included: there only grids of up to 8
+// points fit the register permutes, and the point loop beat or matched the copy-then-dot loop on every shape and
+// batch of bench_higgs_linear (4096x4096 (2,256), batch 1: 2.9 vs 8.4 ms, one Zen 3 thread).
+bool higgs_points_serve(int code_bits, int64_t d, int64_t batch) {
 #ifdef AQUAKV_X86
-  if (pick_isa() != Isa::kAvx512 || (d != 1 && d != 2 && d != 4)) return false;
-  return code_bits == 8 || code_bits == 6 || (code_bits == 4 && batch >= 2);
+  if (d != 1 && d != 2 && d != 4) return false;
+  if (code_bits != 8 && code_bits != 6 && code_bits != 4) return false;
+  switch (pick_isa()) {
+    case Isa::kAvx512: return code_bits != 4 || batch >= 2;
+    case Isa::kAvx2: return true;
+    default: return false;
+  }
 #else
   (void)code_bits, (void)d, (void)batch;
   return false;

@@ -64,9 +64,9 @@ at::Tensor higgs_linear_cpu(const at::Tensor& x_in, const at::Tensor& codes_in, 
   const at::Tensor grid = grid_in.contiguous(), signs = signs_in.contiguous();
   const int64_t G = group_size;
   const int64_t n = grid.size(0);
-  // Component-major groups for the register lookups of small grids, unless the AVX-512 point loop serves the
-  // batch (it decodes whole points, in xr's natural order).
-  const bool soa = n <= 64 && !(batch <= kGemvRows && higgs_points_512_serves(s.code_bits, s.d, batch));
+  // Component-major groups for the register lookups of small grids, unless a point loop serves the batch (it
+  // decodes whole points, in xr's natural order).
+  const bool soa = n <= 64 && !(batch <= kGemvRows && higgs_points_serve(s.code_bits, s.d, batch));
   const at::Tensor xr = rotate_input(x, signs, batch, in, G, s.d, soa);
   std::vector<float> grid_soa(n <= 64 ? 64 * s.d : 0, 0.f);
   if (n <= 64) {

@@ -13,11 +13,10 @@
 // single row of x), reduced into out_t per block. Every product sees one extra rounding (the scale), which the
 // op's bound counts (docs/ops.md: the in + 2 of gamma).
 #include <algorithm>
-#include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "higgs_linear_cpu.h"
+#include "higgs_linear_points.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(AQUAKV_NO_TARGET_CLONES)
 #include <immintrin.h>
@@ -30,6 +29,8 @@ namespace aquakv::cpu {
 
 #ifdef AQUAKV_POINTS_512
 namespace {
+
+using namespace points;
 
 // Lane group l of v (d floats) = grid point code; the masked broadcast loads exactly that point's d floats.
 template <int D>
@@ -44,20 +45,6 @@ AQUAKV_AVX512 AQUAKV_INLINE __m512 put_point(__m512 v, int l, const float* grid,
   } else {
     return _mm512_mask_broadcast_f32x4(v, static_cast<__mmask16>(0xfu << (4 * l)), _mm_loadu_ps(p));
   }
-}
-
-// N bytes (2, 3, 4, 6 or 8) as a little-endian integer, in loads of power-of-two size: a memcpy of 3 or 6 bytes
-// may become a library call, which made 6-bit codes 4x slower.
-template <int N>
-AQUAKV_INLINE uint64_t load_le(const uint8_t* p) {
-  if constexpr (N == 3) return load_le<2>(p) | (uint64_t{p[2]} << 16);
-  if constexpr (N == 6) return load_le<4>(p) | (load_le<2>(p + 4) << 32);
-  if constexpr (N == 2 || N == 4 || N == 8) {
-    std::conditional_t<N == 2, uint16_t, std::conditional_t<N == 4, uint32_t, uint64_t>> v;
-    std::memcpy(&v, p, N);
-    return v;
-  }
-  return 0;
 }
 
 // The 16 floats of 16/D consecutive codes of CB bits (cp: their first byte; 16/D codes fill whole bytes), in the
@@ -86,33 +73,6 @@ AQUAKV_AVX512 inline __m512 points_partial(const float* grid, const uint8_t* cp,
   for (int64_t l = 0; l < floats / D; ++l) v = put_point<D>(v, static_cast<int>(l), grid, code[l]);
   return v;
 }
-
-// Runs the lambda with D (1, 2, 4) and CB (4, 6, 8) bound as constants.
-#define AQUAKV_DISPATCH_POINTS(d, cb, ...)                                                        \
-  [&] {                                                                                           \
-    switch ((d) * 16 + (cb)) {                                                                    \
-      case 20: { constexpr int D = 1, CB = 4; return __VA_ARGS__(); }                             \
-      case 22: { constexpr int D = 1, CB = 6; return __VA_ARGS__(); }                             \
-      case 24: { constexpr int D = 1, CB = 8; return __VA_ARGS__(); }                             \
-      case 36: { constexpr int D = 2, CB = 4; return __VA_ARGS__(); }                             \
-      case 38: { constexpr int D = 2, CB = 6; return __VA_ARGS__(); }                             \
-      case 40: { constexpr int D = 2, CB = 8; return __VA_ARGS__(); }                             \
-      case 68: { constexpr int D = 4, CB = 4; return __VA_ARGS__(); }                             \
-      case 70: { constexpr int D = 4, CB = 6; return __VA_ARGS__(); }                             \
-      default: { constexpr int D = 4, CB = 8; return __VA_ARGS__(); }                             \
-    }                                                                                             \
-  }()
-
-constexpr int64_t kXrBlockFloats = 8192;  // rows of x held per column block: 32 KiB, inside L1 with the grid
-constexpr int64_t kRowTile = 64;          // output rows per tile: their codes stay in L2 across column blocks
-
-// The NB rows of xr as the kernel reads them: value k of row b at x0[(k / 16) * chunk + b * row + k % 16].
-struct XrTile {
-  const float* x0;
-  int64_t row;    // floats between rows of x
-  int64_t chunk;  // floats between 16-value chunks of one row
-  AQUAKV_INLINE const float* at(int64_t b, int64_t k) const { return x0 + (k >> 4) * chunk + b * row + (k & 15); }
-};
 
 // acc[b] += (s/G * grid[codes]) . xr_b over the groups [g0, g1) of output row j, for the NB rows of x in xt.
 template <int D, int CB, int NB>
@@ -168,19 +128,10 @@ AQUAKV_AVX512 AQUAKV_INLINE void row_block(const LinearArgs& a, int64_t j, int64
 
 template <int D, int CB, int NB>
 AQUAKV_AVX512 void rows_points(const LinearArgs& a, int64_t j0, int64_t j1, int64_t b0, float* out_t) {
-  const int64_t G = a.group_size, chunks = (a.in + 15) / 16;
+  const int64_t G = a.group_size;
   const int64_t block_groups = std::max<int64_t>(1, kXrBlockFloats / NB / G);
-  const float* xr0 = a.xr + b0 * a.in;
-  std::vector<float> interleaved(NB > 1 ? chunks * NB * 16 : 0, 0.f);
-  XrTile xt{xr0, a.in, 16};
-  if (NB > 1) {
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t floats = std::min<int64_t>(16, a.in - c * 16);
-      for (int b = 0; b < NB; ++b)
-        std::memcpy(&interleaved[(c * NB + b) * 16], xr0 + b * a.in + c * 16, sizeof(float) * floats);
-    }
-    xt = XrTile{interleaved.data(), 16, NB * 16};
-  }
+  std::vector<float> interleaved;
+  const XrTile xt = xr_tile(a.xr, a.in, b0, NB, interleaved);
   for (int64_t t0 = j0; t0 < j1; t0 += kRowTile) {
     const int64_t t1 = std::min(j1, t0 + kRowTile);
     for (int64_t g0 = 0; g0 < a.groups; g0 += block_groups) {
