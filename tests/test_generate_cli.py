@@ -7,7 +7,7 @@ import torch
 from aquakv.cli import main
 from aquakv.cli.generate import _perplexity, _weight_bytes
 from aquakv.weights import HiggsLinear, quantize_model
-from tiny_llama import make_tiny_llama
+from tiny_llama import make_tiny_llama, random_token_windows
 from torch import nn
 
 
@@ -68,3 +68,30 @@ def test_calibration_inside_generate_shows_progress_unless_quiet(tmp_path, monke
         with pytest.raises(Stop):
             generate.run(args)
     assert seen == [True, False]
+
+
+def test_report_separates_the_weights_speed_from_the_cache_speed(tmp_path, monkeypatch, capsys):
+    """Three rows: float32 + fp16 cache, HIGGS weights + fp16 cache, HIGGS weights + AQUA-KV cache; the summary
+    gives the decode speed of the whole and of the weights alone (on CPUs the AQUA-KV decode can dominate)."""
+    import copy
+
+    import aquakv.data
+    import aquakv.models
+    from aquakv.kv import calibrate
+    from aquakv.weights import save_quantized
+
+    model = make_tiny_llama(seed=0)
+    calibrate(model, random_token_windows(4, 160, seed=5), bits=2, window=160, progress=False).save(
+        tmp_path / "p.safetensors")
+    save_quantized(quantize_model(copy.deepcopy(model), bits=4, group_size=64, progress=False), tmp_path / "q")
+    monkeypatch.setattr(aquakv.models, "load_model", lambda device="cpu": (copy.deepcopy(model), None))
+    monkeypatch.setattr(aquakv.data, "default_texts", lambda split: ["text"])
+    monkeypatch.setattr(aquakv.data, "tokenize", lambda tok, texts: torch.arange(400) % model.config.vocab_size)
+    assert main(["generate", "--weights", str(tmp_path / "q"), "--predictors", str(tmp_path / "p.safetensors"),
+                 "--context", "200", "--new-tokens", "3", "-q"]) == 0
+    out = capsys.readouterr().out
+    names = [line.split(" | ")[0][2:] for line in out.splitlines() if line.startswith("| ") and "MiB" not in line]
+    assert len(names) == 3 and names[0] == "float32 weights, fp16 cache", names
+    assert names[1].startswith("HIGGS weights (") and names[1].endswith(", fp16 cache"), names
+    assert names[2].startswith("HIGGS weights (") and names[2].endswith(", AquaKVCache-2"), names
+    assert "of which the weights alone (fp16 cache both)" in out

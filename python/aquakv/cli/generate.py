@@ -2,7 +2,8 @@
 (torch.ops.aquakv.higgs_linear) plus an AQUA-KV cache, beside the float32 model with its fp16 cache.
 
 For each of the two it prefills a --context-token window of held-out text, generates --new-tokens greedily, and
-reports decode tokens/s, peak RSS over the phase, and the bytes held by the weights and by the KV cache. With
+reports decode tokens/s, peak RSS over the phase, and the bytes held by the weights and by the KV cache. A middle
+row runs the quantized weights with the fp16 cache, so that the weights' speed and the cache's show apart. With
 --check-ppl it also compares the quantized model's perplexity served from codes with the same model served
 from its dequantized weights (F.linear on dequantize_weight()).
 
@@ -144,11 +145,12 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     layers = [m for m in model.modules() if isinstance(m, HiggsLinear)]
-    _rss_peak_reset()
-    cache = AquaKVCache(model, preds)
-    prefill, tps, q_tokens = _decode(model, ids, cache, args.new_tokens)
-    label = f"HIGGS weights ({len(layers)} layers, from codes), {type(cache).__name__}-{preds.settings.bits:g}"
-    rows.append((label, _weight_bytes(model), cache_nbytes(cache), tps, prefill, _rss_peak_bytes()))
+    weights = f"HIGGS weights ({len(layers)} layers, from codes)"
+    for cache in (Fp16Cache(model), AquaKVCache(model, preds)):
+        _rss_peak_reset()
+        prefill, tps, q_tokens = _decode(model, ids, cache, args.new_tokens)
+        name = "fp16 cache" if isinstance(cache, Fp16Cache) else f"{type(cache).__name__}-{preds.settings.bits:g}"
+        rows.append((f"{weights}, {name}", _weight_bytes(model), cache_nbytes(cache), tps, prefill, _rss_peak_bytes()))
 
     mib = 2.0**20
     print(f"\ncontext {args.context} tokens, {args.new_tokens} new tokens (greedy), {torch.get_num_threads()} "
@@ -158,9 +160,10 @@ def run(args) -> int:
     for name, wb, kb, tps, pre, rss in rows:
         kv = "n/a" if kb is None else f"{kb / mib:.2f}"
         print(f"| {name} | {wb / mib:.1f} | {kv} | {tps:.2f} | {pre:.2f} | {rss / mib:.0f} |")
-    if len(rows) == 2:
-        print(f"\nquantized / float32: weights {rows[1][1] / rows[0][1]:.3f}x, decode speed {rows[1][3] / rows[0][3]:.2f}x;"
-              f" first {min(8, args.new_tokens)} tokens {'agree' if q_tokens[:8] == base_tokens[:8] else 'differ'}")
+    if len(rows) == 3:
+        print(f"\nquantized / float32: weights {rows[2][1] / rows[0][1]:.3f}x; decode speed {rows[2][3] / rows[0][3]:.2f}x, "
+              f"of which the weights alone (fp16 cache both) {rows[1][3] / rows[0][3]:.2f}x; first "
+              f"{min(8, args.new_tokens)} tokens {'agree' if q_tokens[:8] == base_tokens[:8] else 'differ'}")
     if args.check_ppl:
         from_codes = _perplexity(model, ids)
         for m in layers:  # the same layers served from their dequantized weights
