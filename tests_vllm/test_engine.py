@@ -6,7 +6,9 @@ Each engine runs in a subprocess (tests_vllm/engine_run.py; vLLM spawns its work
   - prefix caching (pages written by one request decode to the same answer for another), n > 1 sampling,
     preemption and recompute (AQUA-KV);
   - a refusal at engine start, with its message, in seconds;
-  - the OpenAI server streams a completion over localhost (tests_vllm/test_server.py).
+  - the OpenAI server streams a completion over localhost (tests_vllm/test_server.py);
+  - AQUA-KV with per-head predictors gives the same NLL and tokens at TP=1 and TP=2
+    (tests_vllm/test_tensor_parallel.py).
 A missing vLLM fails here (AQUAKV_REQUIRE_VLLM=1 in CI), as a missing bundled model fails the main suite.
 """
 import json
@@ -34,10 +36,10 @@ ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRAN
 NLL_RTOL = 0.015
 
 
-def run_engine(model_dir, aquakv, *args, timeout=900):
+def run_engine(model_dir, aquakv, *args, timeout=900, env=None):
     cmd = [sys.executable, str(HERE / "engine_run.py"), str(model_dir), aquakv if isinstance(aquakv, str)
            else json.dumps(aquakv), *map(str, args)]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=env or ENV, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
